@@ -1,0 +1,43 @@
+# Atelier: `make demo` and `make test` work on a fresh clone (Python 3.11, package registries only).
+#
+# torch is installed FIRST and from its exact pin: pip then takes the local CPU wheel
+# (torch==2.13.0+cpu). Any other spec, or letting a dependency pull torch in, makes pip
+# fetch the newest CUDA build with several GB of nvidia-* packages. Everything after it is
+# installed with a constraints file holding that pin, so nothing can replace it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+export OMP_NUM_THREADS ?= 1
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test test-slow bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH)"
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[train,agents,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m atelier.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) bench/retrieval_bench.py
+
+clean:
+	rm -rf $(VENV) .atelier .pytest_cache

@@ -1,0 +1,65 @@
+"""The `atelier` command: assembles each package's command group and turns `AtelierError`
+into a one-line message. Keep imports here light: `atelier --help` must not import torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+from atelier import __version__
+from atelier.errors import AtelierError
+
+app = typer.Typer(
+    name="atelier",
+    help="Specialist small language models from your documents, behind one orchestrator agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"atelier {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr)."),
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _assemble() -> None:
+    from eval.cli import eval_app
+    from retrieval.cli import register as register_retrieval
+
+    register_retrieval(app)
+    app.add_typer(eval_app, name="eval")
+
+
+_assemble()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app()
+    except AtelierError as exc:
+        typer.secho(f"error: {exc}", err=True, fg="red")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

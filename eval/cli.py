@@ -1,0 +1,79 @@
+"""`atelier eval ...`: measure retrieval (and later routing and specialists)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from atelier.errors import AtelierError
+
+eval_app = typer.Typer(help="Measure quality and latency.", no_args_is_help=True)
+
+
+@eval_app.command("retrieval")
+def retrieval(
+    beir: Path = typer.Option(..., "--beir", help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv."),
+    split: str = typer.Option("test", "--split", help="Which qrels/SPLIT.tsv to score."),
+    mode: list[str] = typer.Option([], "--mode", "-m", help="hybrid, bm25, dense (repeatable; default all three)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    index_name: Optional[str] = typer.Option(None, "--index", help="Index to build/reuse (default: beir-<folder name>)."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="embedded or elasticsearch."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Score only the first N queries."),
+) -> None:
+    """nDCG@10, Recall@100, MRR@10 and latency p50/p95 for each search mode."""
+    from atelier.config import load_config
+    from atelier.progress import progress_bar, stderr
+    from eval.beir import load_beir
+    from eval.retrieval import evaluate_mode
+    from retrieval.config import RetrievalConfig, Searcher, open_backend
+    from retrieval.embeddings import get_encoder
+    from retrieval.indexer import index_documents, plan
+    from retrieval.types import Mode
+
+    try:
+        modes = [Mode(m) for m in (mode or ["hybrid", "bm25", "dense"])]
+    except ValueError as exc:
+        raise AtelierError(f"{exc}; --mode takes hybrid, bm25 or dense") from None
+    data = load_beir(beir, split)
+    if max_queries:
+        data.queries = dict(list(data.queries.items())[:max_queries])
+        data.qrels = {q: data.qrels[q] for q in data.queries}
+    name = index_name or "beir-" + (re.sub(r"[^a-z0-9_.-]+", "-", beir.resolve().name.lower()).strip("-.") or "data")
+    config = load_config(RetrievalConfig, config_file, {"index": name, "backend": backend})
+    encoder = get_encoder(config.embedding)
+    store = open_backend(config, dim=encoder.dim)
+    work = plan(data.corpus, store, config.chunking, config.embedding.model, root=None, prune=False)
+    with progress_bar(f"indexing {len(work.to_index)} documents", total=work.chunks_estimate,
+                      enabled=not as_json and bool(work.to_index)) as advance:
+        index_documents(data.corpus, store, encoder.encode, chunking=config.chunking, model=config.embedding.model,
+                        batch_chunks=config.batch_chunks, progress=advance, planned=work)
+    searcher = Searcher(store, encoder, config.embedding)
+    results = {}
+    try:
+        for m in modes:
+            with progress_bar(f"{m.value:6} queries", total=len(data.queries), enabled=not as_json) as advance:
+                results[m.value] = evaluate_mode(searcher, data, m, progress=advance)
+    finally:
+        searcher.close()
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    _table(results, f"{beir.name} / {split}: {len(data.queries)} queries, {len(data.corpus)} documents", stderr)
+
+
+def _table(results: dict, title: str, console) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("mode", "nDCG@10", "Recall@100", "MRR@10", "p50 ms", "p95 ms"):
+        table.add_column(column, justify="right" if column != "mode" else "left")
+    for mode, r in results.items():
+        table.add_row(mode, f"{r['ndcg@10']:.4f}", f"{r['recall@100']:.4f}", f"{r['mrr@10']:.4f}",
+                      f"{r['latency_ms_p50']:.1f}", f"{r['latency_ms_p95']:.1f}")
+    Console().print(table)

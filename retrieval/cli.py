@@ -1,0 +1,121 @@
+"""`atelier index` and `atelier search`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from atelier.errors import AtelierError
+
+BACKEND_HELP = "embedded (SQLite under ATELIER_HOME) or elasticsearch (see ELASTICSEARCH_URL)."
+
+
+def _config(config_file: Optional[Path], **overrides):
+    from atelier.config import load_config
+    from retrieval.config import RetrievalConfig
+
+    return load_config(RetrievalConfig, config_file, overrides)
+
+
+def index(
+    folder: Optional[Path] = typer.Argument(None, help="Folder of .txt, .md, .html, .pdf and .jsonl documents."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help=BACKEND_HELP),
+    index_name: Optional[str] = typer.Option(None, "--index", help="Index name (default: default)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Embedding model (default all-MiniLM-L6-v2, packaged)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+    prune: bool = typer.Option(True, help="Remove documents indexed from FOLDER that no longer exist there."),
+    delete: list[str] = typer.Option([], "--delete", help="Remove this document id from the index (repeatable)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Index a folder of documents (incremental: unchanged documents are skipped)."""
+    from atelier.progress import progress_bar, stderr
+    from retrieval.config import open_backend
+    from retrieval.documents import load_folder
+    from retrieval.embeddings import get_encoder
+    from retrieval.indexer import index_documents, plan
+
+    if folder is None and not delete:
+        raise AtelierError("give a folder to index (`atelier index DIR`) or --delete ID")
+    config = _config(config_file, backend=backend, index=index_name, **{"embedding.model": model})
+    if folder is None:  # deletions only: no need for the encoder
+        store = open_backend(config, dim=None, create=False) if config.backend.value == "embedded" else \
+            open_backend(config, dim=get_encoder(config.embedding).dim)
+        removed = store.delete(delete)
+        typer.echo(f"removed {removed} of {len(delete)} document(s) from index {config.index!r}")
+        return
+    loaded = load_folder(folder)
+    for path, reason in loaded.skipped:
+        stderr.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+    if not loaded.documents:
+        raise AtelierError(f"no readable documents in {folder}; add .txt, .md, .html, .pdf or .jsonl files")
+    encoder = get_encoder(config.embedding)
+    store = open_backend(config, dim=encoder.dim)
+    try:
+        if delete:
+            store.delete(delete)
+        root = str(folder.resolve())
+        work = plan(loaded.documents, store, config.chunking, config.embedding.model, root, prune)
+        with progress_bar("embedding chunks", total=work.chunks_estimate, enabled=not quiet) as advance:
+            report = index_documents(loaded.documents, store, encoder.encode, chunking=config.chunking,
+                                     model=config.embedding.model, root=root, prune=prune, batch_chunks=config.batch_chunks, progress=advance,
+                                     planned=work)
+        report.skipped = loaded.skipped
+        stats = store.stats()
+    finally:
+        store.close()
+    typer.echo(f"index {config.index!r} ({stats['backend']}): {report.summary()}; "
+               f"now {stats['documents']} documents, {stats['chunks']} chunks")
+
+
+def search(
+    query: str = typer.Argument(..., help="What to search for."),
+    k: int = typer.Option(10, "-k", min=1, max=1000, help="How many hits."),
+    mode: str = typer.Option("hybrid", "--mode", "-m", help="hybrid, bm25 or dense."),
+    as_json: bool = typer.Option(False, "--json", help="Print hits as JSON."),
+    backend: Optional[str] = typer.Option(None, "--backend", "-b", help=BACKEND_HELP),
+    index_name: Optional[str] = typer.Option(None, "--index", help="Index name (default: default)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Embedding model the index was built with."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+) -> None:
+    """Search the index: ranked hits with source, score and snippet."""
+    from retrieval.config import Searcher
+    from retrieval.types import Mode
+
+    try:
+        mode_ = Mode(mode)
+    except ValueError:
+        raise AtelierError(f"unknown --mode {mode!r}; use hybrid, bm25 or dense") from None
+    config = _config(config_file, backend=backend, index=index_name, **{"embedding.model": model})
+    searcher = Searcher.open(config, lexical_only=mode_ is Mode.bm25)
+    try:
+        hits = searcher.search(query, k=k, mode=mode_)
+    finally:
+        searcher.close()
+    if as_json:
+        typer.echo(json.dumps({"query": query, "mode": mode_.value, "hits": [h.to_dict() for h in hits]}, indent=2))
+        return
+    _print_hits(hits)
+
+
+def _print_hits(hits) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console()
+    if not hits:
+        console.print("no hits")
+        return
+    for hit in hits:
+        legs = " ".join(f"{leg}={value:.3f}" for leg, value in hit.scores.items())
+        console.print(f"[bold]{hit.rank}.[/bold] {escape(hit.title or hit.doc_id)}  [dim]{escape(hit.source)} "
+                      f"chars {hit.start}-{hit.end}  score {hit.score:.4f} ({legs})[/dim]")
+        snippet = " ".join(hit.text.split())
+        console.print(f"   {escape(snippet[:300])}{'…' if len(snippet) > 300 else ''}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index")(index)
+    app.command("search")(search)

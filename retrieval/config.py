@@ -1,0 +1,87 @@
+"""One typed config for indexing and search, and the functions that build what it describes."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+from atelier.home import atelier_home
+from retrieval.chunking import ChunkConfig
+from retrieval.elastic import ElasticsearchConfig
+from retrieval.embeddings import EmbeddingConfig, Encoder, get_encoder
+from retrieval.fusion import FusionConfig
+from retrieval.types import Hit, Mode, SearchBackend
+
+
+class BackendName(str, Enum):
+    embedded = "embedded"
+    elasticsearch = "elasticsearch"
+
+
+class RetrievalConfig(StrictModel):
+    backend: BackendName = Field(BackendName.embedded, description="Where the index lives: embedded (SQLite under ATELIER_HOME) or elasticsearch.")
+    index: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Index name (lower case), so one home can hold several indexes.")
+    batch_chunks: int = Field(1024, ge=1, description="Chunks embedded and committed per transaction while indexing (a killed run loses at most one batch).")
+    chunking: ChunkConfig = Field(default_factory=ChunkConfig, description="How documents are cut into chunks.")
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="The sentence-embedding model for the dense leg.")
+    fusion: FusionConfig = Field(default_factory=FusionConfig, description="How hybrid search fuses BM25 and dense results.")
+    elasticsearch: ElasticsearchConfig = Field(default_factory=ElasticsearchConfig, description="Cluster settings, used with backend: elasticsearch.")
+
+
+def embedded_path(index: str) -> Path:
+    return atelier_home() / "indexes" / index / "index.sqlite"
+
+
+def open_backend(config: RetrievalConfig, *, dim: int | None, create: bool = True) -> SearchBackend:
+    """The configured backend, opened (and created when `create`) for a `dim`-d embedding model.
+
+    `dim=None` opens an existing embedded index without loading the encoder (BM25-only use).
+    """
+    if config.backend is BackendName.elasticsearch:
+        from retrieval.elastic import ElasticsearchIndex
+
+        es_config = config.elasticsearch.model_copy(update={"index": config.elasticsearch.index if
+                                                              config.index == "default" else config.index})
+        return ElasticsearchIndex(es_config, dim=dim, model_name=config.embedding.model, fusion=config.fusion)
+    from retrieval.embedded import EmbeddedIndex
+
+    path = embedded_path(config.index)
+    if not create and not path.exists():
+        raise AtelierError(f"no index named {config.index!r} under {atelier_home()}; "
+                           "build one first with `atelier index DIR`")
+    return EmbeddedIndex(path, dim=dim, model_name=config.embedding.model, fusion=config.fusion)
+
+
+class Searcher:
+    """A backend plus the encoder that embeds queries for its dense leg."""
+
+    def __init__(self, backend: SearchBackend, encoder: Encoder | None, embedding: EmbeddingConfig | None = None):
+        self.backend, self.encoder = backend, encoder
+        self._embedding = embedding or EmbeddingConfig()
+
+    @classmethod
+    def open(cls, config: RetrievalConfig, *, lexical_only: bool = False) -> Searcher:
+        """Open the configured index; `lexical_only` skips loading the encoder where the backend allows."""
+        if lexical_only and config.backend is BackendName.embedded:
+            return cls(open_backend(config, dim=None, create=False), None, config.embedding)
+        encoder = get_encoder(config.embedding)
+        return cls(open_backend(config, dim=encoder.dim, create=False), encoder, config.embedding)
+
+    def search(self, query: str, k: int = 10, mode: Mode = Mode.hybrid) -> list[Hit]:
+        mode = Mode(mode)
+        if not query.strip():
+            raise AtelierError("the query is empty; pass some words to search for")
+        vector: np.ndarray | None = None
+        if mode is not Mode.bm25:
+            if self.encoder is None:
+                self.encoder = get_encoder(self._embedding)
+            vector = self.encoder.encode_query(query)
+        return self.backend.search(query, k=k, mode=mode, query_vector=vector)
+
+    def close(self) -> None:
+        self.backend.close()

