@@ -47,7 +47,8 @@ def open_backend(config: RetrievalConfig, *, dim: int | None, create: bool = Tru
 
         es_config = config.elasticsearch.model_copy(update={"index": config.elasticsearch.index if
                                                               config.index == "default" else config.index})
-        return ElasticsearchIndex(es_config, dim=dim, model_name=config.embedding.model, fusion=config.fusion)
+        return ElasticsearchIndex(es_config, dim=dim, model_name=config.embedding.model, fusion=config.fusion,
+                                  create=create)
     from retrieval.embedded import EmbeddedIndex
 
     path = embedded_path(config.index)
@@ -67,7 +68,7 @@ class Searcher:
     @classmethod
     def open(cls, config: RetrievalConfig, *, lexical_only: bool = False) -> Searcher:
         """Open the configured index; `lexical_only` skips loading the encoder where the backend allows."""
-        if lexical_only and config.backend is BackendName.embedded:
+        if lexical_only:
             return cls(open_backend(config, dim=None, create=False), None, config.embedding)
         encoder = get_encoder(config.embedding)
         return cls(open_backend(config, dim=encoder.dim, create=False), encoder, config.embedding)

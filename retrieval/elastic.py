@@ -4,43 +4,43 @@ Two indices per Atelier index name:
 
 * `{index}` holds one record per chunk, `_id` = chunk id, so re-indexing overwrites instead
   of duplicating. `body` (title + chunk text, what BM25 sees) uses the `english` analyzer:
-  the corpora are English prose, and stemming plus stopwords let "indexing" match "indexed"
-  the way a stemmed BM25 does. `vector` is a cosine `dense_vector`; the mapping's `_meta`
-  records the embedding model and dimension, and an index built with another model is
-  refused rather than silently searched with incomparable vectors.
+  it stems, as the embedded backend's porter tokenizer does, so "indexing" matches
+  "indexed" on both backends (it also drops English stopwords). `vector` is a cosine
+  `dense_vector`; the mapping's `_meta` records the embedding model and dimension, and an
+  index built with another model is refused rather than searched with incomparable vectors.
 * `{index}-docs` holds one record per document with its content hash. It is written last,
   only for documents whose every chunk was stored, so a killed or partly failed run leaves
   those documents absent (or at their old hash) and the next run redoes them.
 
-Hybrid search uses the server's `rrf` retriever when fusion is rrf, one round trip. Its
-licence is not everywhere (basic licences answer 403, clusters before 8.14 do not know
-retrievers); then one warning is logged and the two legs are fused here with
-`retrieval.fusion.fuse`, as they always are for convex fusion: Elasticsearch has no
-equivalent of our convex combination (its `linear` retriever arrived in 8.18 and normalises
-differently), and fusing client-side keeps scores identical to the embedded backend's.
+Hybrid search with rrf fusion uses the server's `rrf` retriever: one round trip. Clusters
+whose licence lacks it answer 403, and those before 8.14 do not know retrievers; then one
+warning is logged and the two legs are fused here with `retrieval.fusion.fuse`, as they
+always are for convex fusion, which has no server-side equivalent across the 8.x versions
+targeted; fusing here also runs the very code the embedded backend uses. One difference
+remains: the dense leg is approximate (HNSW) and only its top `fusion.candidates` carry a
+dense score, where the embedded backend scores every BM25 candidate exactly.
 
-Every call to the cluster goes through `_cluster`, which logs nothing secret and turns
-connection, TLS, authentication and API failures into an `AtelierError` that says what to check.
+Every call to the cluster goes through `_cluster`, which turns connection, TLS,
+authentication and API failures into an `AtelierError` that says what to check.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
-from pydantic import Field, SecretStr, field_validator
 
-from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
+from retrieval.elastic_config import _MAX_CANDIDATES, ElasticsearchConfig, connect, display_url
 from retrieval.types import DocumentEntry, Hit, Mode
+
+__all__ = ["BulkReport", "ElasticsearchConfig", "ElasticsearchIndex", "connect", "display_url"]
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -49,97 +49,6 @@ log = logging.getLogger(__name__)
 
 _SOURCE = {"excludes": ["vector"]}
 _PAGE = 1000  # documents per page when listing hashes, ids per delete request
-_MAX_CANDIDATES = 10_000  # Elasticsearch's ceiling for knn k and num_candidates
-_BAD_INDEX_CHARS = re.compile(r'[\\/*?"<>|, #:A-Z]')
-
-
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
-
-
-def _env_secret(name: str) -> SecretStr | None:
-    value = _env(name)
-    return SecretStr(value) if value else None
-
-
-class ElasticsearchConfig(StrictModel):
-    """Where the cluster is and how to talk to it; credentials default to environment variables."""
-
-    url: str = Field(default_factory=lambda: _env("ELASTICSEARCH_URL") or "http://localhost:9200",
-                     validate_default=True,
-                     description="Cluster URL, e.g. https://es.example.com:9200; defaults to $ELASTICSEARCH_URL, "
-                                 "else http://localhost:9200.")
-    index: str = Field("atelier", description="Name of the chunk index; document records go to '<index>-docs'.")
-    api_key: SecretStr | None = Field(default_factory=lambda: _env_secret("ELASTICSEARCH_API_KEY"),
-                                      description="Encoded API key (defaults to $ELASTICSEARCH_API_KEY); "
-                                                  "takes precedence over username/password.")
-    username: str | None = Field(default_factory=lambda: _env("ELASTICSEARCH_USERNAME"),
-                                 description="Basic-auth user (defaults to $ELASTICSEARCH_USERNAME); "
-                                             "used only without an API key.")
-    password: SecretStr | None = Field(default_factory=lambda: _env_secret("ELASTICSEARCH_PASSWORD"),
-                                       description="Basic-auth password (defaults to $ELASTICSEARCH_PASSWORD).")
-    ca_certs: str | None = Field(default_factory=lambda: _env("ELASTICSEARCH_CA_CERTS"),
-                                 description="PEM file of the CA that signed the cluster's certificate (defaults to "
-                                             "$ELASTICSEARCH_CA_CERTS); needed for self-signed clusters.")
-    verify_certs: bool = Field(True, description="Verify the cluster's TLS certificate; off only for a toy cluster.")
-    request_timeout: float = Field(30.0, gt=0, description="Seconds to wait for one request before giving up.")
-    bulk_chunk_size: int = Field(500, ge=1, description="Chunks sent per bulk request when indexing.")
-    max_retries: int = Field(3, ge=0, description="Retries of a request refused as busy (429, 502-504) or unreachable, "
-                                                  "and of each bulk item refused with 429.")
-    retry_backoff: float = Field(2.0, ge=0, description="Seconds before the first bulk retry, doubled on each retry.")
-    num_candidates: int = Field(100, ge=1, le=_MAX_CANDIDATES,
-                                description="Dense search: nearest-neighbour candidates per shard (at least k); "
-                                            "more is slower but closer to exact.")
-    server_rrf: bool = Field(True, description="Use the server-side rrf retriever when fusion is rrf and the licence "
-                                               "allows it; otherwise fuse the two legs client-side.")
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, url: str) -> str:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r} is not an http(s) URL; set ELASTICSEARCH_URL to e.g. https://localhost:9200")
-        return url.rstrip("/")
-
-    @field_validator("index")
-    @classmethod
-    def _index_name(cls, index: str) -> str:
-        if not index or _BAD_INDEX_CHARS.search(index) or index[0] in "-_+." or len(index) > 200:
-            raise ValueError(f"{index!r} is not a valid index name: use lowercase letters, digits, '-' or '_'")
-        return index
-
-
-def display_url(url: str) -> str:
-    """The URL without any user:password part, safe for logs and stats."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def connect(config: ElasticsearchConfig) -> Elasticsearch:
-    """An Elasticsearch client for `config` (TLS, API key or basic auth); connects lazily."""
-    from elasticsearch import Elasticsearch
-
-    if config.ca_certs and not os.path.isfile(config.ca_certs):
-        raise AtelierError(f"CA certificate file {config.ca_certs} not found; "
-                           "set ELASTICSEARCH_CA_CERTS to the PEM file of the cluster's CA")
-    auth: dict[str, Any] = {}
-    if config.api_key is not None:
-        auth["api_key"] = config.api_key.get_secret_value()
-    elif config.username:
-        password = config.password.get_secret_value() if config.password else ""
-        auth["basic_auth"] = (config.username, password)
-    tls: dict[str, Any] = {}
-    if config.url.startswith("https://"):
-        tls = {"verify_certs": config.verify_certs, "ssl_show_warn": config.verify_certs}
-        if config.ca_certs:
-            tls["ca_certs"] = config.ca_certs
-    log.info("using Elasticsearch at %s", display_url(config.url))
-    try:
-        return Elasticsearch(config.url, request_timeout=config.request_timeout, max_retries=config.max_retries,
-                             **auth, **tls)
-    except ValueError as exc:
-        raise AtelierError(f"cannot configure the Elasticsearch client for {display_url(config.url)}: {exc}") from None
 
 
 @dataclass

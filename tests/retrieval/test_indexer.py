@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from retrieval.chunking import ChunkConfig
 from retrieval.documents import Document
@@ -75,8 +74,11 @@ def test_killed_indexer_leaves_a_usable_index_and_rerun_completes(tmp_path, atel
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if db.exists() and _counts(db)[0] >= 8:
-            break
+        try:
+            if db.exists() and _counts(db)[0] >= 8:
+                break
+        except sqlite3.OperationalError:  # the schema is still being created
+            pass
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
