@@ -1,0 +1,397 @@
+"""Does a specialist know its domain better than its base? Held-out metrics for one model.
+
+Four views of the held-out split, each cheap enough to run on a CPU after every stage:
+perplexity on domain text (does it model the language?), multiple choice built from held-out
+Q/A pairs (does it prefer the right answer over plausible wrong ones?), greedy answers scored
+by token F1 and ROUGE-L (can it say it?), and preference accuracy on held-out DPO pairs (does
+it rank chosen over rejected?). Torch is imported inside functions, so importing this module
+for its config keeps `atelier --help` light.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import string
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+from eval.report import Report, compare, write_report  # noqa: F401  (the evaluation API in one import)
+
+
+class SpecialistEvalConfig(StrictModel):
+    """How much of the held-out split to score, and how. A cap of 0 skips that metric."""
+
+    max_perplexity_texts: int = Field(200, ge=0, description="At most this many held-out domain texts "
+                                      "(dapt/heldout.jsonl) for perplexity; a seeded sample when there are more.")
+    max_window: int = Field(1024, ge=16, description="Upper bound on the perplexity window in tokens: the window "
+                            "is the model's context size, or this when that is larger (keeps CPU memory sane).")
+    max_mcq_items: int = Field(100, ge=0, description="At most this many multiple-choice questions built from "
+                               "held-out SFT pairs (sft/heldout.jsonl).")
+    mcq_options: int = Field(4, ge=2, le=10, description="Options per multiple-choice question: the reference "
+                             "answer plus this many minus one distractors taken from other held-out answers.")
+    max_generation_items: int = Field(40, ge=0, description="At most this many held-out SFT questions answered by "
+                                      "greedy generation for token F1 and ROUGE-L (generation is the slow part).")
+    max_new_tokens: int = Field(48, ge=1, le=2048, description="Longest generated answer, in tokens.")
+    max_preference_items: int = Field(100, ge=0, description="At most this many held-out DPO pairs "
+                                      "(dpo/heldout.jsonl) for preference accuracy.")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring and generating; "
+                            "perplexity windows are grouped to about batch_size x 256 tokens.")
+    seed: int = Field(0, description="Seed for sampling held-out items and drawing MCQ distractors.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+                        description="Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")
+
+
+@dataclass
+class QAItem:
+    """One held-out SFT pair: the conversation up to the answer, and the reference answer."""
+
+    prompt: list[dict[str, str]]
+    answer: str
+    kind: str
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file; a missing file is an empty split (that metric is then skipped)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise AtelierError(f"{path}:{number} is not valid JSON ({exc.msg}); regenerate the data") from None
+    return rows
+
+
+def load_for_eval(model_dir: Path, adapter_dir: Path | None = None, device: str = "auto"):
+    """(model, tokenizer) in eval mode, fp32, with the LoRA adapter merged in for speed.
+
+    The tokenizer comes from the model dir; the adapter dir's copy is used only when the base
+    lacks a chat template (a training stage may have added one).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise AtelierError(f"{model_dir} is not a model folder (no config.json); pass a local causal LM")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template is None and adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if tokenizer.chat_template is None:
+        raise AtelierError(f"the tokenizer in {model_dir} has no chat template; use an instruct/chat base model "
+                           "or save a tokenizer with a chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise AtelierError(f"{adapter_dir} is not a LoRA adapter (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+# ----------------------------------------------------------------------------- scoring core
+
+
+def _position_ids(mask):
+    """Positions that ignore left padding, so absolute-position models score the same as unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def score_continuations(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
+                        pad_id: int, max_len: int) -> list[tuple[float, int]]:
+    """(sum of log p(continuation | context), continuation length) for each pair of token ids.
+
+    Left-padded batches sorted by length; only the continuation positions' logits are kept
+    (`logits_to_keep`), which keeps memory small even with a 150k-token vocabulary.
+    """
+    import torch
+
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs, conts = [], []
+            for i in chunk:
+                context, continuation = pairs[i]
+                continuation = continuation[:max_len - 1]
+                seqs.append((context + continuation)[-max_len:])
+                conts.append(continuation)
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(seqs):
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            keep = max(len(c) for c in conts) + 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask),
+                           logits_to_keep=keep).logits
+            for row, (i, cont) in enumerate(zip(chunk, conts)):
+                n = len(cont)
+                if n == 0:
+                    continue
+                step = logits[row, keep - 1 - n:keep - 1].float().log_softmax(-1)
+                target = torch.tensor(cont, device=device).unsqueeze(-1)
+                results[i] = (float(step.gather(-1, target).sum()), n)
+    return results
+
+
+def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation ending in the assistant's turn opener (the template's own specials)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids or [tokenizer.bos_token_id or tokenizer.eos_token_id]
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _context_size(model, config: SpecialistEvalConfig) -> int:
+    size = getattr(model.config, "max_position_embeddings", None) or config.max_window
+    return min(int(size), config.max_window)
+
+
+def _sample(rows: list, cap: int, seed: int) -> list:
+    """A seeded, order-preserving sample of at most `cap` rows."""
+    if len(rows) <= cap:
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), cap))
+    return [rows[i] for i in keep]
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def perplexity(model, tokenizer, texts: list[str], config: SpecialistEvalConfig) -> dict[str, float]:
+    """Token-weighted perplexity over fixed, non-overlapping windows of the model's context size.
+
+    Texts are joined with EOS into one stream (as in pretraining) and cut into windows that
+    overlap by one token: each window's first token is context only, so every token but the
+    stream's first is predicted exactly once.
+    """
+    import math
+
+    stream: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for text in texts:
+        stream += _text_ids(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    window = _context_size(model, config)
+    pairs = [(stream[i:i + 1], stream[i + 1:i + window]) for i in range(0, len(stream) - 1, window - 1)]
+    if not pairs:
+        return {}
+    per_batch = max(1, config.batch_size * 256 // window)
+    scores = score_continuations(model, pairs, per_batch, tokenizer.pad_token_id, window)
+    tokens = sum(n for _, n in scores)
+    nll = -sum(lp for lp, _ in scores) / tokens
+    return {"perplexity": math.exp(min(nll, 700.0)), "perplexity_tokens": tokens, "perplexity_windows": len(pairs)}
+
+
+# ----------------------------------------------------------------------------- multiple choice
+
+
+def qa_items(rows: list[dict[str, Any]]) -> list[QAItem]:
+    """Held-out SFT rows as (conversation before the last assistant turn, that turn's text, kind)."""
+    items = []
+    for row in rows:
+        messages = row.get("messages") or []
+        last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+        if last is None or last == 0 or not str(messages[last].get("content", "")).strip():
+            continue
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+        items.append(QAItem(prompt, messages[last]["content"].strip(), str(row.get("kind") or "")))
+    return items
+
+
+def _near_identical(a: str, b: str) -> bool:
+    """Same answer up to case, punctuation and articles, or nearly the same words (token F1 >= 0.9)."""
+    na, nb = normalize_answer(a), normalize_answer(b)
+    return na == nb or token_f1(a, b) >= 0.9
+
+
+def build_mcq(items: list[QAItem], index: int, options: int, seed: int) -> list[str]:
+    """Options for item `index`: its answer first, then up to options-1 distractors from other answers.
+
+    Distractors are drawn with a per-item seeded RNG, same-`kind` answers first (they look alike,
+    so the question tests knowledge rather than style), skipping any near-identical to the answer
+    or to a distractor already taken. Deterministic for a given seed and item list.
+    """
+    rng = random.Random(f"{seed}:{index}")
+    item = items[index]
+    same = [o.answer for j, o in enumerate(items) if j != index and o.kind == item.kind]
+    other = [o.answer for j, o in enumerate(items) if j != index and o.kind != item.kind]
+    rng.shuffle(same)
+    rng.shuffle(other)
+    chosen = [item.answer]
+    for candidate in same + other:
+        if len(chosen) == options:
+            break
+        if not any(_near_identical(candidate, taken) for taken in chosen):
+            chosen.append(candidate)
+    return chosen
+
+
+def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
+    """Share of questions whose reference answer has the highest mean per-token log-likelihood.
+
+    Mean (not sum) so that long options are not penalised for their length; chance is the mean
+    of 1/options over the questions (fewer options when the pool lacks distinct distractors).
+    """
+    picked = _sample(list(range(len(items))), config.max_mcq_items, config.seed)
+    questions = [(i, build_mcq(items, i, config.mcq_options, config.seed)) for i in picked]
+    questions = [(i, opts) for i, opts in questions if len(opts) >= 2]
+    if not questions:
+        return {}
+    pairs, owners = [], []
+    for q, (i, opts) in enumerate(questions):
+        context = _chat_ids(tokenizer, items[i].prompt)
+        for o, option in enumerate(opts):
+            pairs.append((context, _text_ids(tokenizer, option)))
+            owners.append((q, o))
+    scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id,
+                                 _context_size(model, config))
+    best: dict[int, tuple[float, int]] = {}
+    for (q, o), (lp, n) in zip(owners, scores):
+        mean = lp / max(n, 1)
+        if q not in best or mean > best[q][0]:
+            best[q] = (mean, o)
+    correct = sum(1 for q in best if best[q][1] == 0)
+    chance = sum(1 / len(opts) for _, opts in questions) / len(questions)
+    return {"mcq_accuracy": correct / len(questions), "mcq_chance": chance, "mcq_items": len(questions)}
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token F1 between two answers (1.0 when both normalise to nothing)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a turn: the generation config's (may be several) and the tokenizer's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
+
+
+def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], config: SpecialistEvalConfig) -> list[str]:
+    """Greedy answers, batched with left padding; only the new tokens are decoded."""
+    import torch
+    from transformers import GenerationConfig
+
+    settings = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
+    device = next(model.parameters()).device
+    limit = max(1, _context_size(model, config) - config.max_new_tokens)
+    answers = []
+    with torch.inference_mode():
+        for start in range(0, len(prompts), config.batch_size):
+            seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts[start:start + config.batch_size]]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(seqs):
+                ids[row, width - len(seq):] = torch.tensor(seq)
+                mask[row, width - len(seq):] = 1
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
+            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [a.strip() for a in answers]
+
+
+def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
+    """Mean token F1 and ROUGE-L (F-measure, stemmed) of greedy answers against the references."""
+    from rouge_score import rouge_scorer
+
+    picked = _sample(items, config.max_generation_items, config.seed)
+    if not picked:
+        return {}
+    answers = generate_answers(model, tokenizer, [i.prompt for i in picked], config)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    f1 = [token_f1(a, i.answer) for a, i in zip(answers, picked)]
+    rouge = [scorer.score(i.answer, a)["rougeL"].fmeasure for a, i in zip(answers, picked)]
+    return {"token_f1": sum(f1) / len(f1), "rouge_l": sum(rouge) / len(rouge), "generation_items": len(picked)}
+
+
+# ----------------------------------------------------------------------------- preferences
+
+
+def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: SpecialistEvalConfig) -> dict[str, float]:
+    """Share of held-out DPO pairs where chosen has a higher mean per-token log-likelihood than rejected."""
+    rows = [r for r in rows if r.get("prompt") and r.get("chosen") and r.get("rejected")]
+    rows = _sample(rows, config.max_preference_items, config.seed)
+    if not rows:
+        return {}
+    pairs = []
+    for row in rows:
+        context = _chat_ids(tokenizer, row["prompt"])
+        pairs.append((context, _text_ids(tokenizer, row["chosen"][-1]["content"])))
+        pairs.append((context, _text_ids(tokenizer, row["rejected"][-1]["content"])))
+    scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id, _context_size(model, config))
+    means = [lp / max(n, 1) for lp, n in scores]
+    wins = sum(1 for k in range(0, len(means), 2) if means[k] > means[k + 1])
+    return {"preference_accuracy": wins / len(rows), "preference_items": len(rows)}
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConfig | None = None) -> dict[str, float]:
+    """All held-out metrics for an already loaded model; metrics whose split is empty are left out."""
+    config = config or SpecialistEvalConfig()
+    data_dir = Path(data_dir)
+    started = time.perf_counter()
+    texts = [str(r["text"]) for r in read_jsonl(data_dir / "dapt" / "heldout.jsonl") if str(r.get("text", "")).strip()]
+    items = qa_items(read_jsonl(data_dir / "sft" / "heldout.jsonl"))
+    prefs = read_jsonl(data_dir / "dpo" / "heldout.jsonl")
+    if not texts and not items and not prefs:
+        raise AtelierError(f"no held-out data under {data_dir} (dapt/, sft/, dpo/heldout.jsonl); "
+                           "generate the training data first")
+    metrics: dict[str, float] = {}
+    metrics |= perplexity(model, tokenizer, _sample(texts, config.max_perplexity_texts, config.seed), config)
+    metrics |= mcq_accuracy(model, tokenizer, items, config)
+    metrics |= generation_scores(model, tokenizer, items, config)
+    metrics |= preference_accuracy(model, tokenizer, prefs, config)
+    metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
+    return metrics
+
+
+def evaluate_model(model_dir: Path, adapter_dir: Path | None, data_dir: Path,
+                   config: SpecialistEvalConfig | None = None) -> dict[str, float]:
+    """Held-out metrics of a base model, optionally with a LoRA adapter (see `evaluate_loaded`)."""
+    config = config or SpecialistEvalConfig()
+    model, tokenizer = load_for_eval(Path(model_dir), Path(adapter_dir) if adapter_dir else None, config.device)
+    return evaluate_loaded(model, tokenizer, data_dir, config)
