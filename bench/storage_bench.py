@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 def load_cached(cache: Path):
     db = sqlite3.connect(cache / "index.sqlite")
     rows = db.execute("SELECT doc_id, title, text, vector FROM chunks ORDER BY id").fetchall()
+    db.close()
     doc_ids = [r[0] for r in rows]
     texts = [f"{r[1]}\n{r[2]}" if r[1] else r[2] for r in rows]
     vectors = np.frombuffer(b"".join(r[3] for r in rows), dtype=np.float32).reshape(len(rows), -1)
@@ -85,7 +86,11 @@ def timed_queries(queries, search):
 
 
 def candidate_sqlite(doc_ids, texts, vectors, queries, qrels, query_vectors):
-    from retrieval.text import fts5_match
+    def fts5_match(text):  # OR of the query's words, each quoted, stopwords dropped
+        from bm25s.stopwords import STOPWORDS_EN
+
+        words = [w for w in dict.fromkeys(re.findall(r"\w+", text.lower())) if w not in STOPWORDS_EN]
+        return " OR ".join(f'"{w}"' for w in words) or '""'
 
     with tempfile.TemporaryDirectory() as tmp:
         db = sqlite3.connect(Path(tmp) / "a.sqlite", isolation_level=None)

@@ -1,30 +1,26 @@
-"""Query text for the lexical leg: words, minus English stopwords."""
+"""Text analysis for the lexical (BM25) leg: the same on the index side and the query side.
+
+Words are lower-cased, English stopwords dropped and the rest stemmed with the Snowball
+English stemmer, exactly as bm25s (the reference BM25 of our benchmark) tokenizes.
+"""
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
-
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 @lru_cache(maxsize=1)
-def stopwords() -> frozenset[str]:
-    from bm25s.stopwords import STOPWORDS_EN
+def _stemmer():
+    import Stemmer
 
-    return frozenset(STOPWORDS_EN)
-
-
-def query_terms(query: str) -> list[str]:
-    """Distinct lower-cased words of `query` without stopwords (all words if only stopwords)."""
-    words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))
-    kept = [w for w in words if w not in stopwords()]
-    return kept or words
+    return Stemmer.Stemmer("english")
 
 
-def fts5_match(query: str) -> str | None:
-    """An FTS5 MATCH expression OR-ing the query's terms, each quoted (no FTS syntax injection)."""
-    terms = query_terms(query)
-    if not terms:
-        return None
-    return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+def analyze(texts: list[str]) -> list[list[str]]:
+    """Each text as its list of BM25 terms."""
+    import bm25s
+
+    if not texts:
+        return []
+    return bm25s.tokenize(texts, lower=True, stopwords="en", stemmer=_stemmer(), return_ids=False,
+                          show_progress=False)

@@ -101,8 +101,34 @@ def test_a_corrupt_file_is_a_clear_error(tmp_path):
         EmbeddedIndex(path, dim=4, model_name="m")
 
 
-def test_fts_syntax_in_queries_is_harmless(index, encoder):
-    for query in ['"unbalanced', "NEAR(seal AND OR", "*", "E14) OR (x"]:
+def test_odd_queries_are_harmless(index):
+    for query in ['"unbalanced', "NEAR(seal AND OR", "*", "E14) OR (x", "DROP TABLE chunks;--"]:
         index.search(query, k=3, mode=Mode.bm25)
     assert index.search("???", k=3, mode=Mode.bm25) == []
-    assert sqlite3.sqlite_version
+    assert index.search("the and of", k=3, mode=Mode.bm25) == []  # stopwords only: nothing to match
+    assert index.search("zzzunknownword", k=3, mode=Mode.bm25) == []
+
+
+def test_a_version_1_index_is_migrated(tmp_path, encoder):
+    """Indexes written before BM25 moved from FTS5 to stored terms open and search as before."""
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE documents (doc_id TEXT PRIMARY KEY, content_hash TEXT NOT NULL, title TEXT NOT NULL,
+            source TEXT NOT NULL, root TEXT NOT NULL, n_chunks INTEGER NOT NULL, indexed_at REAL NOT NULL);
+        CREATE TABLE chunks (id INTEGER PRIMARY KEY, doc_id TEXT NOT NULL, idx INTEGER NOT NULL, title TEXT NOT NULL,
+            source TEXT NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL,
+            vector BLOB NOT NULL, UNIQUE (doc_id, idx));
+        CREATE VIRTUAL TABLE chunks_fts USING fts5(body);""")
+    text = "Grease the motor bearings every 4000 hours."
+    db.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", "1"), ("model", "m"), ("dim", str(encoder.dim)),
+                                                      ("generation", "1")])
+    db.execute("INSERT INTO documents VALUES ('lube.md', 'h', 'Lubrication', 'lube.md', '', 1, 0)")
+    db.execute("INSERT INTO chunks VALUES (1, 'lube.md', 0, 'Lubrication', 'lube.md', ?, 0, ?, ?)",
+               (text, len(text), encoder.encode([text])[0].tobytes()))
+    db.commit()
+    db.close()
+    store = EmbeddedIndex(path, dim=encoder.dim, model_name="m")
+    assert store.search("greasing bearings", k=1, mode=Mode.bm25)[0].doc_id == "lube.md"
+    assert store._meta("schema") == "2"
