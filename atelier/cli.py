@@ -40,8 +40,12 @@ def _root(
 def _assemble() -> None:
     from eval.cli import eval_app
     from retrieval.cli import register as register_retrieval
+    from specialists.cli import specialist_app
+    from training.cli import register as register_training
 
     register_retrieval(app)
+    register_training(specialist_app)
+    app.add_typer(specialist_app, name="specialist")
     app.add_typer(eval_app, name="eval")
 
 

@@ -22,7 +22,7 @@ METRICS: dict[str, tuple[str | None, str]] = {
     "mcq_chance": (None, "multiple-choice chance level"),
     "token_f1": ("higher", "token F1 of greedy answers"),
     "rouge_l": ("higher", "ROUGE-L of greedy answers"),
-    "preference_accuracy": ("higher", "preference accuracy (chosen > rejected)"),
+    "preference_accuracy": ("higher", "chosen ranked above rejected"),
 }
 REQUIRED = ("perplexity", "mcq_accuracy")  # the specialist must beat the base on both
 COUNTS = ("perplexity_tokens", "perplexity_windows", "mcq_items", "generation_items", "preference_items")
@@ -96,7 +96,7 @@ def render_markdown(report: Report) -> str:
     counts = [f"| {c} | " + " | ".join(_cell(report.stages[s].get(c)) for s in names) + " |"
               for c in COUNTS if any(c in report.stages[s] for s in names)]
     verdict = "**beats the base**" if report.beats_base else "**does not beat the base**"
-    lines = [f"# Specialist evaluation on the held-out split\n",
+    lines = ["# Specialist evaluation on the held-out split\n",
              f"Verdict: `{report.final_stage}` {verdict} (required: lower perplexity and higher mcq_accuracy).\n",
              head + "\n".join(rows) + "\n",
              "↓ lower is better, ↑ higher is better, · context only.\n"]

@@ -16,6 +16,7 @@ import re
 import string
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from eval.report import Report, compare, write_report  # noqa: F401  (the evaluation API in one import)
+from eval.report import Report, compare, write_report  # noqa: F401  (re-exported: the whole API in one import)
 
 
 class SpecialistEvalConfig(StrictModel):
@@ -59,9 +60,6 @@ class QAItem:
     kind: str
 
 
-# ----------------------------------------------------------------------------- loading
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a missing file is an empty split (that metric is then skipped)."""
     if not path.is_file():
@@ -76,43 +74,72 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_for_eval(model_dir: Path, adapter_dir: Path | None = None, device: str = "auto"):
-    """(model, tokenizer) in eval mode, fp32, with the LoRA adapter merged in for speed.
+def _adapter_list(adapter_dir: Path | Sequence[Path] | None) -> list[Path]:
+    if adapter_dir is None:
+        return []
+    return [Path(adapter_dir)] if isinstance(adapter_dir, (str, Path)) else [Path(a) for a in adapter_dir]
 
-    The tokenizer comes from the model dir; the adapter dir's copy is used only when the base
-    lacks a chat template (a training stage may have added one).
+
+def load_for_eval(model_dir: Path, adapter_dir: Path | Sequence[Path] | None = None, device: str = "auto"):
+    """(model, tokenizer) in eval mode, fp32, with the LoRA adapter(s) merged in for speed.
+
+    Several adapters are merged in order, for stages trained on top of each other (SFT on the
+    DAPT-merged base). The tokenizer comes from the model dir; an adapter dir's copy is used only
+    when the base lacks a chat template (a training stage may have added one).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
         raise AtelierError(f"{model_dir} is not a model folder (no config.json); pass a local causal LM")
+    adapters = _adapter_list(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.chat_template is None and adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    for adapter in reversed(adapters):
+        if tokenizer.chat_template is None and (adapter / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(adapter)
     if tokenizer.chat_template is None:
         raise AtelierError(f"the tokenizer in {model_dir} has no chat template; use an instruct/chat base model "
                            "or save a tokenizer with a chat template")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
+    for adapter in adapters:
         from peft import PeftModel
 
-        if not (Path(adapter_dir) / "adapter_config.json").is_file():
-            raise AtelierError(f"{adapter_dir} is not a LoRA adapter (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+        if not (adapter / "adapter_config.json").is_file():
+            raise AtelierError(f"{adapter} is not a LoRA adapter (no adapter_config.json); pass a stage's output folder")
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer
 
 
-# ----------------------------------------------------------------------------- scoring core
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(ids, attention mask) with padding on the left, so every row ends where its text ends."""
+    import torch
+
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
 
 
 def _position_ids(mask):
     """Positions that ignore left padding, so absolute-position models score the same as unpadded."""
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_logits(model, ids, mask, keep: int):
+    """Logits of the last `keep` positions; `logits_to_keep` avoids materialising the rest."""
+    import inspect
+
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": _position_ids(mask)}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**kwargs, logits_to_keep=keep).logits
+    return model(**kwargs).logits[:, -keep:]
 
 
 def score_continuations(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
@@ -136,16 +163,9 @@ def score_continuations(model, pairs: list[tuple[list[int], list[int]]], batch_s
                 continuation = continuation[:max_len - 1]
                 seqs.append((context + continuation)[-max_len:])
                 conts.append(continuation)
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(seqs):
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
+            ids, mask = left_pad(seqs, pad_id)
             keep = max(len(c) for c in conts) + 1
-            ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=_position_ids(mask),
-                           logits_to_keep=keep).logits
+            logits = _last_logits(model, ids.to(device), mask.to(device), keep)
             for row, (i, cont) in enumerate(zip(chunk, conts)):
                 n = len(cont)
                 if n == 0:
@@ -180,9 +200,6 @@ def _sample(rows: list, cap: int, seed: int) -> list:
     return [rows[i] for i in keep]
 
 
-# ----------------------------------------------------------------------------- perplexity
-
-
 def perplexity(model, tokenizer, texts: list[str], config: SpecialistEvalConfig) -> dict[str, float]:
     """Token-weighted perplexity over fixed, non-overlapping windows of the model's context size.
 
@@ -204,9 +221,6 @@ def perplexity(model, tokenizer, texts: list[str], config: SpecialistEvalConfig)
     tokens = sum(n for _, n in scores)
     nll = -sum(lp for lp, _ in scores) / tokens
     return {"perplexity": math.exp(min(nll, 700.0)), "perplexity_tokens": tokens, "perplexity_windows": len(pairs)}
-
-
-# ----------------------------------------------------------------------------- multiple choice
 
 
 def qa_items(rows: list[dict[str, Any]]) -> list[QAItem]:
@@ -279,9 +293,6 @@ def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalCo
     return {"mcq_accuracy": correct / len(questions), "mcq_chance": chance, "mcq_items": len(questions)}
 
 
-# ----------------------------------------------------------------------------- generation
-
-
 def normalize_answer(text: str) -> str:
     """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
@@ -321,14 +332,9 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], conf
     with torch.inference_mode():
         for start in range(0, len(prompts), config.batch_size):
             seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts[start:start + config.batch_size]]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, seq in enumerate(seqs):
-                ids[row, width - len(seq):] = torch.tensor(seq)
-                mask[row, width - len(seq):] = 1
+            ids, mask = left_pad(seqs, tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
-            answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
     return [a.strip() for a in answers]
 
 
@@ -346,9 +352,6 @@ def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistE
     return {"token_f1": sum(f1) / len(f1), "rouge_l": sum(rouge) / len(rouge), "generation_items": len(picked)}
 
 
-# ----------------------------------------------------------------------------- preferences
-
-
 def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: SpecialistEvalConfig) -> dict[str, float]:
     """Share of held-out DPO pairs where chosen has a higher mean per-token log-likelihood than rejected."""
     rows = [r for r in rows if r.get("prompt") and r.get("chosen") and r.get("rejected")]
@@ -357,23 +360,23 @@ def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: Sp
         return {}
     pairs = []
     for row in rows:
-        context = _chat_ids(tokenizer, row["prompt"])
-        pairs.append((context, _text_ids(tokenizer, row["chosen"][-1]["content"])))
-        pairs.append((context, _text_ids(tokenizer, row["rejected"][-1]["content"])))
+        prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+        context = _chat_ids(tokenizer, prompt)
+        for side in ("chosen", "rejected"):  # conversational (list of turns) or plain text
+            reply = row[side][-1]["content"] if isinstance(row[side], list) else row[side]
+            pairs.append((context, _text_ids(tokenizer, str(reply))))
     scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id, _context_size(model, config))
     means = [lp / max(n, 1) for lp, n in scores]
     wins = sum(1 for k in range(0, len(means), 2) if means[k] > means[k + 1])
     return {"preference_accuracy": wins / len(rows), "preference_items": len(rows)}
 
 
-# ----------------------------------------------------------------------------- entry points
-
-
 def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConfig | None = None) -> dict[str, float]:
     """All held-out metrics for an already loaded model; metrics whose split is empty are left out."""
-    config = config or SpecialistEvalConfig()
-    data_dir = Path(data_dir)
-    started = time.perf_counter()
+    config, data_dir, started = config or SpecialistEvalConfig(), Path(data_dir), time.perf_counter()
+    model.eval()  # a model handed over by a trainer is still in training mode (dropout on)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     texts = [str(r["text"]) for r in read_jsonl(data_dir / "dapt" / "heldout.jsonl") if str(r.get("text", "")).strip()]
     items = qa_items(read_jsonl(data_dir / "sft" / "heldout.jsonl"))
     prefs = read_jsonl(data_dir / "dpo" / "heldout.jsonl")
@@ -389,9 +392,9 @@ def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConf
     return metrics
 
 
-def evaluate_model(model_dir: Path, adapter_dir: Path | None, data_dir: Path,
+def evaluate_model(model_dir: Path, adapter_dir: Path | Sequence[Path] | None, data_dir: Path,
                    config: SpecialistEvalConfig | None = None) -> dict[str, float]:
-    """Held-out metrics of a base model, optionally with a LoRA adapter (see `evaluate_loaded`)."""
+    """Held-out metrics of a base model, optionally with LoRA adapter(s) merged in order (see `evaluate_loaded`)."""
     config = config or SpecialistEvalConfig()
-    model, tokenizer = load_for_eval(Path(model_dir), Path(adapter_dir) if adapter_dir else None, config.device)
+    model, tokenizer = load_for_eval(Path(model_dir), adapter_dir, config.device)
     return evaluate_loaded(model, tokenizer, data_dir, config)

@@ -1,0 +1,339 @@
+"""The registry of specialists: versioned, self-contained records under `ATELIER_HOME/specialists/`.
+
+Layout, one folder per specialist:
+
+    specialists/NAME/current          the active version number ("3"); written last, atomically
+    specialists/NAME/vN/record.json   the SpecialistRecord of version N
+    specialists/NAME/vN/adapter/      a copy of the LoRA adapter (or vN/model/ for a full model)
+
+A version folder is assembled in a hidden temporary folder and renamed into place in one step,
+and `current` moves only after that, so a crash at any point leaves either the old state or the
+new one, never a half-written record. A specialist exists once it has a `current` file.
+Artifacts are validated before anything is written: a broken adapter (e.g. the 40-byte file
+that ZeRO-3 saves when parameters are not gathered) must never become routable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+from atelier.home import atelier_home, atomic_write_text
+
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug left 40 bytes
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+SKIPPED_FILES = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
+
+
+class SpecialistRecord(StrictModel):
+    """Everything needed to serve, route to and audit one version of a specialist."""
+
+    name: str = Field(description="Registry name: lowercase letters, digits, - and _.")
+    version: int = Field(ge=1, description="1, 2, ...: each registration of the same name adds a version.")
+    description: str = Field(description="One line for humans and the router, built from the keywords by default.")
+    keywords: list[str] = Field(default_factory=list, description="Domain keywords found in its documents.")
+    base_model: str = Field(description="Local path or hub id of the base model the adapter applies to.")
+    full_model: bool = Field(False, description="True for a full fine-tune or scratch model (see model_path).")
+    adapter_path: str | None = Field(None, description="The LoRA adapter's copy inside the registry.")
+    adapter_sha256: str | None = Field(None, description="SHA-256 of adapter_model.safetensors.")
+    model_path: str | None = Field(None, description="The full model's copy inside the registry (full_model only).")
+    model_sha256: str | None = Field(None, description="SHA-256 of the full model's safetensors weights.")
+    data_manifest_hashes: dict[str, str] = Field(default_factory=dict, description="Hashes of the generated data.")
+    config: dict[str, Any] = Field(default_factory=dict, description="The training configuration used.")
+    eval_report: dict[str, Any] = Field(default_factory=dict, description="eval.report.Report.to_dict() vs the base.")
+    route_exemplars: list[str] = Field(default_factory=list, description="Sample training instructions for the router.")
+    served_by: str | None = Field(None, description="External server that serves it, e.g. 'ollama:NAME'.")
+    forced: bool = Field(False, description="Registered with --force although it did not beat its base.")
+    created_at: str = Field(description="ISO 8601 time of registration (UTC).")
+    run_dir: str | None = Field(None, description="The training run folder it came from.")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_name(name: str) -> str:
+    if not NAME_PATTERN.match(name or ""):
+        raise AtelierError(f"invalid specialist name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', "
+                           "starting with a letter or digit (e.g. 'pump-manuals')")
+    return name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_weights(path: Path) -> None:
+    """A safetensors file that opens, holds >= 1 tensor, none empty, and is not implausibly small."""
+    from safetensors import SafetensorError, safe_open
+
+    size = path.stat().st_size
+    if size < MIN_WEIGHTS_BYTES:
+        raise AtelierError(f"{path} is only {size} bytes, too small to hold real weights (a known symptom of "
+                           "saving under DeepSpeed ZeRO-3 without gathering); re-save the adapter and retry")
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            shapes = {key: weights.get_slice(key).get_shape() for key in weights.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AtelierError(f"{path} is not a readable safetensors file ({exc}); re-save the weights") from None
+    if not shapes:
+        raise AtelierError(f"{path} holds no tensors; re-save the weights")
+    empty = [key for key, shape in shapes.items() if 0 in shape]
+    if empty:
+        raise AtelierError(f"{path} has empty tensors ({', '.join(empty[:3])}); re-save the weights")
+
+
+def _check_json(path: Path) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AtelierError(f"{path} is missing or not valid JSON ({exc}); re-save it") from None
+    if not isinstance(data, dict):
+        raise AtelierError(f"{path} is not a JSON object; re-save it")
+
+
+def validate_adapter(adapter_dir: Path) -> str:
+    """Check a PEFT LoRA adapter folder and return the SHA-256 of its weights."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AtelierError(f"adapter folder {adapter_dir} does not exist; point to the stage's output folder")
+    _check_json(adapter_dir / "adapter_config.json")
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AtelierError(f"{adapter_dir} has no adapter_model.safetensors; save the adapter with safetensors")
+    _check_weights(weights)
+    return sha256_file(weights)
+
+
+def validate_full_model(model_dir: Path) -> str:
+    """Check a full model folder (config.json + safetensors weights) and return a hash of its weights."""
+    model_dir = Path(model_dir)
+    _check_json(model_dir / "config.json")
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise AtelierError(f"{model_dir} has no *.safetensors weights; save the model with safetensors")
+    for shard in shards:
+        _check_weights(shard)
+    if len(shards) == 1:
+        return sha256_file(shards[0])
+    return hashlib.sha256("".join(f"{s.name}:{sha256_file(s)}\n" for s in shards).encode()).hexdigest()
+
+
+def _check_beats_base(name: str, eval_report: dict[str, Any]) -> None:
+    """Refuse a specialist whose evaluation does not show it beating its base on held-out data."""
+    if eval_report.get("beats_base") is True:
+        return
+    if not eval_report:
+        raise AtelierError(f"specialist {name!r} has no evaluation against its base; evaluate it first, "
+                           "or pass --force to register it anyway")
+    required = [r for r in eval_report.get("reasons", []) if "(required)" in r] or eval_report.get("reasons", [])
+    raise AtelierError(f"specialist {name!r} does not beat its base on the held-out split: "
+                       f"{'; '.join(required) or 'no reasons recorded'}. Improve the data or training, "
+                       "or pass --force to register it anyway")
+
+
+# ----------------------------------------------------------------------------- file plumbing
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_artifacts(source: Path, target: Path) -> None:
+    """Copy the top-level files of an adapter/model folder (not checkpoints, not optimizer state), fsynced.
+
+    Subfolders are skipped on purpose: trainer output folders hold checkpoint-*/ and DPO's
+    frozen ref/ adapter, which serving does not need.
+    """
+    target.mkdir(parents=True)
+    for path in sorted(Path(source).iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in SKIPPED_FILES:
+            shutil.copyfile(path, target / path.name)
+            with open(target / path.name, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(target)
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """One writer per specialist at a time (an advisory lock on NAME/.lock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _version_of(path: Path) -> int | None:
+    match = re.fullmatch(r"v([1-9][0-9]*)", path.name)
+    return int(match.group(1)) if match and (path / "record.json").is_file() else None
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+class Registry:
+    """Register, list, show, roll back and remove specialists under `home/specialists/`."""
+
+    def __init__(self, home: Path | None = None):
+        self.root = Path(home if home is not None else atelier_home()) / "specialists"
+
+    # --- reading
+
+    def names(self) -> list[str]:
+        """Registered specialists: folders with a `current` file (half-made ones are invisible)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and (p / "current").is_file())
+
+    def list(self) -> list[SpecialistRecord]:
+        """The active version of every specialist, by name."""
+        return [self.get(name) for name in self.names()]
+
+    def versions(self, name: str) -> list[int]:
+        """Every complete version of `name`, oldest first."""
+        folder = self._folder(name)
+        return sorted(v for v in (_version_of(p) for p in folder.iterdir()) if v is not None)
+
+    def current_version(self, name: str) -> int:
+        text = (self._folder(name) / "current").read_text(encoding="utf-8").strip()
+        if not text.isdigit():
+            raise AtelierError(f"{self._folder(name) / 'current'} is corrupt ({text!r}); "
+                               f"write a version number from {self.versions(name)} into it")
+        return int(text)
+
+    def get(self, name: str, version: int | None = None) -> SpecialistRecord:
+        """The record of `name` at `version` (the active one by default), with absolute artifact paths."""
+        folder = self._folder(name)
+        version = self.current_version(name) if version is None else version
+        path = folder / f"v{version}" / "record.json"
+        if not path.is_file():
+            raise AtelierError(f"specialist {name!r} has no version {version}; versions: "
+                               f"{', '.join(map(str, self.versions(name))) or 'none'}")
+        record = SpecialistRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        return record.model_copy(update={
+            key: str(path.parent / value) for key in ("adapter_path", "model_path")
+            if (value := getattr(record, key)) and not Path(value).is_absolute()})
+
+    # --- writing
+
+    def register(self, name: str, *, base_model: str, eval_report: dict[str, Any], keywords: list[str] | None = None,
+                 adapter_dir: Path | None = None, model_dir: Path | None = None, description: str | None = None,
+                 data_manifest_hashes: dict[str, str] | None = None, config: dict[str, Any] | None = None,
+                 route_exemplars: list[str] | None = None, served_by: str | None = None,
+                 run_dir: Path | str | None = None, force: bool = False) -> SpecialistRecord:
+        """Add a new version of `name` and make it active. Exactly one of adapter_dir / model_dir.
+
+        Order matters: name, evaluation gate and artifacts are all checked before the first
+        byte is written; the version folder appears by one rename; `current` moves last.
+        """
+        validate_name(name)
+        if (adapter_dir is None) == (model_dir is None):
+            raise AtelierError("give exactly one of an adapter folder (LoRA) or a full model folder to register")
+        if not force:
+            _check_beats_base(name, eval_report)
+        sha = validate_adapter(adapter_dir) if adapter_dir else validate_full_model(model_dir)
+        artifact, source = ("adapter", adapter_dir) if adapter_dir else ("model", model_dir)
+        keywords = list(keywords or [])
+        if Path(base_model).exists():
+            base_model = str(Path(base_model).resolve())
+        fields = dict(
+            name=name, description=description or _describe(name, keywords), keywords=keywords, base_model=base_model,
+            full_model=model_dir is not None, data_manifest_hashes=dict(data_manifest_hashes or {}),
+            config=dict(config or {}), eval_report=dict(eval_report), route_exemplars=list(route_exemplars or []),
+            served_by=served_by, forced=force and eval_report.get("beats_base") is not True,
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            run_dir=str(Path(run_dir).resolve()) if run_dir else None,
+            **({"adapter_path": artifact, "adapter_sha256": sha} if adapter_dir else
+               {"model_path": artifact, "model_sha256": sha}))
+        folder = self.root / name
+        with _locked(folder):
+            version = self._publish(folder, artifact, Path(source), sha, fields)
+            atomic_write_text(folder / "current", f"{version}\n")
+        return self.get(name, version)
+
+    def _publish(self, folder: Path, artifact: str, source: Path, sha: str, fields: dict[str, Any]) -> int:
+        """Assemble vN in a hidden temporary folder, then rename it into place; returns N."""
+        for stale in folder.glob(".tmp-*"):  # leftovers of a crashed registration
+            shutil.rmtree(stale, ignore_errors=True)
+        known = [v for v in (_version_of(p) for p in folder.iterdir()) if v is not None]
+        version = max(known, default=0) + 1
+        staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-v{version}-"))
+        try:
+            copy_artifacts(source, staging / artifact)
+            weights = "adapter_model.safetensors" if artifact == "adapter" else None
+            if weights and sha256_file(staging / artifact / weights) != sha:
+                raise AtelierError(f"{source} changed while it was being copied; register again when training is done")
+            record = SpecialistRecord(version=version, **fields)
+            atomic_write_text(staging / "record.json", record.model_dump_json(indent=2) + "\n")
+            os.rename(staging, folder / f"v{version}")
+            _fsync_dir(folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (folder / "current").exists() and not known:
+                shutil.rmtree(folder, ignore_errors=True)  # a first registration that failed leaves nothing
+            raise
+        return version
+
+    def rollback(self, name: str) -> SpecialistRecord:
+        """Make the newest version older than the active one active; the newer one stays on disk."""
+        folder = self._folder(name)
+        with _locked(folder):
+            current = self.current_version(name)
+            older = [v for v in self.versions(name) if v < current]
+            if not older:
+                raise AtelierError(f"specialist {name!r} has no version before v{current}; nothing to roll back to")
+            atomic_write_text(folder / "current", f"{older[-1]}\n")
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        """Delete a specialist and all its versions (renamed aside first, so it vanishes at once)."""
+        folder = self._folder(name)
+        with _locked(folder):
+            trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            os.rename(folder, trash)
+            _fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _folder(self, name: str) -> Path:
+        """The folder of a registered specialist, or an error that lists the known ones."""
+        validate_name(name)
+        folder = self.root / name
+        if not (folder / "current").is_file():
+            known = self.names()
+            hint = f"known: {', '.join(known)}" if known else "none registered yet; add one with `atelier specialist add`"
+            raise AtelierError(f"no specialist named {name!r} ({hint})")
+        return folder
+
+
+def _describe(name: str, keywords: list[str]) -> str:
+    """A one-line description from the domain keywords (what the router and `list` show)."""
+    if not keywords:
+        return f"Specialist {name}"
+    return f"Specialist in {', '.join(keywords[:8])}"

@@ -1,0 +1,109 @@
+"""`atelier specialist add NAME --docs DIR`: the whole specialist recipe in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def add(
+    name: str = typer.Argument(..., help="Specialist name: lowercase letters, digits, - or _."),
+    docs: Path = typer.Option(..., "--docs", help="Folder of the domain's documents (.md .txt .html .pdf .jsonl)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF id or local path, or scratch:tiny / scratch:small."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher chat model provider:model (e.g. ollama:gemma2:27b); default: offline generators."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a SpecialistConfig (CLI flags override it)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated training stages (default dapt,sft,dpo)."),
+    preference: Optional[str] = typer.Option(None, "--preference", help="Preference stage algorithm: dpo, simpo, orpo or kto."),
+    lora: Optional[str] = typer.Option(None, "--finetune", help="lora (default), qlora (CUDA + bitsandbytes) or full."),
+    force: bool = typer.Option(False, "--force", help="Register even if the specialist does not beat its base."),
+    new_run: bool = typer.Option(False, "--new-run", help="Start a fresh run instead of continuing/reusing the last one."),
+) -> None:
+    """Build a specialist from documents: data -> DAPT -> SFT -> DPO -> evaluation -> registry."""
+    import os
+
+    from atelier.config import load_config
+    from training.config import SpecialistConfig
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    overrides = {"base": base, "teacher.name": teacher, "dpo.preference": preference, "lora.method": lora,
+                 "stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None}
+    config = load_config(SpecialistConfig, config_file, overrides)
+    from training.pipeline import run_pipeline
+
+    with _Display() as display:
+        result = run_pipeline(name, docs, config, force=force, new_run=new_run, hooks=display.hooks())
+    _summary(result)
+
+
+class _Display:
+    """Rich progress: one line per pipeline step, a bar for data generation and training steps."""
+
+    def __enter__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from atelier.progress import stderr
+
+        self.console = stderr
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=stderr)
+        self.progress.__enter__()
+        self.task = None
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+        return False
+
+    def hooks(self):
+        from training.pipeline import PipelineHooks
+
+        return PipelineHooks(step=self._step, data_progress=self._data, train_progress=self._train,
+                             skipped=self._skipped, done=self._done)
+
+    def _step(self, name: str, detail: str) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"{name:8}", total=None, note=detail)
+
+    def _data(self, what: str, done: int, total: int) -> None:
+        self.progress.update(self.task, completed=done, total=max(total, 1), note=what)
+
+    def _train(self, step: int, total: int, loss: float | None) -> None:
+        note = f"loss {loss:.3f}" if loss is not None else ""
+        self.progress.update(self.task, completed=step, total=max(total, 1), note=note)
+
+    def _skipped(self, path: str, reason: str) -> None:
+        self.console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+
+    def _done(self, name: str, seconds: float, note: str) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+        self.console.print(f"[green]✓[/green] {name:8} {seconds:6.1f} s  {note}")
+
+
+def _summary(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    report = result.report
+    metrics = ("perplexity", "mcq_accuracy", "token_f1", "rouge_l", "preference_accuracy")
+    table = Table(title=f"{result.name}: held-out evaluation (run {result.run_dir.name})")
+    table.add_column("metric")
+    for stage in report["stages"]:
+        table.add_column(stage, justify="right")
+    for metric in metrics:
+        table.add_row(metric, *(f"{report['stages'][s].get(metric, float('nan')):.3f}" for s in report["stages"]))
+    console.print(table)
+    verdict = "beats its base" if report["beats_base"] else "does NOT beat its base"
+    total = sum(v for k, v in result.timings.items())
+    record = result.record
+    console.print(f"{result.name} {verdict}; registered as v{record.version}" + (" (forced)" if record.forced else "")
+                  + f" in {total / 60:.1f} min. Report: {result.run_dir / 'eval' / 'eval.md'}")
+
+
+def register(specialist_app: typer.Typer) -> None:
+    specialist_app.command("add")(add)

@@ -1,0 +1,340 @@
+"""The teacher: a larger chat model that writes training data, asked each question only once.
+
+A teacher is named `provider:model`: `ollama:gemma2:27b` (a local Ollama server, through
+langchain-ollama's ChatOllama) or `openai:MODEL` (any OpenAI-compatible server: OpenAI,
+vLLM, llama.cpp, LM Studio, Ollama's `/v1`; spoken with httpx because langchain-openai is
+not a dependency). Both backends honour one small contract (`send`, `probe`), so adding a
+provider means adding one class to `_BACKENDS`.
+
+What the rest of the pipeline relies on:
+
+* **No wasted calls.** Every answer that came back is stored in a SQLite cache keyed by
+  sha256(model + messages + sampling parameters). A re-run, or a run resumed after a
+  crash, never asks the same question twice; it also sees the same answers, so its
+  rejection counts are the same.
+* **Transient failures are retried, others are not.** Connection errors, timeouts, 429
+  and 5xx are retried with exponential backoff; any other HTTP error fails that one item
+  (counted), except 401/403/404, which mean the teacher is misconfigured and stop the run.
+* **Bounded load.** Requests run in a thread pool of `concurrency` workers, never more.
+* **Bad output is data, not a crash.** `complete_many` hands each answer to a parser;
+  an answer the parser rejects is counted under the parser's reason and skipped.
+* **Fail early.** `check()` reaches the server before any work starts and raises an
+  AtelierError naming the URL and the fix.
+
+What is asked, and how answers are checked, lives in `training.prompts`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+from pydantic import Field
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OLLAMA_DEFAULT_URL = "http://127.0.0.1:11434"
+OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
+
+
+class TeacherConfig(StrictModel):
+    name: str = Field(description="The teacher as provider:model, e.g. 'ollama:gemma2:27b' or 'openai:gpt-4o-mini'.")
+    base_url: str | None = Field(None, description="Server URL. Default: $OLLAMA_HOST or http://127.0.0.1:11434 for "
+                                                   "ollama; $OPENAI_BASE_URL or https://api.openai.com/v1 for openai.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (openai only).")
+    num_ctx: int = Field(8192, ge=512, description="Ollama context window, always sent: Ollama's default silently "
+                                                   "truncates long prompts.")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="Sampling temperature of the teacher.")
+    max_tokens: int = Field(1024, ge=16, description="Longest answer the teacher may write, in tokens.")
+    timeout_s: float = Field(300.0, gt=0, description="Seconds to wait for one answer.")
+    max_retries: int = Field(4, ge=0, description="Retries of one request after a transient error (connection, "
+                                                  "timeout, 429, 5xx).")
+    backoff_s: float = Field(1.0, ge=0, description="Wait before the first retry; doubled after each further failure.")
+    cache_path: Path | None = Field(None, description="SQLite file of cached answers. Default: "
+                                                      "$ATELIER_HOME/cache/teacher.sqlite.")
+
+
+class TransientError(Exception):
+    """A failure worth retrying: the same request may succeed a little later."""
+
+
+class RequestFailed(Exception):
+    """A failure of one request that retrying will not fix; `fatal` ones stop the run."""
+
+    def __init__(self, reason: str, fatal: bool = False):
+        super().__init__(reason)
+        self.reason, self.fatal = reason, fatal
+
+
+class Rejected(Exception):
+    """Raised by a parser: the teacher's answer is unusable, for the reason given."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ChatBackend(Protocol):
+    """What a provider must do: answer one chat request, and say whether it is reachable."""
+
+    url: str
+
+    def send(self, messages: list[dict[str, str]]) -> str: ...
+
+    def probe(self) -> None: ...
+
+
+def _status_error(status: int) -> Exception:
+    """429 and 5xx are worth a retry; 401/403/404 mean a wrong key, URL or model name."""
+    if status == 429 or status >= 500:
+        return TransientError(f"HTTP {status}")
+    return RequestFailed(f"http_{status}" if status > 0 else "error", fatal=status in (401, 403, 404))
+
+
+class OpenAIBackend:
+    """POST {base_url}/chat/completions, the OpenAI-compatible chat API."""
+
+    def __init__(self, model: str, config: TeacherConfig):
+        import httpx
+
+        self.model, self.config = model, config
+        self.url = (config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL).rstrip("/")
+        key = os.environ.get(config.api_key_env, "")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=config.timeout_s)
+
+    def send(self, messages: list[dict[str, str]]) -> str:
+        import httpx
+
+        body = {"model": self.model, "messages": messages, "temperature": self.config.temperature,
+                "max_tokens": self.config.max_tokens, "stream": False}
+        try:
+            response = self._client.post("/chat/completions", json=body)
+        except httpx.TransportError as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise _status_error(response.status_code)
+        try:
+            return str(response.json()["choices"][0]["message"]["content"] or "")
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RequestFailed("bad_response") from None
+
+    def probe(self) -> None:
+        import httpx
+
+        try:
+            response = self._client.get("/models", timeout=min(10.0, self.config.timeout_s))
+        except httpx.TransportError:
+            raise AtelierError(f"teacher openai:{self.model} not reachable at {self.url}; start the server, or set "
+                               f"OPENAI_BASE_URL / the teacher's base_url, or run without --teacher") from None
+        if response.status_code in (401, 403):
+            raise AtelierError(f"teacher openai:{self.model} at {self.url} refused the API key (HTTP "
+                               f"{response.status_code}); set {self.config.api_key_env} or run without --teacher")
+
+
+class OllamaBackend:
+    """Ollama's /api/chat through langchain-ollama's ChatOllama, with num_ctx always set."""
+
+    def __init__(self, model: str, config: TeacherConfig):
+        from langchain_ollama import ChatOllama
+
+        self.model, self.config = model, config
+        self.url = (config.base_url or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_URL).rstrip("/")
+        if "://" not in self.url:
+            self.url = f"http://{self.url}"
+        self._chat = ChatOllama(model=model, base_url=self.url, num_ctx=config.num_ctx,
+                                temperature=config.temperature, num_predict=config.max_tokens,
+                                client_kwargs={"timeout": config.timeout_s})
+
+    def send(self, messages: list[dict[str, str]]) -> str:
+        import httpx
+        from ollama import ResponseError
+
+        try:
+            reply = self._chat.invoke([(m["role"], m["content"]) for m in messages], stream=False)
+        except (ConnectionError, httpx.TransportError) as exc:
+            raise TransientError(f"{type(exc).__name__}: {exc}") from None
+        except ResponseError as exc:
+            raise _status_error(exc.status_code) from None
+        except (ValueError, KeyError, TypeError):
+            raise RequestFailed("bad_response") from None
+        return reply.content if isinstance(reply.content, str) else json.dumps(reply.content)
+
+    def probe(self) -> None:
+        import httpx
+
+        try:
+            tags = httpx.get(f"{self.url}/api/tags", timeout=min(10.0, self.config.timeout_s)).json()
+        except (httpx.TransportError, ValueError):
+            raise AtelierError(f"teacher ollama:{self.model} not reachable at {self.url}; start it with `ollama serve`"
+                               f" and `ollama pull {self.model}`, or set OLLAMA_HOST, or run without --teacher"
+                               ) from None
+        names = {m.get("name") for m in tags.get("models", []) if isinstance(m, dict)}
+        if self.model not in names and f"{self.model}:latest" not in names:
+            raise AtelierError(f"teacher model {self.model} is not pulled on the Ollama server at {self.url}; run "
+                               f"`ollama pull {self.model}`, or choose another --teacher, or run without --teacher")
+
+
+_BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {"ollama": OllamaBackend, "openai": OpenAIBackend}
+
+
+class ResponseCache:
+    """Answers already received, in SQLite, keyed by the hash of the request."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
+                         "answer TEXT NOT NULL, created REAL NOT NULL)")
+        self._db.commit()
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT answer FROM answers WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def put(self, key: str, model: str, answer: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?, ?)", (key, model, answer, time.time()))
+            self._db.commit()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+@dataclass
+class TeacherBatch(Generic[T]):
+    """Parsed answers in prompt order (None where rejected), and rejection counts by reason."""
+
+    results: list[T | None]
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def accepted(self) -> list[T]:
+        return [r for r in self.results if r is not None]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """('ollama', 'gemma2:27b') from 'ollama:gemma2:27b', or an AtelierError naming the forms."""
+    provider, _, model = name.partition(":")
+    if provider not in _BACKENDS or not model:
+        raise AtelierError(f"teacher {name!r} is not provider:model; use one of "
+                           f"{', '.join(p + ':MODEL' for p in _BACKENDS)} (e.g. ollama:gemma2:27b)")
+    return provider, model
+
+
+class Teacher:
+    """A chat model behind a cache, retries and a concurrency bound."""
+
+    def __init__(self, config: TeacherConfig, *, backend: ChatBackend | None = None,
+                 cache: ResponseCache | None = None):
+        provider, model = split_name(config.name)
+        self.config = config
+        self.backend = backend or _BACKENDS[provider](model, config)
+        if cache is None:
+            from atelier.home import atelier_home
+
+            cache = ResponseCache(config.cache_path or atelier_home() / "cache" / "teacher.sqlite")
+        self.cache = cache
+        self.stats: Counter[str] = Counter()  # requests, retries, cache_hits
+        self._stats_lock = threading.Lock()
+
+    @classmethod
+    def from_name(cls, name: str, **settings: Any) -> Teacher:
+        return cls(TeacherConfig(name=name, **settings))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def check(self) -> None:
+        """Raise an AtelierError unless the teacher's server answers (no generation is run)."""
+        log.info("checking teacher %s at %s", self.name, self.backend.url)
+        self.backend.probe()
+
+    def _count(self, what: str) -> None:
+        with self._stats_lock:
+            self.stats[what] += 1
+
+    def cache_key(self, messages: list[dict[str, str]]) -> str:
+        params = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
+        if self.name.startswith("ollama:"):
+            params["num_ctx"] = self.config.num_ctx
+        blob = json.dumps({"model": self.name, "messages": messages, "params": params}, sort_keys=True)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def complete(self, prompt: str) -> str:
+        """The teacher's answer to one user prompt: from the cache, else asked (with retries)."""
+        messages = [{"role": "user", "content": prompt}]
+        key = self.cache_key(messages)
+        cached = self.cache.get(key)
+        if cached is not None:
+            self._count("cache_hits")
+            return cached
+        answer = self._send_with_retries(messages)
+        self.cache.put(key, self.name, answer)
+        return answer
+
+    def _send_with_retries(self, messages: list[dict[str, str]]) -> str:
+        for attempt in range(self.config.max_retries + 1):
+            self._count("requests")
+            try:
+                return self.backend.send(messages)
+            except TransientError as exc:
+                if attempt == self.config.max_retries:
+                    raise RequestFailed("unavailable") from exc
+                delay = self.config.backoff_s * (2 ** attempt) * (1 + 0.1 * random.random())
+                log.debug("teacher %s: %s; retry %d in %.2fs", self.name, exc, attempt + 1, delay)
+                self._count("retries")
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def complete_many(self, prompts: Sequence[str], parse: Callable[[str], T], *, concurrency: int = 2,
+                      progress: Callable[[int, int], None] | None = None) -> TeacherBatch[T]:
+        """Ask every prompt (at most `concurrency` at once) and parse each answer.
+
+        A parser raising `Rejected(reason)` counts as `reason`; a request that failed counts
+        as `teacher_<reason>`. A fatal failure (bad key, unknown model) stops the batch.
+        """
+        batch: TeacherBatch[T] = TeacherBatch(results=[None] * len(prompts))
+        done = 0
+        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="teacher") as pool:
+            futures = {pool.submit(self.complete, p): i for i, p in enumerate(prompts)}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    batch.results[i] = parse(future.result())
+                except Rejected as exc:
+                    batch.rejected[exc.reason] += 1
+                except RequestFailed as exc:
+                    if exc.fatal:
+                        for other in futures:
+                            other.cancel()
+                        raise AtelierError(f"teacher {self.name} at {self.backend.url} answered {exc.reason}; check "
+                                           f"the model name and API key, or run without --teacher") from None
+                    batch.rejected[f"teacher_{exc.reason}"] += 1
+                done += 1
+                if progress:
+                    progress(done, len(prompts))
+        return batch
