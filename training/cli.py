@@ -22,11 +22,13 @@ def add(
 ) -> None:
     """Build a specialist from documents: data -> DAPT -> SFT -> DPO -> evaluation -> registry."""
     import os
+    import warnings
 
     from atelier.config import load_config
     from training.config import SpecialistConfig
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # emitted by peft merges, harmless
     overrides = {"base": base, "teacher.name": teacher, "dpo.preference": preference, "lora.method": lora,
                  "stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None}
     config = load_config(SpecialistConfig, config_file, overrides)

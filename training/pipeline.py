@@ -2,13 +2,15 @@
 
 Reads top to bottom in `run_pipeline`. Every step is resumable:
 
-* a run lives in ATELIER_HOME/runs/NAME/RUN_ID/. Re-running `add` continues the newest
-  unfinished run of NAME; after a finished run it starts a new one seeded with hard links
-  to the previous run's outputs, so steps whose inputs did not change are skipped;
-* generated data is skipped when the documents, the data config and the teacher are
-  unchanged (a fingerprint beside the manifest); each training stage fingerprints its own
-  inputs, returns its saved result when they match, and resumes from its newest checkpoint
-  when it was interrupted; evaluations are cached by the same fingerprints.
+* a run lives in ATELIER_HOME/runs/NAME/RUN_ID/; re-running `add` works in the newest run
+  of NAME (`--new-run` starts another);
+* generated data is rebuilt only when the documents, the data config or the teacher
+  changed (the manifest records a fingerprint of its inputs);
+* each training stage works in a folder named by a hash of its inputs (the model it starts
+  from, the adapter, the data, its config), `dapt-1f2e...`: unchanged inputs find their
+  finished result and skip, an interrupted stage resumes from its newest checkpoint, and
+  changed inputs get a fresh folder — and so does every stage after it;
+* evaluations are cached by the same keys.
 
 One LoRA adapter is carried from stage to stage. For `scratch:*` bases DAPT trains the whole
 model (it is pretraining from scratch on the domain) and its output becomes the
@@ -65,36 +67,26 @@ def _digest(*parts: Any) -> str:
 
 
 def choose_run(name: str, *, new_run: bool = False) -> Path:
-    """The newest unfinished run of `name`, else a new run seeded (hard links) from the newest finished one."""
+    """The newest run of `name` (its unchanged steps skip themselves), or a new one."""
     runs = atelier_home() / "runs" / name
-    existing = sorted((p for p in runs.glob("*") if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
-    latest = existing[-1] if existing else None
-    if latest is not None and not new_run and not (latest / DONE_FILE).exists():
-        return latest
+    existing = sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith("."))
+    if existing and not new_run:
+        return existing[-1]
     run_dir = runs / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    suffix = 1
     while run_dir.exists():
-        suffix += 1
-        run_dir = runs / f"{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}-{suffix}"
-    if latest is not None and not new_run:
-        _seed_from(latest, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+        time.sleep(1)
+        run_dir = runs / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True)
     return run_dir
 
 
-def _seed_from(previous: Path, run_dir: Path) -> None:
-    """Hard-link the previous run's outputs into a new run; unchanged steps then skip themselves."""
-    tmp = run_dir.with_name(f".{run_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-
-    def link(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(previous, tmp, copy_function=link, ignore=shutil.ignore_patterns(DONE_FILE))
-    os.replace(tmp, run_dir)
+def model_identity(path: Path) -> list:
+    """What identifies a model folder's contents cheaply: file names, sizes and modification times."""
+    path = Path(path)
+    if not path.is_dir():
+        return [str(path)]
+    return [(p.relative_to(path).as_posix(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file() and "checkpoint" not in p.as_posix()]
 
 
 def load_documents(docs_dir: Path, hooks: PipelineHooks) -> list[Document]:
@@ -143,7 +135,7 @@ def evaluate_cached(label: str, model: Path, adapter: Path | None, data_dir: Pat
     return metrics
 
 
-def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, run_dir: Path,
+def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, manifest_hash: str, run_dir: Path,
                 config: SpecialistConfig, hooks: PipelineHooks):
     from training.dapt import train_dapt
     from training.dpo import train_dpo
@@ -151,8 +143,29 @@ def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, r
 
     trainers = {"dapt": (train_dapt, config.dapt), "sft": (train_sft, config.sft), "dpo": (train_dpo, config.dpo)}
     train, stage_config = trainers[stage]
-    return train(model, data_dir, run_dir / stage, stage_config, config.lora, adapter=adapter,
+    key = _digest(model_identity(model), model_identity(adapter) if adapter else None, manifest_hash,
+                  stage_config.model_dump(mode="json"), config.lora.model_dump(mode="json"))
+    return train(model, data_dir, run_dir / f"{stage}-{key[:12]}", stage_config, config.lora, adapter=adapter,
                  progress=hooks.train_progress)
+
+
+def keep_base(model: Path, run_dir: Path) -> Path:
+    """A base model trained inside this run (scratch DAPT) moves to ATELIER_HOME/bases/<sha256>/,
+    content-addressed, so the registered specialist outlives its run folder; other bases stay put."""
+    model = Path(model).resolve()
+    if not model.is_relative_to(Path(run_dir).resolve()):
+        return model
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(model).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    target = atelier_home() / "bases" / digest.hexdigest()[:16]
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("checkpoint-*"))
+        os.replace(tmp, target)
+    return target
 
 
 def route_exemplars(data_dir: Path, count: int, seed: int) -> list[str]:
@@ -212,13 +225,12 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     for stage in config.stages:
         started = time.perf_counter()
         hooks.step(stage, f"{getattr(config, stage).max_steps} steps")
-        outcome = train_stage(stage, model, adapter, data_dir, run_dir, config, hooks)
+        outcome = train_stage(stage, model, adapter, data_dir, manifest.content_hash, run_dir, config, hooks)
         model, adapter = Path(outcome.model_path), (Path(outcome.adapter_path) if outcome.adapter_path else None)
         result.stages[stage] = outcome.model_dump(mode="json")
         result.timings[stage] = time.perf_counter() - started
-        stamp = (run_dir / stage / "result.json").read_text() if (run_dir / stage / "result.json").exists() else ""
         metrics[stage] = evaluate_cached(stage, model, adapter, data_dir, manifest.content_hash, config, eval_dir,
-                                         stage_stamp=stamp)
+                                         stage_stamp=json.dumps(model_identity(adapter or model)))
         result.timings[f"eval:{stage}"] = time.perf_counter() - started - result.timings[stage]
         resumed = f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""
         hooks.done(stage, result.timings[stage], f"{outcome.steps} steps{resumed}; {_brief(metrics[stage])}")
@@ -228,8 +240,16 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     result.report = report.to_dict()
 
     hooks.step("register", name)
+    started = time.perf_counter()
+    registry = Registry()
     try:
-        result.record = Registry().register(
+        if adapter is not None:
+            model = keep_base(model, run_dir)
+        result.record = _already_registered(registry, name, adapter or model, str(model))
+        if result.record is not None:
+            hooks.done("register", 0.0, f"unchanged: {name} v{result.record.version} is this very model")
+            return result
+        result.record = registry.register(
             name, base_model=str(model), eval_report=result.report, keywords=manifest.keywords[:20],
             adapter_dir=adapter, model_dir=None if adapter else model,
             data_manifest_hashes={"data": manifest.content_hash,
@@ -238,10 +258,26 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
                 data_dir, config.route_exemplars, config.seed), run_dir=run_dir, force=force)
     except AtelierError as exc:
         raise AtelierError(f"{exc} (report: {eval_dir / 'eval.md'})") from None
+    else:
+        hooks.done("register", time.perf_counter() - started, f"{name} v{result.record.version}")
     finally:
         atomic_write_text(run_dir / DONE_FILE, json.dumps({"report": result.report, "timings": result.timings,
                                                            "stages": result.stages}, indent=2, default=str) + "\n")
     return result
+
+
+def _already_registered(registry, name: str, artifact: Path, base_model: str):
+    """The current record of `name` when it holds exactly this adapter (or model) on this base."""
+    from specialists.registry import sha256_file
+
+    if name not in registry.names():
+        return None
+    current = registry.get(name)
+    weights = artifact / ("adapter_model.safetensors" if current.adapter_path else "model.safetensors")
+    stored = current.adapter_sha256 if current.adapter_path else current.model_sha256
+    if weights.exists() and stored == sha256_file(weights) and current.base_model == base_model:
+        return current
+    return None
 
 
 def _brief(metrics: dict[str, float]) -> str:
