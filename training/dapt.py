@@ -1,0 +1,151 @@
+"""DAPT: domain-adaptive (continued) pretraining, next-token loss on the domain's raw text.
+
+Rows `{"text"}` from data_dir/dapt/{train,heldout}.jsonl. With packing, every text gets an
+eos and all are concatenated and cut into `seq_len` blocks, so no compute goes to padding;
+without it each text is split into `seq_len` pieces that are padded per batch. A plain
+`transformers.Trainer` does this about 2x faster than TRL's SFTTrainer with packing here.
+
+What trains: a scratch base is trained in full (DAPT *is* its pretraining, and its output
+becomes the specialist's base model); a Hugging Face base gets a new LoRA adapter unless
+`lora.method=full`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from pydantic import Field
+
+from training.lora import LoraSettings, save_trained, trainable_model
+from training.trainer_common import (
+    ProgressFn,
+    StageConfig,
+    StageResult,
+    attach_progress,
+    fingerprint,
+    finish_stage,
+    open_stage,
+    quiet_progress,
+    read_optional_rows,
+    read_rows,
+    run_trainer,
+    training_kwargs,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DaptConfig(StageConfig):
+    """DAPT settings. Defaults suit scratch:tiny (full pretraining of a ~1.4 M model on 2 CPU cores);
+    for a LoRA adapter on a Hugging Face base use a learning rate near 2e-4."""
+
+    max_steps: int | None = Field(300, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
+    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
+    seq_len: int = Field(256, ge=16, description="Tokens per training block.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    packing: bool = Field(True, description="Concatenate texts into full seq_len blocks (no padding); "
+                          "off: each text is split and padded on its own.")
+
+
+def train_dapt(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lora: LoraSettings,
+               adapter: Path | None = None, progress: ProgressFn | None = None) -> StageResult:
+    """Continue pretraining `base` (+ `adapter`) on data_dir/dapt; outputs under `out_dir`."""
+    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
+    train_file, heldout_file = data_dir / "dapt" / "train.jsonl", data_dir / "dapt" / "heldout.jsonl"
+    texts = [row["text"] for row in read_rows(train_file, ("text",))]
+    heldout = [row["text"] for row in read_optional_rows(heldout_file, ("text",))]
+    stamp = fingerprint(stage="dapt", base=base, adapter=adapter, train=train_file, heldout=heldout_file,
+                        config=config, lora=lora)
+    if (done := open_stage(out_dir, "dapt", stamp)) is not None:
+        return done
+
+    with quiet_progress(progress is not None):
+        result = _train(base, texts, heldout, out_dir, config, lora, adapter, progress)
+    return finish_stage(out_dir, result)
+
+
+def _train(base: Path, texts: list[str], heldout: list[str], out_dir: Path, config: DaptConfig,
+           lora: LoraSettings, adapter: Path | None, progress: ProgressFn | None) -> StageResult:
+    """Build the model and blocks, score held-out text, train (or resume), save."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from training.models import is_scratch_base, load_tokenizer
+
+    set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
+    full = lora.method == "full" or is_scratch_base(base)
+    tokenizer = load_tokenizer(base)
+    model = trainable_model(base, adapter, lora, full=full)
+    blocks = to_blocks(texts, tokenizer, config.seq_len, packing=config.packing)
+    eval_blocks = to_blocks(heldout, tokenizer, config.seq_len, packing=True) if config.eval_heldout else []
+    metrics = {"train_blocks": float(len(blocks))}
+    if eval_blocks:
+        metrics["heldout_perplexity_before"] = heldout_perplexity(model, eval_blocks, tokenizer, config.batch_size)
+    args = TrainingArguments(**training_kwargs(config, out_dir, progress), label_names=["labels"])
+    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=PadCollator(tokenizer.pad_token_id),
+                      processing_class=tokenizer)
+    stats = run_trainer(attach_progress(trainer, progress), out_dir)
+    if eval_blocks:
+        metrics["heldout_perplexity"] = heldout_perplexity(model, eval_blocks, tokenizer, config.batch_size)
+    model_path, adapter_path = save_trained(trainer.model, tokenizer, out_dir, base)
+    return StageResult(stage="dapt", model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
+
+
+def to_blocks(texts: list[str], tokenizer, seq_len: int, *, packing: bool) -> list[dict[str, list[int]]]:
+    """Token blocks of at most `seq_len`; each text ends with eos so documents stay apart.
+
+    Packed: one stream cut into full blocks (only the last may be short). Unpacked: each
+    text cut on its own, so its last piece is short and gets padded in the batch.
+    """
+    if not texts:
+        return []
+    encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    pieces = [ids + [eos] for ids in encoded]
+    if packing:
+        stream = [token for ids in pieces for token in ids]
+        pieces = [stream]
+    return [{"input_ids": ids[start:start + seq_len]} for ids in pieces for start in range(0, len(ids), seq_len)]
+
+
+class PadCollator:
+    """Pads a batch to its longest block; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
+            attention[i, : len(row["input_ids"])] = 1
+        labels = input_ids.masked_fill(attention == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def heldout_perplexity(model, blocks: list[dict[str, list[int]]], tokenizer, batch_size: int) -> float:
+    """exp(mean next-token loss) over the held-out blocks, weighting every token equally."""
+    import torch
+
+    collate = PadCollator(tokenizer.pad_token_id)
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(blocks), batch_size):
+            batch = {k: v.to(device) for k, v in collate(blocks[start:start + batch_size]).items()}
+            count = int((batch["labels"][:, 1:] != -100).sum())
+            if count == 0:
+                continue
+            loss = model(**batch).loss
+            total_loss += float(loss) * count
+            total_tokens += count
+    model.train(was_training)
+    return round(math.exp(total_loss / total_tokens), 3) if total_tokens else float("nan")

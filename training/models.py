@@ -1,0 +1,390 @@
+"""Base models for specialists: a Hugging Face causal LM, or a tiny Llama built from scratch.
+
+`resolve_base` turns the `--base` string into a local directory holding a causal LM and a
+tokenizer with a chat template. Two kinds of base:
+
+* any Hugging Face causal LM id or local path. A hub id is the one place Atelier downloads
+  weights; it is logged, and offline it fails with a message naming the way out.
+* `scratch:tiny` / `scratch:small`: a randomly initialised Llama with a byte-level BPE
+  tokenizer trained on the domain documents plus a small general-English corpus shipped in
+  `resources/general_en.txt`. It lets the whole pipeline run on a laptop CPU in minutes, and
+  its DAPT stage *is* pretraining from scratch on the domain.
+
+Scratch bases are deterministic for the same texts and seed, and a fingerprint file lets a
+re-run reuse the directory instead of rebuilding it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from atelier.errors import AtelierError
+from atelier.home import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+BASE_MARKER = "atelier-base.json"  # written last into every base this module builds
+GENERAL_CORPUS = Path(__file__).parent / "resources" / "general_en.txt"
+_BUILD_VERSION = 1  # bump when the scratch recipe changes, so old bases are rebuilt
+
+# ChatML-style turns. The assistant's content *and* its end-of-turn token sit inside
+# {% generation %} markers: TRL's assistant_only_loss then trains the model to stop.
+SCRATCH_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+SCRATCH_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+)
+
+# For Hugging Face tokenizers that ship no template: plain-text role headers, so no new
+# tokens (and no embedding resize) are needed; the model's own eos ends each answer.
+PLAIN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n\n' }}"
+    "{%- else -%}"
+    "{{ message['content'] + '\n\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class ScratchSpec:
+    """Shape of a from-scratch Llama. Tiny trains in minutes on 2 CPU cores."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    max_position_embeddings: int
+
+
+SCRATCH_SPECS = {
+    # ~1.4 M parameters (embeddings tied with the LM head).
+    "tiny": ScratchSpec(128, 4, 4, 384, 4096, 512),
+    # ~14 M parameters.
+    "small": ScratchSpec(384, 6, 6, 1024, 8192, 512),
+}
+
+
+# ---------------------------------------------------------------- hardware
+
+
+def device() -> str:
+    """The accelerator training will use: "cuda", then "mps", else "cpu"."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def precision_kwargs() -> dict[str, bool]:
+    """Mixed-precision flags for TrainingArguments, always explicit.
+
+    TRL configs default to bf16=True, and on a CPU without native bf16 that made training
+    ~4x slower, so bf16 is only on for CUDA devices that support it; fp16 only on older CUDA
+    GPUs and never on CPU. On CPU `use_cpu=True` also stops accelerate probing for devices.
+    """
+    import torch
+
+    kind = device()
+    if kind == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16}
+    if kind == "mps":
+        return {"bf16": False, "fp16": False}
+    return {"bf16": False, "fp16": False, "use_cpu": True}
+
+
+def default_dtype():
+    """fp32 off CUDA: transformers 5 loads a checkpoint in its own dtype (bf16 for most hub
+    models), and bf16 matmuls on a CPU without native support run at a few GFLOPS."""
+    import torch
+
+    return "auto" if device() == "cuda" else torch.float32
+
+
+# ---------------------------------------------------------------- resolving a base
+
+
+def resolve_base(name: str, *, work_dir: Path, corpus_texts: list[str] | None, seed: int) -> Path:
+    """A local directory with a causal LM and a tokenizer that has a chat template.
+
+    `work_dir` is where a base is written when one has to be built (scratch bases, or a
+    copy of a Hugging Face model whose tokenizer lacks a chat template); a Hugging Face
+    model that is usable as is is returned where it lies.
+    """
+    work_dir = Path(work_dir)
+    if name.startswith("scratch:"):
+        size = name.split(":", 1)[1]
+        if size not in SCRATCH_SPECS:
+            raise AtelierError(f"unknown base {name!r}; use one of {', '.join('scratch:' + s for s in SCRATCH_SPECS)}")
+        return build_scratch_base(size, work_dir=work_dir, corpus_texts=corpus_texts or [], seed=seed)
+    path = _local_or_downloaded(name)
+    _check_causal_lm(path, name)
+    return _with_chat_template(path, name, work_dir)
+
+
+def _local_or_downloaded(name: str) -> Path:
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise AtelierError(f"base {name} is a file; pass the model's directory (with config.json)")
+        return local.resolve()
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise AtelierError(f"base {name} does not exist; pass a model directory, a Hugging Face id "
+                           "such as Qwen/Qwen2.5-0.5B-Instruct, or scratch:tiny")
+    return download_base(name)
+
+
+def download_base(repo_id: str) -> Path:
+    """Fetch a model from the Hugging Face hub (cache first). The only download Atelier makes."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    unreachable = (f"base {repo_id} not found locally and the hub is unreachable; "
+                   "pass a local path or scratch:tiny")
+    if _hub_offline():
+        raise AtelierError(unreachable + " (HF_HUB_OFFLINE is set)")
+    log.warning("downloading base model %s from the Hugging Face hub", repo_id)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise AtelierError(f"base {repo_id} is gated on the hub; accept its licence and log in "
+                           "with `hf auth login`, or pass a local path") from None
+    except RepositoryNotFoundError:
+        raise AtelierError(f"no model {repo_id} on the Hugging Face hub; check the id, or pass a local path") from None
+    except Exception as exc:  # network errors come in many types; all mean the same to the user
+        log.debug("hub download failed", exc_info=True)
+        raise AtelierError(f"{unreachable} ({type(exc).__name__})") from None
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def _check_causal_lm(path: Path, name: str) -> None:
+    """Fail with a clear message unless `path` holds a config of a causal-LM architecture."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not (path / "config.json").is_file():
+        raise AtelierError(f"base {name} has no config.json; pass a Hugging Face model directory or scratch:tiny")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable config is the same user error
+        raise AtelierError(f"base {name}: cannot read its config.json ({exc})") from None
+    heads = config.architectures or []
+    generative = not heads or any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in heads)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or not generative:
+        kind = heads[0] if heads else config.model_type
+        raise AtelierError(f"base {name} is a {kind} model, not a causal language model; "
+                           "pass a decoder model such as Qwen/Qwen2.5-0.5B-Instruct, or scratch:tiny")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise AtelierError(f"base {name} has a config but no weights (*.safetensors); pass a complete model directory")
+
+
+def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
+    """`path` itself when its tokenizer has a chat template, else a copy with a simple one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - any unloadable tokenizer is the same user error
+        raise AtelierError(f"base {name}: cannot load its tokenizer ({exc})") from None
+    if tokenizer.chat_template:
+        return path
+    fingerprint = _hash_json({"source": str(path), "template": PLAIN_CHAT_TEMPLATE})
+    if _marker_matches(work_dir, fingerprint):
+        return work_dir
+    log.info("base %s has no chat template; writing a copy with one to %s", name, work_dir)
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with _fresh_dir(work_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_marker(tmp, {"name": name, "kind": "hf-copy", "fingerprint": fingerprint})
+    return work_dir
+
+
+# ---------------------------------------------------------------- scratch bases
+
+
+def build_scratch_base(size: str, *, work_dir: Path, corpus_texts: list[str], seed: int) -> Path:
+    """Train a BPE tokenizer on the texts, initialise a Llama with `seed`, save both to `work_dir`."""
+    spec = SCRATCH_SPECS[size]
+    general = GENERAL_CORPUS.read_text(encoding="utf-8")
+    texts = [t for t in corpus_texts if t.strip()] + [general]
+    fingerprint = _hash_json({"spec": asdict(spec), "seed": seed, "version": _BUILD_VERSION,
+                              "texts": hashlib.sha256("\x00".join(texts).encode()).hexdigest()})
+    if _marker_matches(work_dir, fingerprint):
+        log.info("reusing scratch:%s base in %s", size, work_dir)
+        return work_dir
+    tokenizer = train_tokenizer(texts, spec.vocab_size, spec.max_position_embeddings)
+    model = _init_llama(spec, tokenizer, seed)
+    with _fresh_dir(work_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_marker(tmp, {"name": f"scratch:{size}", "kind": "scratch", "fingerprint": fingerprint,
+                            "parameters": model.num_parameters()})
+    log.info("built scratch:%s base (%d parameters) in %s", size, model.num_parameters(), work_dir)
+    return work_dir
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, max_length: int = 512):
+    """A byte-level BPE tokenizer (no unknown tokens) with ChatML specials and template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  special_tokens=list(SCRATCH_SPECIALS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|pad|>",
+                                        bos_token="<|endoftext|>", model_max_length=max_length)
+    tokenizer.chat_template = SCRATCH_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _init_llama(spec: ScratchSpec, tokenizer, seed: int):
+    """Random weights from `seed`, without disturbing the caller's global RNG state."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_attention_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def is_scratch_base(path: Path) -> bool:
+    """True for a directory `build_scratch_base` wrote (its DAPT stage is full pretraining)."""
+    return _read_marker(Path(path)).get("kind") == "scratch"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_tokenizer(path: Path):
+    """The base's tokenizer, with a pad token (eos when it has none) for batching."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, adapter: Path | None = None, trainable: bool = False, **kwargs: Any):
+    """A causal LM from `path`, with the LoRA adapter at `adapter` applied when given.
+
+    `trainable=True` loads the adapter's weights as trainable: without it PEFT freezes them
+    and a stage continuing the adapter fails with "tensors does not require grad".
+    """
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("dtype", default_dtype())
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if adapter is None:
+        if not trainable:
+            model.eval()
+        return model
+    from peft import PeftModel
+
+    from training.lora import check_adapter
+
+    check_adapter(Path(adapter))
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
+    if not trainable:
+        model.eval()
+    return model
+
+
+# ---------------------------------------------------------------- marker files
+
+
+def _hash_json(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _read_marker(path: Path) -> dict:
+    try:
+        return json.loads((path / BASE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _marker_matches(path: Path, fingerprint: str) -> bool:
+    return _read_marker(path).get("fingerprint") == fingerprint and any(path.glob("*.safetensors"))
+
+
+def _write_marker(path: Path, data: dict) -> None:
+    atomic_write_text(path / BASE_MARKER, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+class _fresh_dir:
+    """Build into a temporary sibling, then swap it in: a killed build never looks complete.
+
+    Refuses to replace a non-empty directory that this module did not write.
+    """
+
+    def __init__(self, target: Path):
+        self.target = Path(target)
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and any(self.target.iterdir()) and not (self.target / BASE_MARKER).is_file():
+            raise AtelierError(f"{self.target} already holds files Atelier did not write; choose an empty work_dir")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.target.exists():
+            shutil.rmtree(self.target)
+        os.replace(self.tmp, self.target)

@@ -1,0 +1,314 @@
+"""What the DAPT, SFT and DPO stages share: config fields, data reading, resume, results.
+
+A stage writes everything under its `out_dir`:
+
+    out_dir/stage.json        fingerprint of the inputs (base, adapter, data, configs)
+    out_dir/checkpoints/      Hugging Face Trainer checkpoints (resume points)
+    out_dir/adapter/ | model/ the stage's output: a LoRA adapter, or a full model
+    out_dir/result.json       the StageResult, written last and atomically: the DONE marker
+
+so a killed stage resumes from its newest complete checkpoint, and a finished one is
+returned from `result.json` without training again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+from atelier.home import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int, float | None], None]
+"""Called after each optimizer step with (step, max_steps, latest logged loss or None)."""
+
+RESULT_FILE = "result.json"
+STAGE_FILE = "stage.json"
+
+
+class StageConfig(StrictModel):
+    """Fields every training stage has; each stage subclasses it with its own defaults."""
+
+    max_steps: int | None = Field(300, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data; used only when max_steps is None.")
+    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
+    batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
+    grad_accumulation: int = Field(1, ge=1, description="Forward passes per optimizer step "
+                                   "(effective batch = batch_size x this).")
+    seq_len: int = Field(256, ge=16, description="Tokens per training sequence; longer rows are truncated.")
+    warmup_steps: float = Field(0.05, ge=0, description="Linear warmup: a step count, or a fraction of all "
+                                "steps if < 1.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps "
+                            "(the last 2 are kept).")
+    logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
+    seed: int = Field(0, description="Seed for data order, dropout and new adapter weights.")
+    eval_heldout: bool = Field(True, description="Score the held-out split before and after training "
+                               "(reported in metrics).")
+    report_to: Literal["none", "tensorboard"] = Field(
+        "none", description="Where to send training logs: nowhere, or TensorBoard files under "
+        "out_dir/checkpoints/runs (needs the tensorboard package).")
+
+
+class StageResult(BaseModel):
+    """What a stage produced and how training went. Saved as out_dir/result.json."""
+
+    stage: Literal["dapt", "sft", "dpo"] = Field(description="Which stage ran.")
+    model_path: Path = Field(description="Model directory to load (the next stage's base).")
+    adapter_path: Path | None = Field(description="LoRA adapter to apply on model_path; None after full training.")
+    steps: int = Field(description="Optimizer steps completed in total (across resumes).")
+    train_loss_first: float | None = Field(description="First logged training loss.")
+    train_loss_last: float | None = Field(description="Last logged training loss.")
+    runtime_s: float = Field(description="Seconds spent in the training loop by the call that finished the stage.")
+    tokens_per_s: float = Field(description="Non-padding input tokens per second in that training loop.")
+    resumed_from_step: int | None = Field(description="Checkpoint step training resumed from; None for a fresh start.")
+    metrics: dict[str, float] = Field(default_factory=dict,
+                                      description="Stage-specific scores (held-out loss, rewards).")
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_rows(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """JSONL rows reduced to `keys` (extra keys such as source/kind are dropped for TRL).
+
+    A missing or empty file, a bad line or a row without a key is an AtelierError naming
+    the file and line, never a traceback from deep inside a trainer.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AtelierError(f"training data {path} not found; generate the specialist's data first")
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise AtelierError(f"{path}:{number} is not valid JSON ({exc.msg}); "
+                                   "fix or regenerate the file") from None
+            missing = [key for key in keys if not isinstance(record, dict) or not record.get(key)]
+            if missing:
+                raise AtelierError(f"{path}:{number} has no {', '.join(missing)}; each row needs {', '.join(keys)}")
+            rows.append({key: record[key] for key in keys})
+    if not rows:
+        raise AtelierError(f"training data {path} is empty; regenerate the specialist's data")
+    return rows
+
+
+def check_messages(rows: list[dict[str, Any]], path: Path, keys: tuple[str, ...]) -> None:
+    """Each `keys` column must be a list of {"role", "content": str} turns; say which row is not."""
+    for number, row in enumerate(rows, start=1):
+        for key in keys:
+            turns = row[key]
+            ok = isinstance(turns, list) and all(
+                isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
+                and isinstance(t.get("content"), str) for t in turns)
+            if not ok:
+                raise AtelierError(f"{path}: row {number} {key!r} must be a list of "
+                                   '{"role": system|user|assistant, "content": text} messages')
+
+
+def read_optional_rows(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Like `read_rows`, but a missing or empty held-out file just means no held-out score."""
+    path = Path(path)
+    if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+        log.info("no held-out rows in %s; skipping held-out scores", path)
+        return []
+    return read_rows(path, keys)
+
+
+# ---------------------------------------------------------------- stage directory
+
+
+def fingerprint(**parts: Any) -> str:
+    """A short hash of a stage's inputs; Paths to files contribute their content hash."""
+    def encode(value: Any) -> Any:
+        if isinstance(value, Path) and value.is_file():
+            return hashlib.sha256(value.read_bytes()).hexdigest()
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode="json")
+        return str(value) if isinstance(value, Path) else value
+
+    blob = json.dumps({k: encode(v) for k, v in parts.items()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def open_stage(out_dir: Path, stage: str, stamp: str) -> StageResult | None:
+    """Claim `out_dir` for a stage run; return the saved result if that run already finished.
+
+    A directory holding a run with other inputs is refused rather than silently mixed.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage_file = out_dir / STAGE_FILE
+    if stage_file.is_file():
+        saved = json.loads(stage_file.read_text(encoding="utf-8"))
+        if saved.get("stage") != stage or saved.get("fingerprint") != stamp:
+            raise AtelierError(f"{out_dir} holds a {saved.get('stage')} run with different inputs; "
+                               "delete it or pass a new output directory")
+    else:
+        atomic_write_text(stage_file, json.dumps({"stage": stage, "fingerprint": stamp}) + "\n")
+    result_file = out_dir / RESULT_FILE
+    if result_file.is_file():
+        log.info("%s already done in %s; reusing it", stage, out_dir)
+        return StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+    return None
+
+
+def finish_stage(out_dir: Path, result: StageResult) -> StageResult:
+    """Write result.json last, atomically, then drop the checkpoints it no longer needs
+    (TensorBoard logs in checkpoints/runs stay)."""
+    atomic_write_text(out_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
+    for checkpoint in (out_dir / "checkpoints").glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out_dir / "checkpoints").rmdir()  # only when empty
+    return result
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """Newest complete checkpoint; a half-written one (killed mid-save) is removed.
+
+    The Trainer writes trainer_state.json after the weights and optimizer, so a checkpoint
+    without a readable one was interrupted.
+    """
+    folder = out_dir / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in found:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return checkpoint
+        except (OSError, ValueError):
+            log.warning("removing incomplete checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
+
+
+# ---------------------------------------------------------------- trainer arguments
+
+
+def training_kwargs(config: StageConfig, out_dir: Path, progress: ProgressFn | None) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments, SFTConfig and DPOConfig.
+
+    Everything that differs between machines or library defaults is explicit: precision
+    (TRL turns bf16 on by default, ~4x slower on CPU), gradient checkpointing (TRL turns it
+    on; a small model does not need the memory and pays ~20% time), and reporting.
+    """
+    from training.models import precision_kwargs
+
+    if config.report_to == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise AtelierError("report_to=tensorboard needs the tensorboard package; pip install tensorboard, "
+                               "or set report_to=none")
+    steps = {"max_steps": config.max_steps} if config.max_steps else {"num_train_epochs": config.epochs}
+    return dict(
+        output_dir=str(out_dir / "checkpoints"), **steps,
+        per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accumulation, learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine", warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
+        seed=config.seed, data_seed=config.seed, report_to=config.report_to,
+        disable_tqdm=progress is not None, activation_checkpointing=False,
+        include_num_input_tokens_seen="non_padding", dataloader_pin_memory=False,
+        **precision_kwargs(),
+    )
+
+
+# ---------------------------------------------------------------- running
+
+
+def _progress_callback(progress: ProgressFn):
+    from transformers import TrainerCallback
+
+    class ReportProgress(TrainerCallback):
+        """Forwards (step, max_steps, loss) to the caller's progress function."""
+
+        loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            progress(state.global_step, state.max_steps, self.loss)
+
+    return ReportProgress()
+
+
+@contextlib.contextmanager
+def quiet_progress(enabled: bool) -> Iterator[None]:
+    """Hide the library progress bars (dataset maps, weight loading and saving) while the
+    caller draws its own progress; restores them afterwards."""
+    if not enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_on, transformers_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_on:
+            datasets.enable_progress_bars()
+        if transformers_on:
+            hf_logging.enable_progress_bar()
+
+
+def attach_progress(trainer, progress: ProgressFn | None):
+    """Route step reports to `progress` instead of the Trainer's own printing; returns trainer."""
+    from transformers.trainer_callback import PrinterCallback
+
+    if progress is not None:
+        trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict to stdout
+        trainer.add_callback(_progress_callback(progress))
+    return trainer
+
+
+def run_trainer(trainer, out_dir: Path) -> dict[str, Any]:
+    """Train, resuming from the newest complete checkpoint in out_dir; return loop statistics."""
+    checkpoint = latest_checkpoint(out_dir)
+    resumed, tokens_before = None, 0
+    if checkpoint is not None:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        resumed, tokens_before = state["global_step"], state.get("num_input_tokens_seen", 0)
+        log.info("resuming from %s (step %d)", checkpoint, resumed)
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    runtime = time.perf_counter() - started
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    tokens = trainer.state.num_input_tokens_seen - tokens_before
+    return {"steps": trainer.state.global_step, "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None, "runtime_s": round(runtime, 3),
+            "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else 0.0, "resumed_from_step": resumed}
+
+
+def last_logged(trainer, prefix: str) -> dict[str, float]:
+    """The most recent logged value of every training metric starting with `prefix`."""
+    found: dict[str, float] = {}
+    for entry in trainer.state.log_history:
+        for key, value in entry.items():
+            if key.startswith(prefix) and isinstance(value, int | float):
+                found[key] = float(value)
+    return found
