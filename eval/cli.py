@@ -77,3 +77,38 @@ def _table(results: dict, title: str, console) -> None:
         table.add_row(mode, f"{r['ndcg@10']:.4f}", f"{r['recall@100']:.4f}", f"{r['mrr@10']:.4f}",
                       f"{r['latency_ms_p50']:.1f}", f"{r['latency_ms_p95']:.1f}")
     Console().print(table)
+
+
+@eval_app.command("routing")
+def routing(
+    routes: Path = typer.Option(..., "--routes", help="JSONL of {\"text\", \"label\"}: exemplars of each route."),
+    queries: Path = typer.Option(..., "--queries", help="JSONL of {\"text\", \"label\"}; label null = out of scope."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RouterConfig."),
+) -> None:
+    """In-scope accuracy, out-of-scope recall and routing latency p50/p95 of the semantic router."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from agents.router import RouterConfig
+    from atelier.config import load_config
+    from atelier.progress import progress_bar
+    from eval.routing import evaluate_routing, read_labelled
+
+    config = load_config(RouterConfig, config_file)
+    read_labelled(routes, "--routes")  # user mistakes surface before the encoder loads
+    total = len(read_labelled(queries, "--queries"))
+    with progress_bar("routing queries", total=total, enabled=not as_json) as advance:
+        result = evaluate_routing(routes, queries, config, progress=advance)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"routing: {result['n_queries']} queries ({result['n_oos']} out of scope), "
+                        f"{result['n_routes']} routes, {result['n_exemplars']} exemplars")
+    for column in ("accuracy", "top-1", "OOS recall", "p50 ms", "p95 ms", "embedding p50 ms", "fit s"):
+        table.add_column(column, justify="right")
+    show = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    table.add_row(show(result["accuracy"]), show(result["accuracy_top1"]), show(result["oos_recall"]),
+                  f"{result['latency_ms_p50']:.2f}", f"{result['latency_ms_p95']:.2f}",
+                  f"{result['embedding_ms_p50']:.2f}", f"{result['fit_s']:.1f}")
+    Console().print(table)
