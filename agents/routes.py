@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import re
-import sqlite3
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from agents.router import RouteDecision, RouterConfig, SemanticRouter
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
+from retrieval.embedded import read_generation, read_summary
 from specialists.registry import Registry, SpecialistRecord
 
 log = logging.getLogger(__name__)
@@ -156,36 +156,23 @@ def _index_path(index: str) -> Path:
     return embedded_path(index)
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-
-
-# Reads the embedded backend's tables (retrieval/embedded.py, schema 2) read-only: the
-# generation counter moves with every committed batch, so it is the index's version.
 def index_generation(index: str | None) -> str | None:
-    """The embedded index's generation counter, or None when there is no such index."""
-    if index is None or not _index_path(index).is_file():
-        return None
-    try:
-        with _connect(_index_path(index)) as db:
-            row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
-    except sqlite3.DatabaseError as exc:
-        raise AtelierError(f"cannot read the search index {index!r} ({exc}); rebuild it with `atelier index DIR`") from None
-    return str(row[0]) if row else None
+    """The embedded index's generation counter, or None when there is no such index.
+
+    The counter moves with every committed batch, so it is the index's version.
+    """
+    generation = read_generation(_index_path(index)) if index is not None else None
+    return None if generation is None else str(generation)
 
 
 def read_index(index: str | None) -> IndexSummary | None:
     """Titles and chunk texts of the embedded index, or None when it does not exist or is empty."""
-    generation = index_generation(index)
-    if generation is None:
+    summary = read_summary(_index_path(index)) if index is not None else None
+    if summary is None:
         return None
-    db = _connect(_index_path(index))
-    try:
-        titles = [t for (t,) in db.execute("SELECT DISTINCT title FROM documents ORDER BY doc_id")]
-        texts = [t for (t,) in db.execute("SELECT text FROM chunks ORDER BY doc_id, idx")]
-    finally:
-        db.close()
-    return IndexSummary(generation, titles, texts) if titles or texts else None
+    titles = list(dict.fromkeys(title for _, title in summary.documents))
+    texts = summary.chunk_texts
+    return IndexSummary(str(summary.generation), titles, texts) if titles or texts else None
 
 
 # ----------------------------------------------------------------------------- the cache

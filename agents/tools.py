@@ -185,13 +185,18 @@ def builtin_tools() -> list[ToolSpec]:
     return [
         ToolSpec("calculator", "Evaluate an arithmetic expression exactly (no code is run).", calculator,
                  examples=["what is 17 * 23", "calculate (4.5 + 3) / 2", "compute 2^10", "sqrt(144) + 7",
-                           "how much is 1200 divided by 16"], from_text=_calculator_args),
+                           "how much is 1200 divided by 16", "what is 3 + 3?", "2 + 2", "what's 250 - 75",
+                           "multiply 12 by 8", "what is 15 % of 80", "9 * 9 =", "add 45 and 17",
+                           "what is 7 times 6", "evaluate 3.5 * (2 + 1)"], from_text=_calculator_args),
         ToolSpec("current_datetime", "The current date and time, optionally in a given time zone.", current_datetime,
                  examples=["what time is it", "what is today's date", "current time in Europe/Paris",
-                           "which day of the week is it today"], from_text=_datetime_args),
+                           "which day of the week is it today", "what's the date today", "time now in UTC",
+                           "what year is it", "tell me the current time in Asia/Tokyo"], from_text=_datetime_args),
         ToolSpec("convert_units", "Convert a quantity from one unit to another.", convert_units,
                  examples=["convert 80 N m to lbf ft", "how many psi is 3 bar", "95 degC in degF",
-                           "convert 120 m3/h to gpm", "10 kW to hp"], from_text=_conversion_args),
+                           "convert 120 m3/h to gpm", "10 kW to hp", "how many mm is 2 inches", "5 bar in kPa",
+                           "convert 3000 rpm to rad/s", "what is 40 °C in Fahrenheit", "how many liters is 10 gallons"],
+                 from_text=_conversion_args),
     ]
 
 

@@ -11,12 +11,15 @@ quality but took 3-10 ms a query on SciFact where bm25s takes 0.2 ms.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -98,6 +101,22 @@ class EmbeddedIndex:
 
     def _generation(self) -> int:
         return int(self._meta("generation") or 0)
+
+    # -- reads ------------------------------------------------------------------------
+    def generation(self) -> int:
+        """The generation counter: it moves with every committed batch, so it versions the index."""
+        with self._lock:
+            return self._generation()
+
+    def documents(self) -> list[tuple[str, str]]:
+        """(doc_id, title) of every indexed document, by doc_id."""
+        with self._lock:
+            return _documents(self._db)
+
+    def chunk_texts(self, limit: int | None = None) -> list[str]:
+        """The text of every chunk (the first `limit` ones), by doc_id then position in the document."""
+        with self._lock:
+            return _chunk_texts(self._db, limit)
 
     # -- writes -----------------------------------------------------------------------
     def document_hashes(self, root: str | None = None) -> dict[str, str]:
@@ -237,6 +256,8 @@ class _SearchCache:
     def build(cls, db: sqlite3.Connection, dim: int, generation: int) -> _SearchCache:
         import bm25s
 
+        logging.getLogger("bm25s").setLevel(logging.WARNING)  # it logs every index build at DEBUG
+
         rows = db.execute("SELECT id, vector, terms FROM chunks ORDER BY id").fetchall()
         row_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -263,3 +284,66 @@ class _SearchCache:
             ranking += [(int(self.row_ids[p]), float(scores[p])) for p in positions
                         if not positive or scores[p] > 0]
         return ranking
+
+
+# ----------------------------------------------------------------------------- read-only access
+# For callers that must neither create nor migrate an index (the router checks the generation
+# on every request): the file is opened with SQLite's mode=ro and closed again.
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSummary:
+    """What an index holds, read in one go: its generation, documents and chunk texts."""
+
+    generation: int
+    documents: list[tuple[str, str]]  # (doc_id, title), by doc_id
+    chunk_texts: list[str]  # by doc_id, then position in the document
+
+
+def read_generation(path: Path) -> int | None:
+    """The generation of the index file at `path`; None when there is no such file or it holds no index yet."""
+    return _read_only(path, _stored_generation)
+
+
+def read_summary(path: Path) -> EmbeddedSummary | None:
+    """Generation, documents and chunk texts of the index at `path`; None as for `read_generation`."""
+
+    def summary(db: sqlite3.Connection) -> EmbeddedSummary | None:
+        generation = _stored_generation(db)
+        if generation is None:
+            return None
+        return EmbeddedSummary(generation, _documents(db), _chunk_texts(db))
+
+    return _read_only(path, summary)
+
+
+def _read_only(path: Path, read: Callable[[sqlite3.Connection], _T | None]) -> _T | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return read(db)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise AtelierError(f"cannot read the search index {path} ({exc}); rebuild it with `atelier index DIR`") from None
+
+
+def _stored_generation(db: sqlite3.Connection) -> int | None:
+    row = db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+    return int(row[0]) if row else None
+
+
+def _documents(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    return db.execute("SELECT doc_id, title FROM documents ORDER BY doc_id").fetchall()
+
+
+def _chunk_texts(db: sqlite3.Connection, limit: int | None = None) -> list[str]:
+    sql, args = "SELECT text FROM chunks ORDER BY doc_id, idx", ()
+    if limit is not None:
+        sql, args = sql + " LIMIT ?", (limit,)
+    return [text for (text,) in db.execute(sql, args)]

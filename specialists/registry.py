@@ -38,6 +38,7 @@ from atelier.home import atelier_home, atomic_write_text
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug left 40 bytes
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_FILES = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 
 
@@ -136,6 +137,26 @@ def validate_full_model(model_dir: Path) -> str:
     if len(shards) == 1:
         return sha256_file(shards[0])
     return hashlib.sha256("".join(f"{s.name}:{sha256_file(s)}\n" for s in shards).encode()).hexdigest()
+
+
+def check_adapter_files(record: SpecialistRecord) -> Path:
+    """The adapter folder of `record`, refused unless it is safetensors matching the registered hash."""
+    folder = Path(record.adapter_path or "")
+    if not record.adapter_path or not folder.is_dir():
+        raise AtelierError(f"specialist {record.name!r} v{record.version} has no adapter folder ({folder}); "
+                           "register it again with `atelier specialist add`")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise AtelierError(f"adapter of {record.name!r} at {folder} holds pickle weights ({', '.join(pickles)}), "
+                           "which can run code when loaded; Atelier loads safetensors only. Re-save the adapter "
+                           "with save_pretrained(safe_serialization=True), delete the pickle files, register again")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise AtelierError(f"adapter of {record.name!r} at {folder} has no adapter_model.safetensors; register again")
+    if record.adapter_sha256 and sha256_file(weights) != record.adapter_sha256:
+        raise AtelierError(f"adapter of {record.name!r} at {weights} does not match the SHA-256 recorded at "
+                           "registration (changed or tampered with); register it again")
+    return folder
 
 
 def _check_beats_base(name: str, eval_report: dict[str, Any]) -> None:

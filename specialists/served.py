@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
 from atelier.errors import AtelierError
-from specialists.runtime import (
+from specialists.generation import (
     FinishReason,
     Generation,
     GenerationParams,

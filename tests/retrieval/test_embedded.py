@@ -6,7 +6,7 @@ import pytest
 from atelier.errors import AtelierError
 from retrieval.chunking import ChunkConfig
 from retrieval.documents import Document
-from retrieval.embedded import EmbeddedIndex
+from retrieval.embedded import EmbeddedIndex, read_generation, read_summary
 from retrieval.fusion import FusionConfig, FusionMethod
 from retrieval.indexer import index_documents
 from retrieval.types import Mode
@@ -132,3 +132,42 @@ def test_a_version_1_index_is_migrated(tmp_path, encoder):
     store = EmbeddedIndex(path, dim=encoder.dim, model_name="m")
     assert store.search("greasing bearings", k=1, mode=Mode.bm25)[0].doc_id == "lube.md"
     assert store._meta("schema") == "2"
+
+
+def test_reads_list_documents_chunks_and_the_generation(index):
+    assert index.documents() == [("align.md", "Shaft alignment"), ("faults.md", "Controller fault codes"),
+                                 ("lube.md", "Lubrication"), ("seals.md", "Mechanical seals")]
+    texts = index.chunk_texts()
+    assert len(texts) == index.stats()["chunks"] and "soft foot" in texts[0] and "mechanical seal" in texts[-1]
+    assert index.chunk_texts(limit=2) == texts[:2]
+    before = index.generation()
+    index.delete(["lube.md"])
+    assert index.generation() == before + 1
+    assert [doc_id for doc_id, _ in index.documents()] == ["align.md", "faults.md", "seals.md"]
+
+
+def test_read_summary_peeks_without_creating_or_writing(index, tmp_path):
+    modified = index.path.stat().st_mtime_ns
+    summary = read_summary(index.path)
+    assert summary.generation == index.generation() == read_generation(index.path)
+    assert summary.documents == index.documents() and summary.chunk_texts == index.chunk_texts()
+    assert index.path.stat().st_mtime_ns == modified
+    missing = tmp_path / "nowhere" / "index.sqlite"
+    assert read_summary(missing) is None and read_generation(missing) is None
+    assert not missing.parent.exists()
+
+
+def test_read_summary_of_a_file_with_no_index_yet_is_none(tmp_path):
+    path = tmp_path / "empty.sqlite"
+    with pytest.raises(AtelierError, match="holds no index yet"):
+        EmbeddedIndex(path, dim=None, model_name="m")
+    assert read_summary(path) is None and read_generation(path) is None
+
+
+def test_read_summary_of_a_corrupt_file_says_to_rebuild(tmp_path):
+    path = tmp_path / "bad.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(AtelierError, match="rebuild it with `atelier index DIR`"):
+        read_summary(path)
+    with pytest.raises(AtelierError, match="rebuild it with `atelier index DIR`"):
+        read_generation(path)

@@ -251,6 +251,7 @@ def test_runtime_serves_a_served_specialist_through_the_same_contract(server, tm
 # ----------------------------------------------------------------------------- a live Ollama (opt-in)
 
 
+@pytest.mark.ollama
 @pytest.mark.skipif(not os.environ.get("OLLAMA_HOST"), reason="needs a live Ollama: set OLLAMA_HOST "
                     "(and ATELIER_TEST_OLLAMA_MODEL, default qwen2.5:0.5b)")
 def test_live_ollama():

@@ -1,0 +1,133 @@
+"""The orchestrator, assembled: router, tools, search, specialists and model behind one graph.
+
+`Orchestrator` is what the CLI (and the API) talk to. It builds each service once per
+process — the router refits itself when the registry or the index changes — compiles the
+graph with a SQLite checkpointer under ATELIER_HOME (conversation memory by thread id),
+and answers with `ask` or, event by event, with `stream`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import AIMessageChunk, HumanMessage
+from pydantic import Field
+
+from agents.graph import Services, build_graph
+from agents.llm import ModelConfig, load_chat_model
+from agents.routes import RouterCache, RoutesConfig
+from agents.tools import load_tools
+from atelier.config import StrictModel
+from atelier.home import atelier_home
+from retrieval.config import RetrievalConfig
+from specialists.runtime import GenerationParams
+
+
+class OrchestratorConfig(StrictModel):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The orchestrator chat model; none: router-only mode.")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="The search index the search route uses.")
+    routes: RoutesConfig = Field(default_factory=RoutesConfig, description="Routes and the semantic router fitted on them.")
+    tools: list[str] = Field(default_factory=list, description="Extra tools as module:function (entry points in group atelier.tools load too).")
+    search_k: int = Field(5, ge=1, le=50, description="Passages the search route returns.")
+    max_steps: int = Field(4, ge=1, le=20, description="Most tool-calling rounds of the orchestrator model per request.")
+    max_bases: int = Field(2, ge=1, description="Base models kept loaded for specialists (least recently used unloaded).")
+    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_tokens=128),
+                                         description="How specialists generate (max_tokens, temperature, stop).")
+
+
+@dataclass
+class Answer:
+    text: str
+    route: str
+    confidence: float
+    sources: list[dict] = field(default_factory=list)
+    thread_id: str = "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"answer": self.text, "route": self.route, "confidence": self.confidence, "sources": self.sources,
+                "thread_id": self.thread_id}
+
+
+class Orchestrator:
+    def __init__(self, config: OrchestratorConfig | None = None, *, checkpointer: Any = None):
+        self.config = config or OrchestratorConfig()
+        self.config.routes.index = self.config.retrieval.index if self.config.retrieval.backend.value == "embedded" \
+            else None
+        tools = load_tools(self.config.tools)
+        self.router = RouterCache(self.config.routes, tools=tools)
+        from specialists.registry import Registry
+        from specialists.runtime import SpecialistRuntime
+
+        self.registry = Registry()
+        self.services = Services(
+            router=self.router, tools={t.name: t for t in tools},
+            runtime=SpecialistRuntime(self.registry, max_bases=self.config.max_bases),
+            searcher=_open_searcher(self.config.retrieval), model=load_chat_model(self.config.model),
+            search_k=self.config.search_k, max_steps=self.config.max_steps,
+            specialists=self.registry.names(), generation=lambda: self.config.generation)
+        self._db = None
+        if checkpointer is None:
+            checkpointer = self._sqlite_checkpointer()
+        self.checkpointer = checkpointer
+        self.graph = build_graph(self.services, checkpointer=checkpointer)
+
+    def _sqlite_checkpointer(self):
+        from langgraph.checkpoint.sqlite import SqliteSaver
+
+        self._db = sqlite3.connect(atelier_home() / "memory.sqlite", check_same_thread=False)
+        saver = SqliteSaver(self._db)
+        saver.setup()
+        return saver
+
+    @property
+    def router_only(self) -> bool:
+        return self.services.model is None
+
+    def stream(self, question: str, thread_id: str = "default") -> Iterator[dict]:
+        """Events of one request: {"type": "route"}, {"type": "token"}*, then {"type": "done", ...}."""
+        self.services.specialists = self.registry.names()
+        config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * self.config.max_steps + 10}
+        final: dict = {}
+        for mode, payload in self.graph.stream({"messages": [HumanMessage(question)]}, config,
+                                               stream_mode=["custom", "messages", "values"]):
+            if mode == "custom":
+                yield payload
+            elif mode == "messages":
+                chunk, meta = payload
+                if isinstance(chunk, AIMessageChunk) and chunk.text and meta.get("langgraph_node") in ("respond", "agent"):
+                    yield {"type": "token", "text": chunk.text}
+            else:
+                final = payload
+        answer = Answer(text=final["messages"][-1].text, route=final.get("route", "direct"),
+                        confidence=final.get("confidence", 0.0), sources=final.get("sources", []), thread_id=thread_id)
+        yield {"type": "done", "answer": answer}
+
+    def ask(self, question: str, thread_id: str = "default") -> Answer:
+        for event in self.stream(question, thread_id):
+            if event["type"] == "done":
+                return event["answer"]
+        raise RuntimeError("the graph ended without an answer")
+
+    def reset(self, thread_id: str) -> None:
+        """Forget a conversation."""
+        self.checkpointer.delete_thread(thread_id)
+
+    def close(self) -> None:
+        if self.services.searcher is not None:
+            self.services.searcher.close()
+        if self._db is not None:
+            self._db.close()
+
+
+def _open_searcher(config: RetrievalConfig):
+    """The search index, or None when none has been built (no search route then)."""
+    from atelier.errors import AtelierError
+    from retrieval.config import Searcher
+
+    try:
+        return Searcher.open(config)
+    except AtelierError:
+        return None
