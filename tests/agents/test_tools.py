@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from agents.tools import ToolSpec, builtin_tools, calculator, convert_units, current_datetime, load_tools
+from agents.tools import builtin_tools, calculator, convert_units, current_datetime, load_tools
 from atelier.errors import AtelierError
 
 
