@@ -78,6 +78,8 @@ class Orchestrator:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         self._db = sqlite3.connect(atelier_home() / "memory.sqlite", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: durable across a process crash,
+        self._db.execute("PRAGMA synchronous=NORMAL")  # and a checkpoint costs no fsync
         saver = SqliteSaver(self._db)
         saver.setup()
         return saver
@@ -91,8 +93,10 @@ class Orchestrator:
         self.services.specialists = self.registry.names()
         config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * self.config.max_steps + 10}
         final: dict = {}
+        # durability="exit": one checkpoint per request instead of one per node; a turn cut short by a
+        # crash is simply not remembered, and the user asks again
         for mode, payload in self.graph.stream({"messages": [HumanMessage(question)]}, config,
-                                               stream_mode=["custom", "messages", "values"]):
+                                               stream_mode=["custom", "messages", "values"], durability="exit"):
             if mode == "custom":
                 yield payload
             elif mode == "messages":

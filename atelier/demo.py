@@ -1,55 +1,97 @@
-"""`make demo`: the main job on embedded defaults.
+"""`make demo`: the main job on embedded defaults, end to end.
 
-Indexes the sample manuals in examples/docs into the embedded hybrid index under
-ATELIER_HOME (default ./.atelier) and answers a few searches, showing where each answer
-comes from. Re-running it re-embeds nothing: unchanged documents are skipped.
+1. Index the sample manuals in examples/docs into the embedded hybrid index (ATELIER_HOME,
+   default ./.atelier); unchanged documents are skipped on later runs.
+2. Build the demo specialist from the same manuals (`scratch:tiny`, about five minutes on two
+   CPU cores) unless it is registered already.
+3. Ask the orchestrator three questions — one for the documents, one for the specialist, one
+   for a tool — and print the route each took. No orchestrator model is configured here, so
+   Atelier runs router-only: each route's own output is the answer.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 from atelier.errors import AtelierError
 
 DOCS = Path(__file__).resolve().parents[1] / "examples" / "docs"
 QUESTIONS = [
-    "what torque for the HX-65 impeller nut",
-    "what does fault code E14 mean",
-    "how do I check for soft foot before aligning the motor",
-    "pump makes a noise like gravel",  # the manual says "sounds like gravel": troubleshooting, cavitation
+    ("search", "what torque for the HX-65 impeller nut"),
+    ("specialist", "what does fault code E14 mean"),
+    ("tool", "convert 80 N m to lbf ft"),
 ]
+
+
+def index_docs(console) -> None:
+    from atelier.progress import progress_bar
+    from retrieval.config import RetrievalConfig, open_backend
+    from retrieval.documents import load_folder
+    from retrieval.embeddings import get_encoder
+    from retrieval.indexer import index_documents, plan
+
+    config = RetrievalConfig()
+    loaded = load_folder(DOCS)
+    encoder = get_encoder(config.embedding)
+    store = open_backend(config, dim=encoder.dim)
+    work = plan(loaded.documents, store, config.chunking, config.embedding.model, str(DOCS), prune=True)
+    with progress_bar("embedding chunks", total=work.chunks_estimate) as advance:
+        report = index_documents(loaded.documents, store, encoder.encode, chunking=config.chunking,
+                                 model=config.embedding.model, root=str(DOCS), progress=advance, planned=work)
+    store.close()
+    console.print(f"{len(loaded.documents)} documents from {DOCS}: {report.summary()}")
+
+
+def build_specialist(console) -> None:
+    from specialists.registry import Registry
+    from training.cli import _Display
+    from training.config import SpecialistConfig
+    from training.pipeline import run_pipeline
+
+    if "demo" in Registry().names():
+        console.print("specialist 'demo' is registered already (remove it to rebuild: atelier specialist remove demo)")
+        return
+    with _Display() as display:
+        result = run_pipeline("demo", DOCS, SpecialistConfig(base="scratch:tiny"), hooks=display.hooks())
+    final = result.report["stages"][result.report["final_stage"]]
+    base = result.report["stages"]["base"]
+    console.print(f"specialist 'demo' v{result.record.version}: held-out perplexity {base['perplexity']:.0f} -> "
+                  f"{final['perplexity']:.0f}, multiple-choice accuracy {base['mcq_accuracy']:.2f} -> "
+                  f"{final['mcq_accuracy']:.2f}")
+
+
+def ask_questions(console) -> None:
+    from rich.markup import escape
+
+    from agents.orchestrator import Orchestrator
+
+    orchestrator = Orchestrator()
+    try:
+        for expected, question in QUESTIONS:
+            answer = orchestrator.ask(question, thread_id=f"demo-{expected}")
+            console.print(f"\n[bold cyan]? {question}[/bold cyan]\n[dim]→ route {answer.route} "
+                          f"(confidence {answer.confidence:.2f}; expected {expected})[/dim]")
+            text = answer.text if len(answer.text) < 900 else answer.text[:900] + "…"
+            console.print(escape(text))
+    finally:
+        orchestrator.close()
+    console.print("\nTry your own: [bold].venv/bin/atelier chat[/bold], [bold].venv/bin/atelier ask \"...\"[/bold], "
+                  "[bold].venv/bin/atelier search \"...\"[/bold]")
 
 
 def main() -> None:
     from rich.console import Console
 
-    from atelier.progress import progress_bar
-    from retrieval.cli import _print_hits
-    from retrieval.config import RetrievalConfig, Searcher, open_backend
-    from retrieval.documents import load_folder
-    from retrieval.embeddings import get_encoder
-    from retrieval.indexer import index_documents, plan
-
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     console = Console()
-    config = RetrievalConfig(index="demo")
-    console.rule("[bold]1. Index the sample manuals")
-    loaded = load_folder(DOCS)
-    encoder = get_encoder(config.embedding)
-    store = open_backend(config, dim=encoder.dim)
-    root = str(DOCS)
-    work = plan(loaded.documents, store, config.chunking, config.embedding.model, root, prune=True)
-    with progress_bar("embedding chunks", total=work.chunks_estimate) as advance:
-        report = index_documents(loaded.documents, store, encoder.encode, chunking=config.chunking,
-                                 model=config.embedding.model, root=root, progress=advance, planned=work)
-    console.print(f"{len(loaded.documents)} documents from {DOCS}: {report.summary()}")
-    searcher = Searcher(store, encoder, config.embedding)
-    console.rule("[bold]2. Hybrid search (BM25 + dense, fused)")
-    for question in QUESTIONS:
-        console.print(f"\n[bold cyan]? {question}[/bold cyan]")
-        _print_hits(searcher.search(question, k=3))
-    searcher.close()
-    console.print("\nTry your own: [bold].venv/bin/atelier search \"...\" --index demo[/bold]")
+    console.rule("[bold]1. Index the sample manuals (hybrid search: BM25 + dense vectors)")
+    index_docs(console)
+    console.rule("[bold]2. The demo specialist: documents -> data -> DAPT -> SFT -> DPO -> eval -> registry")
+    build_specialist(console)
+    console.rule("[bold]3. The orchestrator routes each question")
+    ask_questions(console)
 
 
 if __name__ == "__main__":
