@@ -5,11 +5,19 @@
 Reports, measured in the same process so machine noise cancels:
   * accuracy of a plain 10-nearest-neighbour vote (the reference) and of the semantic router,
     with the router's calibration (expected calibration error, 10 bins) and fit time;
-  * out of scope, on splits that withhold random intents from the exemplars (their test
-    queries must fall back): in-scope accuracy without and with the threshold the router
-    chose from the exemplars alone, the drop, and out-of-scope recall; plus the recall the
-    same confidence would reach on a few fallback budgets, and on far out-of-scope queries
-    (SciFact claims) against the full 77-intent router;
+  * out of scope, on splits that withhold intents from the exemplars (their test queries must
+    fall back): in-scope accuracy without and with the threshold the router chose from the
+    exemplars alone, the drop (also against the full 77-intent router on the same queries),
+    and out-of-scope recall; plus the recall the same confidence would reach on a few fallback
+    budgets. Two kinds of split, both reported:
+      - random intents (seeds 0..N-1), which leaves near-twins of withheld intents in scope
+        (why_verify_identity out, verify_my_identity in), so part of "out of scope" is not;
+      - whole topic clusters (same seeds): intent centroids of the train exemplars clustered by
+        average linkage on cosine distance, the tree cut at the lowest height that keeps every
+        near-twin pair (centroid cosine >= the median nearest-neighbour cosine) in one cluster,
+        then random whole clusters withheld until 12-18 intents are out. Decided from the train
+        exemplars only, never the test queries;
+    and on far out-of-scope queries (SciFact claims) against the full 77-intent router;
   * latency: one bare query embedding vs. routing the same query (embedding + decision), p50/p95.
 Embeddings are cached in bench/.cache/routing keyed by the file's SHA-256 and the model.
 Results go to bench/results/routing-banking77.json.
@@ -92,11 +100,56 @@ def fit(vectors, labels, config=None) -> tuple[SemanticRouter, float]:
     return router, time.perf_counter() - started
 
 
-def held_out_split(train_x, train_y, test_x, test_y, intents, seed, n_out, budgets) -> dict:
-    """Withhold `n_out` random intents from the exemplars; their test queries are out of scope."""
-    withheld = set(np.random.default_rng(seed).choice(sorted(intents), n_out, replace=False).tolist())
+def random_withheld(intents: list[str], seed: int, n_out: int) -> list[str]:
+    return sorted(np.random.default_rng(seed).choice(sorted(intents), n_out, replace=False).tolist())
+
+
+def topic_clusters(train_x, train_y, intents, twin_similarity: float | None = None) -> dict:
+    """Topic clusters of intents from the train exemplars only.
+
+    Each intent's centroid (mean exemplar embedding, renormalised); average-linkage clustering on
+    cosine distance; the tree is cut at the lowest height at which every near-twin pair (centroid
+    cosine >= `twin_similarity`, by default the median over intents of the cosine to their nearest
+    other intent) shares a cluster, so withholding whole clusters never leaves a twin in scope.
+    """
+    from scipy.cluster.hierarchy import cophenet, fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    centroids = np.stack([train_x[train_y == intent].mean(axis=0) for intent in intents]).astype(np.float64)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    similarity = centroids @ centroids.T
+    np.fill_diagonal(similarity, -np.inf)
+    if twin_similarity is None:
+        twin_similarity = float(np.median(similarity.max(axis=1)))
+    tree = linkage(centroids, method="average", metric="cosine")
+    cophenetic = squareform(cophenet(tree))
+    twins = similarity >= twin_similarity
+    cut = float(cophenetic[twins].max()) if twins.any() else 0.0
+    labels = fcluster(tree, cut, criterion="distance")
+    clusters = sorted((sorted(intents[i] for i in np.flatnonzero(labels == c)) for c in np.unique(labels)),
+                      key=lambda members: (-len(members), members))
+    return {"twin_similarity": round(twin_similarity, 4), "cut_distance": round(cut, 4), "clusters": clusters,
+            "_similarity": similarity, "_index": {intent: i for i, intent in enumerate(intents)}}
+
+
+def cluster_withheld(clusters: list[list[str]], seed: int, low: int, high: int) -> list[list[str]]:
+    """Random whole clusters, skipping any that would pass `high` intents, until at least `low` are out."""
+    chosen, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(clusters)):
+        if total >= low:
+            break
+        if total + len(clusters[i]) <= high:
+            chosen.append(clusters[i])
+            total += len(clusters[i])
+    return sorted(chosen, key=lambda members: (-len(members), members))
+
+
+def held_out_split(train_x, train_y, test_x, test_y, withheld, full_predicted, seed, budgets) -> dict:
+    """Withhold the `withheld` intents from the exemplars; their test queries are out of scope."""
     keep, in_scope = ~np.isin(train_y, list(withheld)), ~np.isin(test_y, list(withheld))
-    result = {"seed": seed, "withheld": sorted(withheld), "budgets": {}}
+    full = float((full_predicted == test_y)[in_scope].mean())
+    result = {"seed": seed, "withheld": sorted(withheld), "in_scope_queries": int(in_scope.sum()),
+              "oos_queries": int((~in_scope).sum()), "full_router_accuracy": round(full, 4), "budgets": {}}
     for budget in budgets:
         router, seconds = fit(train_x[keep], train_y[keep], RouterConfig(fallback_budget=budget))
         probs = router.probabilities(test_x)
@@ -107,9 +160,30 @@ def held_out_split(train_x, train_y, test_x, test_y, intents, seed, n_out, budge
         result["budgets"][str(budget)] = {
             "threshold": round(router.out_of_scope_threshold, 4), "accuracy_without_threshold": round(no_threshold, 4),
             "accuracy": round(with_threshold, 4), "accuracy_drop": round(no_threshold - with_threshold, 4),
+            "accuracy_drop_vs_full_router": round(full - with_threshold, 4),
             "oos_recall": round(float(fallback[~in_scope].mean()), 4),
             "cv_unseen_route_recall": router.stats["cv_unseen_route_recall"], "fit_s": round(seconds, 2)}
     return result
+
+
+def closest_in_scope(topics: dict, withheld: list[str], intents: list[str]) -> dict:
+    """The most similar (withheld, in-scope) pair of intent centroids: how near a twin stayed in scope."""
+    index, similarity = topics["_index"], topics["_similarity"]
+    out = [index[i] for i in withheld]
+    out_set = set(withheld)
+    kept = [index[i] for i in intents if i not in out_set]
+    block = similarity[np.ix_(out, kept)]
+    a, b = np.unravel_index(int(block.argmax()), block.shape)
+    return {"withheld": intents[out[a]], "in_scope": intents[kept[b]], "cosine": round(float(block[a, b]), 4)}
+
+
+def mean_of(splits: list[dict], budget: str = "0.03") -> dict:
+    keys = ("threshold", "accuracy_without_threshold", "accuracy", "accuracy_drop", "accuracy_drop_vs_full_router",
+            "oos_recall", "cv_unseen_route_recall")
+    mean = {key: round(float(np.mean([s["budgets"][budget][key] for s in splits])), 4) for key in keys}
+    mean["full_router_accuracy"] = round(float(np.mean([s["full_router_accuracy"] for s in splits])), 4)
+    mean["withheld"] = round(float(np.mean([len(s["withheld"]) for s in splits])), 2)
+    return {"budget": float(budget), **mean}
 
 
 def latency(router: SemanticRouter, texts: list[str]) -> dict:
@@ -139,7 +213,13 @@ def main() -> None:
     parser.add_argument("--far-oos", type=Path, default=DATA / "scifact-train" / "queries.jsonl",
                         help="JSONL of far out-of-scope queries (text field); skipped when missing.")
     parser.add_argument("--withheld", type=int, default=15, help="Intents withheld per out-of-scope split.")
-    parser.add_argument("--seeds", type=int, default=3, help="Out-of-scope splits (random intents, seeds 0..N-1).")
+    parser.add_argument("--seeds", type=int, default=3, help="Out-of-scope splits of each kind (seeds 0..N-1).")
+    parser.add_argument("--cluster-withheld", type=int, nargs=2, default=(12, 18), metavar=("LOW", "HIGH"),
+                        help="Intents withheld per topic-cluster split: whole clusters until at least LOW, "
+                             "at most HIGH.")
+    parser.add_argument("--twin-similarity", type=float, default=None,
+                        help="Centroid cosine at which two intents are near-twins that must share a topic cluster "
+                             "(default: the median nearest-neighbour centroid cosine of the train exemplars).")
     parser.add_argument("--latency-queries", type=int, default=500, help="Test queries timed one by one.")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "routing-banking77.json")
     args = parser.parse_args()
@@ -179,13 +259,38 @@ def main() -> None:
     if args.far_oos.is_file():
         far_texts, _, far_raw = load_jsonl(args.far_oos)
         far = router.probabilities(embeddings(far_raw, far_texts, encoder)).max(1)
+        in_scope_right = predicted == test_y  # every banking77 query is in scope of the 77-intent router
+        no_threshold = float(in_scope_right.mean())
+        with_threshold = float((in_scope_right & (confidence >= router.out_of_scope_threshold)).mean())
         results["far_oos"] = {"file": str(args.far_oos.relative_to(ROOT.parent)) if args.far_oos.is_relative_to(
             ROOT.parent) else str(args.far_oos), "queries": len(far_texts),
+            "threshold": round(router.out_of_scope_threshold, 4), "in_scope_queries": len(test_texts),
+            "accuracy_without_threshold": round(no_threshold, 4), "accuracy": round(with_threshold, 4),
+            "accuracy_drop": round(no_threshold - with_threshold, 4),
             "oos_recall": round(float((far < router.out_of_scope_threshold).mean()), 4)}
     budgets = [0.01, 0.03, 0.05, 0.10, 0.20]
     results["held_out_intents"] = [
-        held_out_split(train_x, train_y, test_x, test_y, intents, seed, args.withheld, budgets if seed == 0 else [0.03])
+        held_out_split(train_x, train_y, test_x, test_y, random_withheld(intents, seed, args.withheld), predicted,
+                       seed, budgets if seed == 0 else [0.03])
         for seed in range(args.seeds)]
+    results["held_out_intents_mean"] = mean_of(results["held_out_intents"])
+    topics = topic_clusters(train_x, train_y, intents, args.twin_similarity)
+    low, high = args.cluster_withheld
+    splits = []
+    for seed in range(args.seeds):
+        chosen = cluster_withheld(topics["clusters"], seed, low, high)
+        withheld = sorted(i for members in chosen for i in members)
+        split = held_out_split(train_x, train_y, test_x, test_y, withheld, predicted, seed,
+                               budgets if seed == 0 else [0.03])
+        split["withheld_clusters"] = chosen
+        split["closest_in_scope"] = closest_in_scope(topics, withheld, intents)
+        splits.append(split)
+    results["held_out_clusters"] = {
+        "method": "average-linkage clustering of train-exemplar intent centroids (cosine distance), cut at the "
+                  "lowest height keeping every near-twin pair in one cluster; random whole clusters withheld",
+        "twin_similarity": topics["twin_similarity"], "cut_distance": topics["cut_distance"],
+        "withheld_range": [low, high], "n_clusters": len(topics["clusters"]), "clusters": topics["clusters"],
+        "splits": splits, "mean": mean_of(splits)}
     results["latency_ms"] = latency(router, test_texts[: args.latency_queries])
     report(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,20 +307,40 @@ def report(results: dict) -> None:
           f"temperature {fit_['temperature']}, ECE {results['calibration_ece']}")
     print(f"thresholds: out of scope {fit_['out_of_scope_threshold']}, confident {fit_['confident_threshold']}; "
           f"in-scope fallback rate {results['fallback_rate_in_scope']}")
-    print(f"\nheld-out intents ({len(results['held_out_intents'][0]['withheld'])} withheld)"
-          f"\n{'seed':>4} {'budget':>6} {'thresh':>7} {'acc no-thr':>10} {'acc':>7} {'drop':>7} {'OOS rec':>8} {'cv est':>7}")
-    for split in results["held_out_intents"]:
-        for budget, r in split["budgets"].items():
-            print(f"{split['seed']:4} {budget:>6} {r['threshold']:7.3f} {r['accuracy_without_threshold']:10.4f} "
-                  f"{r['accuracy']:7.4f} {r['accuracy_drop']:7.4f} {r['oos_recall']:8.3f} {r['cv_unseen_route_recall']:7.3f}")
+    print(f"\nheld-out random intents ({len(results['held_out_intents'][0]['withheld'])} withheld)")
+    report_splits(results["held_out_intents"], results["held_out_intents_mean"])
+    clusters = results["held_out_clusters"]
+    print(f"\nheld-out topic clusters ({clusters['n_clusters']} clusters, cut at cosine distance "
+          f"{clusters['cut_distance']}, near-twin cosine >= {clusters['twin_similarity']}; "
+          f"{clusters['withheld_range'][0]}-{clusters['withheld_range'][1]} intents withheld)")
+    report_splits(clusters["splits"], clusters["mean"])
+    for split in clusters["splits"]:
+        near = split["closest_in_scope"]
+        print(f"  seed {split['seed']}: {len(split['withheld'])} withheld in {len(split['withheld_clusters'])} "
+              f"clusters {split['withheld_clusters']}; closest in scope: {near['withheld']} ~ {near['in_scope']} "
+              f"{near['cosine']}")
     if "far_oos" in results:
-        print(f"far out of scope ({results['far_oos']['queries']} SciFact claims vs the 77-intent router): "
-              f"recall {results['far_oos']['oos_recall']:.4f}")
+        far = results["far_oos"]
+        print(f"\nfar out of scope ({far['queries']} SciFact claims vs the 77-intent router): threshold "
+              f"{far['threshold']:.3f}, in-scope accuracy {far['accuracy_without_threshold']:.4f} -> "
+              f"{far['accuracy']:.4f} (drop {far['accuracy_drop']:.4f}), OOS recall {far['oos_recall']:.4f}")
     lat = results["latency_ms"]
     print(f"\nlatency ms ({lat['queries']} queries)  p50     p95")
     for name in ("embedding", "route", "decision_only"):
         print(f"{name:26} {lat[name]['p50']:7.2f} {lat[name]['p95']:7.2f}")
     print(f"route p50 - bare embedding p50 = {lat['route']['p50'] - lat['embedding']['p50']:.2f} ms (target <= 3)")
+
+
+def report_splits(splits: list[dict], mean: dict) -> None:
+    print(f"{'seed':>4} {'budget':>6} {'thresh':>7} {'acc full':>8} {'acc no-thr':>10} {'acc':>7} {'drop':>7} "
+          f"{'drop/full':>9} {'OOS rec':>8} {'cv est':>7}")
+    rows = [(split["seed"], budget, r, split["full_router_accuracy"]) for split in splits
+            for budget, r in split["budgets"].items()]
+    rows.append(("mean", str(mean["budget"]), mean, mean["full_router_accuracy"]))
+    for seed, budget, r, full in rows:
+        print(f"{seed:>4} {budget:>6} {r['threshold']:7.3f} {full:8.4f} {r['accuracy_without_threshold']:10.4f} "
+              f"{r['accuracy']:7.4f} {r['accuracy_drop']:7.4f} {r['accuracy_drop_vs_full_router']:9.4f} "
+              f"{r['oos_recall']:8.3f} {r['cv_unseen_route_recall']:7.3f}")
 
 
 if __name__ == "__main__":
