@@ -62,6 +62,7 @@ def test_add_builds_evaluates_and_registers_then_reuses_everything(tmp_path, ate
     assert json.loads(_run(atelier_home, "specialist", "list", "--json").stdout)[0]["version"] == 1
 
 
+@pytest.mark.slow  # ~70 s; the stage-level SIGKILL test (test_sft.py) covers resuming in the default suite
 def test_killed_during_sft_resumes_from_its_checkpoint(tmp_path, atelier_home, small_config):
     env = {**os.environ, "ATELIER_HOME": str(atelier_home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*ATELIER, "specialist", "add", "pumps", "--docs", str(DOCS), "--config",
