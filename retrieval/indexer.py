@@ -60,7 +60,7 @@ def plan(docs: Sequence[Document], backend: SearchBackend, chunking: ChunkConfig
             todo.append((doc, digest))
     present = {d.doc_id for d in docs}
     to_delete = sorted(set(backend.document_hashes(root)) - present) if (prune and root is not None) else []
-    estimate = sum(max(1, len(d.text) // max(1, chunking.max_chars - chunking.overlap_chars)) for d, _ in todo)
+    estimate = sum(len(chunk_document(d, chunking)) for d, _ in todo)  # exact; chunking is cheap next to embedding
     return Plan(todo, {d.doc_id for d, _ in todo} - set(stored), unchanged, to_delete, estimate)
 
 
