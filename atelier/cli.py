@@ -39,14 +39,18 @@ def _root(
 
 def _assemble() -> None:
     from agents.cli import register as register_agents
+    from agents.serve import register_serve
     from eval.cli import eval_app
     from retrieval.cli import register as register_retrieval
     from specialists.cli import specialist_app
+    from specialists.export import register_export
     from training.cli import register as register_training
 
     register_retrieval(app)
     register_agents(app)
+    register_serve(app)
     register_training(specialist_app)
+    register_export(specialist_app)
     app.add_typer(specialist_app, name="specialist")
     app.add_typer(eval_app, name="eval")
 

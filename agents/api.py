@@ -1,0 +1,594 @@
+"""The HTTP API: OpenAI-compatible chat completions in front of the orchestrator and the specialists.
+
+    POST /v1/chat/completions   model "atelier" (the orchestrator) or "specialist/NAME"; stream or not
+    GET  /v1/models             those model ids
+    GET  /v1/specialists        registered specialists with their key evaluation metrics
+    POST /v1/feedback           thumbs up/down on an answer; GET lists them
+    GET  /health                liveness, mode, specialists, index
+
+Any OpenAI client works (the official SDK, LangChain's ChatOpenAI, LibreChat, Open WebUI).
+What answered travels three ways: `[n]` markers in the text (search answers), the header
+X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id}
+on the completion (and on the first and last stream chunks), which standard clients ignore.
+
+The orchestrator is blocking code, so each request runs in a worker thread that hands its
+events to the event loop through an asyncio queue; the loop never blocks. A request holds one
+of `max_concurrency` slots until its worker finishes (even past its timeout, so abandoned work
+still counts); when none is free the answer is 429 with Retry-After, never an unbounded queue.
+Errors use OpenAI's shape {"error": {message, type, param, code}} with honest status codes:
+client mistakes are 4xx (the SDK retries 408/409/429/5xx, so those must mean "try again").
+`AtelierError`s are 400: they name a fix on the caller's side or the server's, and retrying
+without that fix cannot help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import os
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from agents.api_schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ErrorResponse,
+    FeedbackList,
+    FeedbackRequest,
+    Health,
+    ModelList,
+    SpecialistList,
+)
+from agents.feedback import FeedbackStore, UnknownCompletion
+from agents.orchestrator import Orchestrator, OrchestratorConfig
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+KEYS_ENV = "ATELIER_API_KEYS"
+ORCHESTRATOR_MODEL = "atelier"
+SPECIALIST_PREFIX = "specialist/"
+
+
+class ServeConfig(StrictModel):
+    """`atelier serve`: where to listen, who may call, and the limits every request obeys (OWASP LLM10)."""
+
+    host: str = Field("127.0.0.1", description="Interface to listen on; anything but loopback needs an API key.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys, besides those in "
+                                "ATELIER_API_KEYS (comma-separated); none: no authentication (loopback only).")
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig, description="The orchestrator "
+                                             "behind model 'atelier' (its model, index, routes, specialists).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; bigger ones get 413.")
+    max_messages: int = Field(200, ge=1, description="Most messages in one chat request (400 above).")
+    max_message_chars: int = Field(32_000, ge=1, description="Longest message content in characters (400 above).")
+    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for (400 above).")
+    max_concurrency: int = Field(4, ge=1, description="Requests answered at once; one more gets 429 + Retry-After.")
+    retry_after_s: int = Field(1, ge=1, description="Seconds sent in Retry-After with a 429.")
+    request_timeout_s: float = Field(120.0, gt=0, description="A request still unanswered after this gets 504 "
+                                     "(a stream: an error event, then [DONE]).")
+
+
+# ----------------------------------------------------------------------------- errors and security
+
+
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def api_keys(config: ServeConfig) -> list[str]:
+    from_env = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
+    return [*config.api_keys, *from_env]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServeConfig) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if not is_loopback(config.host) and not api_keys(config):
+        raise AtelierError(f"refusing to listen on {config.host} without an API key; set {KEYS_ENV}=KEY "
+                           "(or api_keys in the config), or listen on 127.0.0.1")
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over `limit` bytes, by Content-Length or as they arrive."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = ApiError(413, f"request body larger than {self.limit} bytes; send less (max_body_bytes)",
+                           code="request_too_large").response()
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await too_big(scope, receive, send)
+        body, more = b"", scope["method"] in ("POST", "PUT", "PATCH")
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await too_big(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+# ----------------------------------------------------------------------------- running one request
+
+
+class Slots:
+    """At most n requests at work; taking a slot never waits."""
+
+    def __init__(self, n: int, retry_after_s: int):
+        self._free = threading.BoundedSemaphore(n)
+        self.retry_after_s = retry_after_s
+
+    def take(self) -> None:
+        if not self._free.acquire(blocking=False):
+            raise ApiError(429, "too many requests in flight; retry after a moment", type="rate_limit_exceeded",
+                           code="server_busy", headers={"Retry-After": str(self.retry_after_s)})
+
+    def give_back(self) -> None:
+        self._free.release()
+
+
+_END = object()
+
+
+class Worker:
+    """Runs a blocking event iterator in a thread; the event loop awaits its events with a deadline."""
+
+    def __init__(self, produce: Callable[[], Iterator[dict]], slots: Slots, timeout_s: float):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.deadline = self.loop.time() + timeout_s
+        slots.take()
+        threading.Thread(target=self._work, args=(produce, slots), name="atelier-api-request", daemon=True).start()
+
+    def _put(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the server stopped
+            self.cancelled.set()
+
+    def _work(self, produce: Callable[[], Iterator[dict]], slots: Slots) -> None:
+        events: Iterator[dict] | None = None
+        try:
+            events = produce()
+            for event in events:
+                if self.cancelled.is_set():
+                    break
+                self._put(event)
+        except AtelierError as exc:
+            self._put(ApiError(400, str(exc), code="atelier_error"))
+        except Exception as exc:  # noqa: BLE001 (reported to the client, not swallowed)
+            self._put(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+        finally:
+            if events is not None and hasattr(events, "close"):
+                events.close()
+            slots.give_back()
+            self._put(_END)
+
+    async def next(self) -> dict | None:
+        """The next event; None at the end. ApiError 504 past the deadline."""
+        remaining = self.deadline - self.loop.time()
+        try:
+            item = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
+        except TimeoutError:
+            self.cancelled.set()
+            raise ApiError(504, "the answer took longer than the server's request_timeout_s; ask something "
+                           "simpler or raise the limit", type="timeout", code="timeout") from None
+        if isinstance(item, ApiError):
+            raise item
+        return None if item is _END else item
+
+
+def words(text: str) -> int:
+    """The API's rough token count for the orchestrator: whitespace-separated words."""
+    return len(text.split())
+
+
+def orchestrator_events(orchestrator: Orchestrator, question: str, thread_id: str) -> Iterator[dict]:
+    for event in orchestrator.stream(question, thread_id=thread_id):
+        if event["type"] == "done":
+            answer = event["answer"]
+            yield {**event, "finish_reason": "stop", "usage": (words(question), words(answer.text))}
+        elif event["type"] in ("route", "token"):
+            yield event
+
+
+def specialist_events(orchestrator: Orchestrator, name: str, messages: list[dict], params, thread_id: str
+                      ) -> Iterator[dict]:
+    from agents.orchestrator import Answer
+
+    route = f"specialist:{name}"
+    stream = orchestrator.services.runtime.stream(name, messages, params)
+    try:
+        yield {"type": "route", "route": route, "confidence": 1.0}
+        for delta in stream:
+            yield {"type": "token", "text": delta}
+    finally:
+        stream.close()
+    generation = stream.generation
+    yield {"type": "done", "answer": Answer(generation.text, route, 1.0, [], thread_id),
+           "finish_reason": generation.finish_reason,
+           "usage": (generation.usage.prompt_tokens, generation.usage.completion_tokens)}
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator | None = None,
+               feedback: FeedbackStore | None = None) -> FastAPI:
+    """The API app. Pass an orchestrator to share one (it is then not closed with the app)."""
+    config = config or ServeConfig()
+    check_exposure(config)
+    owned = orchestrator is None
+    orchestrator = orchestrator or Orchestrator(config.orchestrator)
+    feedback = feedback or FeedbackStore()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        feedback.close()
+        if owned:
+            orchestrator.close()
+
+    app = FastAPI(title="Atelier", version="1", lifespan=lifespan,
+                  description="OpenAI-compatible chat completions over Atelier's orchestrator and specialists.")
+    app.state.config, app.state.orchestrator, app.state.feedback = config, orchestrator, feedback
+    app.state.started = now()
+    app.state.slots = Slots(config.max_concurrency, config.retry_after_s)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    _error_handlers(app)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authenticator(api_keys(config)))],
+                   responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                              429: {"model": ErrorResponse}})
+    _routes(v1)
+    app.include_router(v1)
+    app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
+    _web(app)
+    return app
+
+
+def _authenticator(keys: list[str]):
+    encoded = [k.encode() for k in keys]
+
+    def authenticate(request: Request) -> None:
+        if not encoded:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in encoded):
+            raise ApiError(401, "missing or invalid API key; send Authorization: Bearer KEY", code="invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    return authenticate
+
+
+def _health(request: Request) -> dict:
+    orchestrator = request.app.state.orchestrator
+    return {"status": "ok", "router_only": orchestrator.router_only, "specialists": len(orchestrator.registry.names()),
+            "index": orchestrator.services.searcher is not None}
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                            for e in errors[:5])
+        return ApiError(400, message, param=".".join(loc) or None, code="invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
+
+    @app.exception_handler(Exception)
+    async def crash(_: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+
+
+def _web(app: FastAPI) -> None:
+    """The browser chat page (agents/web/), when that folder exists."""
+    if not WEB_DIR.is_dir():
+        return
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
+    if (WEB_DIR / "index.html").is_file():
+        app.add_api_route("/", lambda: FileResponse(WEB_DIR / "index.html"), methods=["GET"], include_in_schema=False)
+
+
+# ----------------------------------------------------------------------------- SSE helpers (used by the routes)
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, default=str)}\n\n"
+
+
+async def drain(worker: Worker) -> AsyncIterator[dict]:
+    while (event := await worker.next()) is not None:
+        yield event
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+
+# ----------------------------------------------------------------------------- routes
+
+
+def _routes(v1: APIRouter) -> None:
+    v1.add_api_route("/chat/completions", chat_completions, methods=["POST"], response_model=None,
+                     responses={200: {"model": ChatCompletion, "description": "A chat.completion, or with "
+                                      "stream: true, text/event-stream of chat.completion.chunk objects."},
+                                404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
+                                504: {"model": ErrorResponse}})
+    v1.add_api_route("/models", list_models, methods=["GET"], response_model=ModelList)
+    v1.add_api_route("/specialists", list_specialists, methods=["GET"], response_model=SpecialistList)
+    v1.add_api_route("/feedback", add_feedback, methods=["POST"], status_code=201,
+                     responses={404: {"model": ErrorResponse}})
+    v1.add_api_route("/feedback", list_feedback, methods=["GET"], response_model=FeedbackList)
+
+
+def thread_of(request: Request, body: ChatCompletionRequest) -> str:
+    """X-Atelier-Thread header, else the OpenAI `user` field, else metadata.thread_id, else a fresh id."""
+    candidates = [request.headers.get("x-atelier-thread"), body.user, (body.metadata or {}).get("thread_id")]
+    thread = next((c.strip() for c in candidates if isinstance(c, str) and c.strip()), None) or uuid.uuid4().hex
+    if len(thread) > 255:
+        raise ApiError(400, "thread id longer than 255 characters", param="X-Atelier-Thread")
+    return thread
+
+
+def _check_limits(body: ChatCompletionRequest, config: ServeConfig) -> None:
+    if len(body.messages) > config.max_messages:
+        raise ApiError(400, f"{len(body.messages)} messages; at most {config.max_messages} per request "
+                       "(start a new thread: the server remembers the conversation)", param="messages")
+    for i, message in enumerate(body.messages):
+        if len(message.text()) > config.max_message_chars:
+            raise ApiError(400, f"message {i} has {len(message.text())} characters; at most "
+                           f"{config.max_message_chars}", param=f"messages.{i}.content")
+    limit = body.token_limit()
+    if limit is not None and limit > config.max_tokens_cap:
+        raise ApiError(400, f"max_tokens {limit} is above this server's cap of {config.max_tokens_cap}",
+                       param="max_tokens", code="max_tokens_too_large")
+
+
+def _producer(body: ChatCompletionRequest, orchestrator: Orchestrator, thread_id: str
+              ) -> tuple[str, Callable[[], Iterator[dict]]]:
+    """(question, the event iterator's factory) for the requested model; 404 for an unknown model."""
+    if body.model == ORCHESTRATOR_MODEL:
+        last = body.messages[-1]
+        if last.role != "user" or not last.text().strip():
+            raise ApiError(400, "the last message must be a non-empty user message (the question); earlier turns "
+                           "come from the thread's memory", param="messages")
+        question = last.text()
+        return question, lambda: orchestrator_events(orchestrator, question, thread_id)
+    name = body.model.removeprefix(SPECIALIST_PREFIX)
+    if not body.model.startswith(SPECIALIST_PREFIX) or name not in orchestrator.registry.names():
+        raise ApiError(404, f"model {body.model!r} does not exist; use 'atelier' or one of GET /v1/models",
+                       param="model", code="model_not_found")
+    from specialists.runtime import GenerationParams
+
+    params = GenerationParams(**{k: v for k, v in {
+        "max_tokens": body.token_limit(), "temperature": body.temperature, "top_p": body.top_p,
+        "stop": body.stop, "seed": body.seed}.items() if v is not None})
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+    return question, lambda: specialist_events(orchestrator, name, messages, params, thread_id)
+
+
+def _recorded(events: Callable[[], Iterator[dict]], store: FeedbackStore, completion_id: str, model: str,
+              question: str) -> Callable[[], Iterator[dict]]:
+    """The same events; the finished exchange is written to the feedback store (in the worker thread)."""
+    def produce() -> Iterator[dict]:
+        for event in events():
+            if event["type"] == "done":
+                answer = event["answer"]
+                store.record_exchange(completion_id, answer.thread_id, model, question, answer.text, answer.route)
+            yield event
+
+    return produce
+
+
+def _only_done(events: Callable[[], Iterator[dict]]) -> Callable[[], Iterator[dict]]:
+    return lambda: (event for event in events() if event["type"] == "done")
+
+
+def _info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict:
+    if isinstance(answer_or_route, str):
+        return {"route": answer_or_route, "confidence": confidence, "sources": [], "thread_id": thread_id}
+    answer = answer_or_route
+    return {"route": answer.route, "confidence": answer.confidence, "sources": answer.sources, "thread_id": thread_id}
+
+
+def _usage(counts: tuple[int, int]) -> dict:
+    return {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": counts[0] + counts[1]}
+
+
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    """Chat completions; model 'atelier' answers the last user message from the thread's memory."""
+    state = request.app.state
+    _check_limits(body, state.config)
+    thread_id = thread_of(request, body)
+    question, events = _producer(body, state.orchestrator, thread_id)
+    completion_id, created = new_completion_id(), now()
+    produce = _recorded(events, state.feedback, completion_id, body.model, question)
+    if not body.stream:  # only the last event crosses threads: each wake-up of the loop costs a GIL hand-over
+        produce = _only_done(produce)
+    worker = Worker(produce, state.slots, state.config.request_timeout_s)
+    try:
+        if body.stream:
+            return await _stream(worker, body, completion_id, created, thread_id)
+        done = None
+        async for event in drain(worker):
+            done = event
+    except BaseException:
+        worker.cancelled.set()
+        raise
+    answer = done["answer"]
+    completion = {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
+                  "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                               "finish_reason": done["finish_reason"]}],
+                  "usage": _usage(done["usage"]), "atelier": _info(answer, thread_id)}
+    return JSONResponse(completion, headers={"X-Atelier-Route": answer.route, "X-Atelier-Thread": thread_id})
+
+
+async def _stream(worker: Worker, body: ChatCompletionRequest, completion_id: str, created: int,
+                  thread_id: str) -> StreamingResponse:
+    """SSE chunks. The route is awaited before answering so that it can travel as a header too."""
+    early: list[dict] = []
+    route = None
+    while route is None:
+        event = await worker.next()
+        if event is None:
+            raise ApiError(500, "the answer ended before it began", type="server_error")
+        early.append(event)
+        route = event["route"] if event["type"] == "route" else event["answer"].route if event["type"] == "done" \
+            else None
+    confidence = next((e.get("confidence", 0.0) for e in early if e["type"] == "route"), 0.0)
+    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+    async def events() -> AsyncIterator[str]:
+        sent: list[str] = []
+        try:
+            yield chunk({"role": "assistant", "content": ""}, atelier=_info(route, thread_id, confidence))
+            for event in early:
+                out = _sse_event(event, sent, chunk, base, thread_id, include_usage)
+                if out:
+                    yield out
+            async for event in drain(worker):
+                out = _sse_event(event, sent, chunk, base, thread_id, include_usage)
+                if out:
+                    yield out
+        except ApiError as exc:
+            yield sse(exc.body())
+        finally:
+            worker.cancelled.set()
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"X-Atelier-Route": route, "X-Atelier-Thread": thread_id,
+                                      "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse_event(event: dict, sent: list[str], chunk, base: dict, thread_id: str, include_usage: bool) -> str:
+    if event["type"] == "token" and event["text"]:
+        sent.append(event["text"])
+        return chunk({"content": event["text"]})
+    if event["type"] != "done":
+        return ""
+    answer, streamed = event["answer"], "".join(sent)
+    out = ""
+    if answer.text != streamed and answer.text.startswith(streamed):  # a route that did not stream its tokens
+        out += chunk({"content": answer.text[len(streamed):]})
+    out += chunk({}, event["finish_reason"], atelier=_info(answer, thread_id))
+    if include_usage:
+        out += sse({**base, "choices": [], "usage": _usage(event["usage"])})
+    return out
+
+
+def list_models(request: Request) -> dict:
+    registry = request.app.state.orchestrator.registry
+    data = [{"id": ORCHESTRATOR_MODEL, "object": "model", "created": request.app.state.started, "owned_by": "atelier"}]
+    for record in registry.list():
+        data.append({"id": f"{SPECIALIST_PREFIX}{record.name}", "object": "model", "owned_by": "atelier",
+                     "created": _timestamp(record.created_at)})
+    return {"object": "list", "data": data}
+
+
+def _timestamp(iso: str) -> int:
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+
+
+def list_specialists(request: Request) -> dict:
+    from eval.report import METRICS
+
+    data = []
+    for record in request.app.state.orchestrator.registry.list():
+        report = record.eval_report or {}
+        final = (report.get("stages") or {}).get(report.get("final_stage"), {})
+        metrics = {k: float(v) for k, v in final.items() if k in METRICS and isinstance(v, int | float)}
+        data.append({"name": record.name, "version": record.version, "description": record.description,
+                     "base_model": record.base_model, "keywords": record.keywords, "metrics": metrics,
+                     "beats_base": report.get("beats_base")})
+    return {"object": "list", "data": data}
+
+
+def add_feedback(body: FeedbackRequest, request: Request) -> dict:
+    """Rate an answer (by its completion id): stored with the question and answer for preference training."""
+    try:
+        feedback_id = request.app.state.feedback.add(body.completion_id, body.rating, body.comment, body.thread_id)
+    except UnknownCompletion as exc:
+        raise ApiError(404, str(exc), param="completion_id", code="completion_not_found") from None
+    return {"id": feedback_id, "object": "feedback", "completion_id": body.completion_id, "rating": body.rating}
+
+
+def list_feedback(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict:
+    return {"object": "list", "data": request.app.state.feedback.list(limit)}

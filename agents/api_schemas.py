@@ -1,0 +1,169 @@
+"""Request and response bodies of the HTTP API, in OpenAI's Chat Completions shapes.
+
+Requests ignore unknown fields (extra="ignore"): clients such as LibreChat and Open WebUI send
+parameters we do not use, and a strict server would force their users to drop them by hand.
+Responses are built as plain dicts (see `agents/api.py`); the models here document them in
+the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ContentPart(Lenient):
+    type: str = Field(description="'text' parts are read; other kinds (images) are ignored.")
+    text: str | None = None
+
+
+class ChatMessage(Lenient):
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] | None = Field(None, description="Text, or OpenAI content parts.")
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text or "" for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class StreamOptions(Lenient):
+    include_usage: bool = Field(False, description="Send a last chunk with empty choices and the usage.")
+
+
+class ChatCompletionRequest(Lenient):
+    model: str = Field(description="'atelier' (the orchestrator) or 'specialist/NAME' (one specialist directly).")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (specialists); capped by the server.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when both are set.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = Field(None, max_length=255, description="Used as the conversation (thread) id when no "
+                             "X-Atelier-Thread header is sent.")
+    metadata: dict[str, Any] | None = Field(None, description="metadata.thread_id is the last fallback for the thread id.")
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_eight(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 8:
+            raise ValueError("at most 8 stop strings")
+        return value
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class AtelierInfo(BaseModel):
+    """Atelier's extra top-level field on completions and on the first and last stream chunks."""
+
+    route: str = Field(description="What answered: search, tool:NAME, specialist:NAME, direct, ...")
+    confidence: float
+    sources: list[dict[str, Any]] = Field(default_factory=list, description="Passages behind the [n] markers.")
+    thread_id: str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    atelier: AtelierInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "atelier"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class SpecialistInfo(BaseModel):
+    name: str
+    version: int
+    description: str
+    base_model: str
+    keywords: list[str]
+    metrics: dict[str, float] = Field(description="Key evaluation metrics of the final stage (perplexity, "
+                                      "mcq_accuracy, ...), empty when not evaluated.")
+    beats_base: bool | None = None
+
+
+class SpecialistList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[SpecialistInfo]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    router_only: bool
+    specialists: int
+    index: bool = Field(description="Whether a search index is open (the search route exists).")
+
+
+class FeedbackRequest(Lenient):
+    thread_id: str | None = Field(None, max_length=255, description="Checked against the completion's thread when given.")
+    completion_id: str = Field(min_length=1, max_length=100, description="The `id` of the rated chat.completion.")
+    rating: Literal["up", "down"]
+    comment: str | None = Field(None, max_length=4000)
+
+
+class FeedbackItem(BaseModel):
+    id: int
+    completion_id: str
+    thread_id: str
+    rating: Literal["up", "down"]
+    comment: str | None
+    question: str
+    answer: str
+    route: str
+    model: str
+    created_at: str
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackItem]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
