@@ -12,9 +12,10 @@ X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sour
 on the completion (and on the first and last stream chunks), which standard clients ignore.
 
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
-events to the event loop through an asyncio queue; the loop never blocks. A request holds one
-of `max_concurrency` slots until its worker finishes (even past its timeout, so abandoned work
-still counts); when none is free the answer is 429 with Retry-After, never an unbounded queue.
+events to the event loop through an asyncio queue (agents/api_stream.py, with the SSE chunks);
+the loop never blocks. A request holds one of `max_concurrency` slots until its worker finishes
+(even past its timeout, so abandoned work still counts); when none is free the answer is 429
+with Retry-After, never an unbounded queue.
 Errors use OpenAI's shape {"error": {message, type, param, code}} with honest status codes:
 client mistakes are 4xx (the SDK retries 408/409/429/5xx, so those must mean "try again").
 `AtelierError`s are 400: they name a fix on the caller's side or the server's, and retrying
@@ -23,22 +24,19 @@ without that fix cannot help.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
-import json
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +49,18 @@ from agents.api_schemas import (
     Health,
     ModelList,
     SpecialistList,
+)
+from agents.api_stream import (  # noqa: F401  (re-exported: `from agents.api import ...` keeps working)
+    ApiError,
+    Worker,
+    _info,
+    _stream,
+    _usage,
+    drain,
+    orchestrator_events,
+    specialist_events,
+    sse,
+    words,
 )
 from agents.feedback import FeedbackStore, UnknownCompletion
 from agents.orchestrator import Orchestrator, OrchestratorConfig
@@ -83,22 +93,6 @@ class ServeConfig(StrictModel):
 
 
 # ----------------------------------------------------------------------------- errors and security
-
-
-class ApiError(Exception):
-    """An HTTP error in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 def api_keys(config: ServeConfig) -> list[str]:
@@ -157,7 +151,7 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-# ----------------------------------------------------------------------------- running one request
+# ----------------------------------------------------------------------------- the concurrency limit
 
 
 class Slots:
@@ -174,90 +168,6 @@ class Slots:
 
     def give_back(self) -> None:
         self._free.release()
-
-
-_END = object()
-
-
-class Worker:
-    """Runs a blocking event iterator in a thread; the event loop awaits its events with a deadline."""
-
-    def __init__(self, produce: Callable[[], Iterator[dict]], slots: Slots, timeout_s: float):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.deadline = self.loop.time() + timeout_s
-        slots.take()
-        threading.Thread(target=self._work, args=(produce, slots), name="atelier-api-request", daemon=True).start()
-
-    def _put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the server stopped
-            self.cancelled.set()
-
-    def _work(self, produce: Callable[[], Iterator[dict]], slots: Slots) -> None:
-        events: Iterator[dict] | None = None
-        try:
-            events = produce()
-            for event in events:
-                if self.cancelled.is_set():
-                    break
-                self._put(event)
-        except AtelierError as exc:
-            self._put(ApiError(400, str(exc), code="atelier_error"))
-        except Exception as exc:  # noqa: BLE001 (reported to the client, not swallowed)
-            self._put(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
-        finally:
-            if events is not None and hasattr(events, "close"):
-                events.close()
-            slots.give_back()
-            self._put(_END)
-
-    async def next(self) -> dict | None:
-        """The next event; None at the end. ApiError 504 past the deadline."""
-        remaining = self.deadline - self.loop.time()
-        try:
-            item = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
-        except TimeoutError:
-            self.cancelled.set()
-            raise ApiError(504, "the answer took longer than the server's request_timeout_s; ask something "
-                           "simpler or raise the limit", type="timeout", code="timeout") from None
-        if isinstance(item, ApiError):
-            raise item
-        return None if item is _END else item
-
-
-def words(text: str) -> int:
-    """The API's rough token count for the orchestrator: whitespace-separated words."""
-    return len(text.split())
-
-
-def orchestrator_events(orchestrator: Orchestrator, question: str, thread_id: str) -> Iterator[dict]:
-    for event in orchestrator.stream(question, thread_id=thread_id):
-        if event["type"] == "done":
-            answer = event["answer"]
-            yield {**event, "finish_reason": "stop", "usage": (words(question), words(answer.text))}
-        elif event["type"] in ("route", "token"):
-            yield event
-
-
-def specialist_events(orchestrator: Orchestrator, name: str, messages: list[dict], params, thread_id: str
-                      ) -> Iterator[dict]:
-    from agents.orchestrator import Answer
-
-    route = f"specialist:{name}"
-    stream = orchestrator.services.runtime.stream(name, messages, params)
-    try:
-        yield {"type": "route", "route": route, "confidence": 1.0}
-        for delta in stream:
-            yield {"type": "token", "text": delta}
-    finally:
-        stream.close()
-    generation = stream.generation
-    yield {"type": "done", "answer": Answer(generation.text, route, 1.0, [], thread_id),
-           "finish_reason": generation.finish_reason,
-           "usage": (generation.usage.prompt_tokens, generation.usage.completion_tokens)}
 
 
 # ----------------------------------------------------------------------------- the app
@@ -351,16 +261,7 @@ def _web(app: FastAPI) -> None:
         app.add_api_route("/", lambda: FileResponse(WEB_DIR / "index.html"), methods=["GET"], include_in_schema=False)
 
 
-# ----------------------------------------------------------------------------- SSE helpers (used by the routes)
-
-
-def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, default=str)}\n\n"
-
-
-async def drain(worker: Worker) -> AsyncIterator[dict]:
-    while (event := await worker.next()) is not None:
-        yield event
+# ----------------------------------------------------------------------------- routes
 
 
 def now() -> int:
@@ -369,10 +270,6 @@ def now() -> int:
 
 def new_completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-
-# ----------------------------------------------------------------------------- routes
 
 
 def _routes(v1: APIRouter) -> None:
@@ -452,17 +349,6 @@ def _only_done(events: Callable[[], Iterator[dict]]) -> Callable[[], Iterator[di
     return lambda: (event for event in events() if event["type"] == "done")
 
 
-def _info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict:
-    if isinstance(answer_or_route, str):
-        return {"route": answer_or_route, "confidence": confidence, "sources": [], "thread_id": thread_id}
-    answer = answer_or_route
-    return {"route": answer.route, "confidence": answer.confidence, "sources": answer.sources, "thread_id": thread_id}
-
-
-def _usage(counts: tuple[int, int]) -> dict:
-    return {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": counts[0] + counts[1]}
-
-
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat completions; model 'atelier' answers the last user message from the thread's memory."""
     state = request.app.state
@@ -489,64 +375,6 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                "finish_reason": done["finish_reason"]}],
                   "usage": _usage(done["usage"]), "atelier": _info(answer, thread_id)}
     return JSONResponse(completion, headers={"X-Atelier-Route": answer.route, "X-Atelier-Thread": thread_id})
-
-
-async def _stream(worker: Worker, body: ChatCompletionRequest, completion_id: str, created: int,
-                  thread_id: str) -> StreamingResponse:
-    """SSE chunks. The route is awaited before answering so that it can travel as a header too."""
-    early: list[dict] = []
-    route = None
-    while route is None:
-        event = await worker.next()
-        if event is None:
-            raise ApiError(500, "the answer ended before it began", type="server_error")
-        early.append(event)
-        route = event["route"] if event["type"] == "route" else event["answer"].route if event["type"] == "done" \
-            else None
-    confidence = next((e.get("confidence", 0.0) for e in early if e["type"] == "route"), 0.0)
-    base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": body.model}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
-        return sse({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
-
-    async def events() -> AsyncIterator[str]:
-        sent: list[str] = []
-        try:
-            yield chunk({"role": "assistant", "content": ""}, atelier=_info(route, thread_id, confidence))
-            for event in early:
-                out = _sse_event(event, sent, chunk, base, thread_id, include_usage)
-                if out:
-                    yield out
-            async for event in drain(worker):
-                out = _sse_event(event, sent, chunk, base, thread_id, include_usage)
-                if out:
-                    yield out
-        except ApiError as exc:
-            yield sse(exc.body())
-        finally:
-            worker.cancelled.set()
-        yield sse("[DONE]")
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"X-Atelier-Route": route, "X-Atelier-Thread": thread_id,
-                                      "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _sse_event(event: dict, sent: list[str], chunk, base: dict, thread_id: str, include_usage: bool) -> str:
-    if event["type"] == "token" and event["text"]:
-        sent.append(event["text"])
-        return chunk({"content": event["text"]})
-    if event["type"] != "done":
-        return ""
-    answer, streamed = event["answer"], "".join(sent)
-    out = ""
-    if answer.text != streamed and answer.text.startswith(streamed):  # a route that did not stream its tokens
-        out += chunk({"content": answer.text[len(streamed):]})
-    out += chunk({}, event["finish_reason"], atelier=_info(answer, thread_id))
-    if include_usage:
-        out += sse({**base, "choices": [], "usage": _usage(event["usage"])})
-    return out
 
 
 def list_models(request: Request) -> dict:

@@ -1,0 +1,195 @@
+"""The parity check of `atelier specialist export`: the reference, and how close an artefact must come.
+
+The reference is the adapter on its base (fp32, safetensors, offline), run greedily on a few
+held-out prompts; an artefact passes when, teacher-forced on those continuations, it picks the
+same tokens (near-ties aside) and its logits stay within a tolerance of the reference's.
+Heavy imports (torch, numpy, peft, transformers) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from atelier.config import StrictModel
+from atelier.errors import AtelierError
+from specialists.registry import SpecialistRecord, check_adapter_files
+
+NEW_TOKENS, MAX_PROMPTS = 16, 5
+BUILTIN_PROMPTS = ("What does this manual cover?", "What should I check before starting the equipment?",
+                   "Explain the most important safety rule in one sentence.")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an artefact may differ from the adapter on its base, in units of the logits' spread (σ).
+
+    tie:   a different greedy token is accepted only when the expected one is within tie·σ of it
+           (a near-tie that rounding can flip); otherwise the continuation is wrong.
+    drift: the largest |logit difference| allowed anywhere, so a damaged tensor fails even when
+           the few tested tokens happen to survive it.
+    """
+
+    tie: float
+    drift: float
+
+
+# Largest drifts measured (demo specialist / the chaotic random test model): f32 3e-6 / 1e-5 σ,
+# f16 0.001 / 0.024 σ, q8_0 0.04 / 0.57 σ; q8_0 flipped near-ties with gaps of 0.008-0.09 σ.
+# (The reference's own top-1/top-2 gaps go down to 0.005 σ: real near-ties exist.)
+TOLERANCES = {"f32": Tolerance(1e-3, 1e-3), "f16": Tolerance(0.02, 0.1), "bf16": Tolerance(0.15, 1.0),
+              "q8_0": Tolerance(0.15, 1.0)}
+
+
+class ParityReport(StrictModel):
+    """What the parity check compared, and how close the artefact came."""
+
+    artefact: str
+    precision: str
+    prompts: int
+    tokens: int
+    max_drift_sigma: float
+    seconds: float
+
+
+@dataclass
+class Probe:
+    """One held-out prompt and the reference (adapter-on-base) greedy continuation of it."""
+
+    label: str
+    text: str  # the prompt as the chat template renders it
+    prompt_ids: list[int]
+    tokens: list[int]
+    logits: Any  # np.ndarray (len(tokens), vocab): the reference logits that chose each token
+
+    @property
+    def sequence(self) -> list[int]:
+        return self.prompt_ids + self.tokens[:-1]
+
+
+# ----------------------------------------------------------------------------- loading and parity
+
+
+def load_specialist(record: SpecialistRecord):
+    """(model, tokenizer): the adapter on its base in fp32 (or the full model), safetensors only, offline."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _weights_of(record)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
+                                                     local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise AtelierError(f"cannot load {source} for specialist {record.name!r} ({exc}); the base must be "
+                           "on this machine") from None
+    if not record.full_model:
+        model = _attach(model, check_adapter_files(record))
+    return model.eval(), tokenizer
+
+
+def _weights_of(record: SpecialistRecord) -> str:
+    return str(record.model_path if record.full_model else record.base_model)
+
+
+def _attach(model, adapter: Path):
+    import warnings
+
+    from peft import PeftModel
+
+    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+
+
+def held_out_conversations(record: SpecialistRecord) -> list[list[dict]]:
+    """Up to 5 prompts (message lists without the answer) from the run's SFT held-out split, else built-ins."""
+    path = Path(record.run_dir or "") / "data" / "sft" / "heldout.jsonl"
+    found: list[list[dict]] = []
+    if record.run_dir and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            messages = json.loads(line).get("messages") if line.strip() else None
+            if messages and messages[-1].get("role") == "assistant":
+                messages = messages[:-1]
+            if messages:
+                found.append([{"role": m["role"], "content": m["content"]} for m in messages])
+            if len(found) == MAX_PROMPTS:
+                break
+    return found or [[{"role": "user", "content": text}] for text in BUILTIN_PROMPTS]
+
+
+def reference_probes(model, tokenizer, conversations: list[list[dict]]) -> list[Probe]:
+    """Greedy continuations (16 new tokens) of the adapter on its base, with the logits behind them."""
+    import torch
+
+    context = getattr(model.config, "max_position_embeddings", 2048)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    probes = []
+    for conversation in conversations:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][-(context - NEW_TOKENS):]
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
+            tokens = out[0, len(ids):].tolist()
+            logits = model(input_ids=torch.tensor([ids + tokens[:-1]])).logits[0, len(ids) - 1:]
+        probes.append(Probe(conversation[-1]["content"][:60], text, ids, tokens, logits.float().numpy()))
+    return probes
+
+
+LogitsFn = Callable[[list[list[int]], list[int]], list[Any]]
+
+
+def torch_logits(model) -> LogitsFn:
+    """logits_fn(sequences, starts) of a transformers model: logits at positions starts[i].. of each."""
+    import torch
+
+    def run(sequences: list[list[int]], starts: list[int]) -> list[Any]:
+        with torch.inference_mode():
+            return [model(input_ids=torch.tensor([ids])).logits[0, s:].float().numpy()
+                    for ids, s in zip(sequences, starts, strict=True)]
+
+    return run
+
+
+def check_parity(probes: list[Probe], logits_fn: LogitsFn, precision: str, artefact: str, tokenizer) -> ParityReport:
+    """Fail unless the artefact's greedy tokens are the reference's (near-ties aside) and its logits stay close.
+
+    Teacher-forced: one forward pass over prompt + reference continuation gives the artefact's choice
+    at every step; identical choices at every step is exactly an identical greedy continuation.
+    """
+    import numpy as np
+
+    started, tolerance = time.perf_counter(), TOLERANCES[precision]
+    candidates = logits_fn([p.sequence for p in probes], [len(p.prompt_ids) - 1 for p in probes])
+    worst = 0.0
+    for number, (probe, logits) in enumerate(zip(probes, candidates, strict=True), start=1):
+        sigma = probe.logits.std(axis=-1)
+        drift = float((np.abs(logits - probe.logits).max(axis=-1) / sigma).max())
+        steps = np.arange(len(probe.tokens))
+        gap = (logits.max(axis=-1) - logits[steps, probe.tokens]) / sigma
+        wrong = np.nonzero((logits.argmax(axis=-1) != np.asarray(probe.tokens)) & (gap > tolerance.tie))[0]
+        worst = max(worst, drift)
+        if wrong.size or drift > tolerance.drift:
+            got = _greedy(logits_fn, probe.prompt_ids, len(probe.tokens))
+            where = f"first difference at new token {int(wrong[0]) + 1}; " if wrong.size else ""
+            raise AtelierError(
+                f"parity check failed for the {artefact} ({precision}), so nothing was written: prompt {number}/"
+                f"{len(probes)} {probe.label!r}: expected tokens {probe.tokens} ({tokenizer.decode(probe.tokens)!r}), "
+                f"got {got} ({tokenizer.decode(got)!r}); {where}max logit drift {drift:.3g}σ (allowed "
+                f"{tolerance.drift}σ). Try a less lossy --quantize; if f32 fails too, report it as an exporter bug")
+    return ParityReport(artefact=artefact, precision=precision, prompts=len(probes),
+                        tokens=sum(len(p.tokens) for p in probes), max_drift_sigma=round(worst, 6),
+                        seconds=round(time.perf_counter() - started, 2))
+
+
+def _greedy(logits_fn: LogitsFn, prompt_ids: list[int], count: int) -> list[int]:
+    """The artefact's own greedy continuation (only for the failure message)."""
+    ids = list(prompt_ids)
+    for _ in range(count):
+        ids.append(int(logits_fn([ids], [len(ids) - 1])[0][-1].argmax()))
+    return ids[len(prompt_ids):]
