@@ -26,21 +26,18 @@ QUESTIONS = [
 
 
 def index_docs(console) -> None:
-    from atelier.progress import progress_bar
-    from retrieval.config import RetrievalConfig, open_backend
+    from retrieval.config import RetrievalConfig, index_with_progress, open_backend
     from retrieval.documents import load_folder
     from retrieval.embeddings import get_encoder
-    from retrieval.indexer import index_documents, plan
 
     config = RetrievalConfig()
     loaded = load_folder(DOCS)
     encoder = get_encoder(config.embedding)
     store = open_backend(config, dim=encoder.dim)
-    work = plan(loaded.documents, store, config.chunking, config.embedding.model, str(DOCS), prune=True)
-    with progress_bar("embedding chunks", total=work.chunks_estimate) as advance:
-        report = index_documents(loaded.documents, store, encoder.encode, chunking=config.chunking,
-                                 model=config.embedding.model, root=str(DOCS), progress=advance, planned=work)
-    store.close()
+    try:
+        report = index_with_progress(loaded.documents, store, encoder, config, root=str(DOCS), prune=True)
+    finally:
+        store.close()
     console.print(f"{len(loaded.documents)} documents from {DOCS}: {report.summary()}")
 
 

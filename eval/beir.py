@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from atelier.errors import AtelierError
+from atelier.jsonl import iter_jsonl
 from retrieval.documents import Document
 
 
@@ -21,15 +21,7 @@ class BeirData:
 def _jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         raise AtelierError(f"{path} not found; a BEIR folder holds corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise AtelierError(f"{path}:{number} is not valid JSON") from None
-    return rows
+    return [row for _, row in iter_jsonl(path, fix="a BEIR file holds one JSON object per line")]
 
 
 def load_beir(folder: Path, split: str) -> BeirData:

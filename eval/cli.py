@@ -30,9 +30,8 @@ def retrieval(
     from atelier.progress import progress_bar, stderr
     from eval.beir import load_beir
     from eval.retrieval import evaluate_mode
-    from retrieval.config import RetrievalConfig, Searcher, open_backend
+    from retrieval.config import RetrievalConfig, Searcher, index_with_progress, open_backend
     from retrieval.embeddings import get_encoder
-    from retrieval.indexer import index_documents, plan
     from retrieval.types import Mode
 
     try:
@@ -47,11 +46,7 @@ def retrieval(
     config = load_config(RetrievalConfig, config_file, {"index": name, "backend": backend})
     encoder = get_encoder(config.embedding)
     store = open_backend(config, dim=encoder.dim)
-    work = plan(data.corpus, store, config.chunking, config.embedding.model, root=None, prune=False)
-    with progress_bar(f"indexing {len(work.to_index)} documents", total=work.chunks_estimate,
-                      enabled=not as_json and bool(work.to_index)) as advance:
-        index_documents(data.corpus, store, encoder.encode, chunking=config.chunking, model=config.embedding.model,
-                        batch_chunks=config.batch_chunks, progress=advance, planned=work)
+    index_with_progress(data.corpus, store, encoder, config, show=not as_json, description="indexing the corpus")
     searcher = Searcher(store, encoder, config.embedding)
     results = {}
     try:

@@ -8,13 +8,13 @@ first, so the router's own cost shows as the difference in the same run.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from agents.router import RouteDecision, RouterConfig, SemanticRouter
 from atelier.errors import AtelierError
+from atelier.jsonl import iter_jsonl
 from eval.metrics import percentile
 
 Labelled = list[tuple[str, str | None]]
@@ -26,20 +26,13 @@ def read_labelled(path: Path, role: str) -> Labelled:
     if not path.is_file():
         raise AtelierError(f"{role} file {path} not found; pass a JSONL file of {{\"text\": ..., \"label\": ...}} lines")
     pairs: Labelled = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise AtelierError(f"{path}:{number} is not valid JSON ({exc}); write one JSON object per line") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise AtelierError(f"{path}:{number} needs a non-empty \"text\" string")
-            label = row.get("label")
-            if label is not None and not isinstance(label, str):
-                raise AtelierError(f"{path}:{number}: \"label\" must be a string or null")
-            pairs.append((row["text"], label))
+    for number, row in iter_jsonl(path, fix="write one JSON object per line"):
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+            raise AtelierError(f"{path}:{number} needs a non-empty \"text\" string")
+        label = row.get("label")
+        if label is not None and not isinstance(label, str):
+            raise AtelierError(f"{path}:{number}: \"label\" must be a string or null")
+        pairs.append((row["text"], label))
     if not pairs:
         raise AtelierError(f"{role} file {path} holds no lines; add {{\"text\", \"label\"}} objects")
     return pairs

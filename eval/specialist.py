@@ -10,7 +10,6 @@ for its config keeps `atelier --help` light.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -25,6 +24,7 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from atelier.jsonl import iter_jsonl
 from eval.report import Report, compare, write_report  # noqa: F401  (re-exported: the whole API in one import)
 
 
@@ -64,14 +64,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of a JSONL file; a missing file is an empty split (that metric is then skipped)."""
     if not path.is_file():
         return []
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise AtelierError(f"{path}:{number} is not valid JSON ({exc.msg}); regenerate the data") from None
-    return rows
+    return [row for _, row in iter_jsonl(path, fix="regenerate the data")]
 
 
 def _adapter_list(adapter_dir: Path | Sequence[Path] | None) -> list[Path]:

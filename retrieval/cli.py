@@ -31,11 +31,10 @@ def index(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index a folder of documents (incremental: unchanged documents are skipped)."""
-    from atelier.progress import progress_bar, stderr
-    from retrieval.config import open_backend
+    from atelier.progress import stderr
+    from retrieval.config import index_with_progress, open_backend
     from retrieval.documents import load_folder
     from retrieval.embeddings import get_encoder
-    from retrieval.indexer import index_documents, plan
 
     if folder is None and not delete:
         raise AtelierError("give a folder to index (`atelier index DIR`) or --delete ID")
@@ -56,12 +55,8 @@ def index(
     try:
         if delete:
             store.delete(delete)
-        root = str(folder.resolve())
-        work = plan(loaded.documents, store, config.chunking, config.embedding.model, root, prune)
-        with progress_bar("embedding chunks", total=work.chunks_estimate, enabled=not quiet) as advance:
-            report = index_documents(loaded.documents, store, encoder.encode, chunking=config.chunking,
-                                     model=config.embedding.model, root=root, prune=prune, batch_chunks=config.batch_chunks, progress=advance,
-                                     planned=work)
+        report = index_with_progress(loaded.documents, store, encoder, config, root=str(folder.resolve()),
+                                     prune=prune, show=not quiet)
         report.skipped = loaded.skipped
         stats = store.stats()
     finally:

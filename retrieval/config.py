@@ -58,6 +58,20 @@ def open_backend(config: RetrievalConfig, *, dim: int | None, create: bool = Tru
     return EmbeddedIndex(path, dim=dim, model_name=config.embedding.model, fusion=config.fusion)
 
 
+def index_with_progress(docs, store: SearchBackend, encoder: Encoder, config: RetrievalConfig, *,
+                        root: str | None = None, prune: bool = False, show: bool = True,
+                        description: str = "embedding chunks"):
+    """Bring `store` in line with `docs` under a progress bar sized by the exact work to do."""
+    from atelier.progress import progress_bar
+    from retrieval.indexer import index_documents, plan
+
+    work = plan(docs, store, config.chunking, config.embedding.model, root, prune)
+    with progress_bar(description, total=work.chunks_estimate, enabled=show and bool(work.to_index)) as advance:
+        return index_documents(docs, store, encoder.encode, chunking=config.chunking, model=config.embedding.model,
+                               root=root, prune=prune, batch_chunks=config.batch_chunks, progress=advance,
+                               planned=work)
+
+
 class Searcher:
     """A backend plus the encoder that embeds queries for its dense leg."""
 

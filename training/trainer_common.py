@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from atelier.jsonl import iter_jsonl
 from atelier.home import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -91,19 +92,11 @@ def read_rows(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise AtelierError(f"training data {path} not found; generate the specialist's data first")
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AtelierError(f"{path}:{number} is not valid JSON ({exc.msg}); "
-                                   "fix or regenerate the file") from None
-            missing = [key for key in keys if not isinstance(record, dict) or not record.get(key)]
-            if missing:
-                raise AtelierError(f"{path}:{number} has no {', '.join(missing)}; each row needs {', '.join(keys)}")
-            rows.append({key: record[key] for key in keys})
+    for number, record in iter_jsonl(path, fix="fix or regenerate the file"):
+        missing = [key for key in keys if not isinstance(record, dict) or not record.get(key)]
+        if missing:
+            raise AtelierError(f"{path}:{number} has no {', '.join(missing)}; each row needs {', '.join(keys)}")
+        rows.append({key: record[key] for key in keys})
     if not rows:
         raise AtelierError(f"training data {path} is empty; regenerate the specialist's data")
     return rows
