@@ -9,20 +9,22 @@ frozen embeddings:
 * a nearest-exemplar vote, softmax-weighted by cosine similarity, which keeps the local
   structure a linear boundary smooths away. Head and vote are blended;
 * a temperature for the blend, fitted on out-of-fold predictions (k-fold cross-validation
-  over the exemplars), so P(route | in scope) is calibrated;
-* an in-scope model, P(in scope) from (max similarity to any exemplar, route probability),
-  a two-feature logistic regression that tells each held-out exemplar from the same
-  exemplar with its own route removed: a stand-in for a request no route covers, at no
-  extra fit.
+  over the exemplars for the head; leave-one-out for the nearest-exemplar parts), so
+  P(route | in scope) is calibrated;
+* an in-scope model, P(in scope), a logistic regression on three features: how near the
+  best route's nearest exemplar is *in that route's own spread* (a z-score against how
+  near its exemplars are to each other, so a tight route and a loose one are judged
+  alike), log P(best route | in scope), and the similarity to the nearest exemplar of any
+  route. It learns to tell each held-out exemplar from the same exemplar with its own
+  route removed -- a stand-in for a request no route covers, at no extra fit.
 
-`confidence` = P(in scope) * P(route | in scope), with an in-scope prior of one half. Two
-thresholds on it come from the out-of-fold predictions:
+Two thresholds come from the out-of-fold predictions:
 
-* out of scope: the `fallback_budget` quantile of the confidence of correctly routed
-  exemplars, i.e. the share of good routes we accept to lose to the fallback;
-* confident: the lowest confidence above which out-of-fold routes are right at least
-  `confident_precision` of the time (never below the out-of-scope one). Between the two
-  the orchestrator model's tool calling decides, with the candidates as hints.
+* out of scope, on P(in scope): set so that `fallback_budget` of the held-out exemplars
+  are routed right but fall back, i.e. the in-scope accuracy we accept to lose;
+* confident, on confidence = P(in scope) * P(route | in scope): the lowest confidence
+  above which out-of-fold routes are right at least `confident_precision` of the time.
+  Below it the orchestrator model's tool calling decides, with the candidates as hints.
 
 Routing one request costs one embedding plus one matrix product: exemplar embeddings and
 head weights are stacked into one float32 matrix, so the decision is a single mat-vec.
@@ -43,13 +45,23 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
-from agents.router_fit import _blend, _calibrate, _fit_head, _in_scope, _out_of_fold, _temper
+from agents.router_fit import (
+    _blend,
+    _calibrate,
+    _fit_head,
+    _out_of_fold,
+    _route_max,
+    _route_starts,
+    _scope_features,
+    _sigmoid,
+    _temper,
+)
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_bytes, atomic_write_text
 from retrieval.embeddings import EmbeddingConfig, Encoder, get_encoder
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 STATE_ARRAYS, STATE_META = "router.npz", "router.json"
 
 
@@ -63,9 +75,9 @@ class RouterConfig(StrictModel):
     c: float = Field(10.0, gt=0, description="Inverse L2 strength of the linear head, as scikit-learn's C (smaller: smoother, less confident).")
     max_iter: int = Field(25, ge=1, description="L-BFGS iterations for the linear head (inputs are whitened, so few are needed).")
     cv_folds: int = Field(5, ge=2, description="Cross-validation folds for calibration and thresholds (a route keeps at least one exemplar in training).")
-    fallback_budget: float = Field(0.03, ge=0, lt=1, description="Share of correctly routed in-scope requests the out-of-scope threshold may send to the fallback; the threshold is this quantile of their cross-validated confidence.")
+    fallback_budget: float = Field(0.03, ge=0, lt=1, description="In-scope accuracy the out-of-scope threshold may cost: the share of cross-validated exemplars that were routed right but fall back.")
     confident_precision: float = Field(0.95, gt=0, le=1, description="Routes at or above the confident threshold were right this often in cross-validation; below it the orchestrator model decides.")
-    out_of_scope_threshold: float | None = Field(None, ge=0, le=1, description="Fixed out-of-scope threshold instead of the cross-validated one.")
+    out_of_scope_threshold: float | None = Field(None, ge=0, le=1, description="Fixed threshold on P(in scope) instead of the cross-validated one.")
     confident_threshold: float | None = Field(None, ge=0, le=1, description="Fixed confident threshold instead of the cross-validated one.")
     candidates: int = Field(3, ge=1, description="Ranked candidate routes returned with each decision.")
     seed: int = Field(0, description="Seed of the cross-validation split.")
@@ -77,6 +89,7 @@ class RouteDecision:
 
     route: str | None
     confidence: float  # P(in scope) * P(this route | in scope), in [0, 1]
+    in_scope: float  # P(in scope): the request falls back when it is below the out-of-scope threshold
     confident: bool  # True: take the route; False: let the orchestrator model's tool calling decide
     candidates: list[tuple[str, float]] = field(default_factory=list)  # best routes first, with confidence
     latency_ms: float = 0.0
@@ -93,8 +106,10 @@ class _Fitted:
     weights: np.ndarray  # (dim, routes) linear head
     bias: np.ndarray  # (routes,)
     temperature: float
-    scope: np.ndarray  # (3,) in-scope model: sigmoid(a * max similarity + b * log route probability + c)
-    out_of_scope_threshold: float
+    similarity_mean: np.ndarray  # (routes,) how near a route's exemplars are to their nearest sibling
+    similarity_std: np.ndarray  # (routes,)
+    scope: np.ndarray  # in-scope model: sigmoid(SCOPE_FEATURES @ scope[:-1] + scope[-1])
+    out_of_scope_threshold: float  # on P(in scope)
     confident_threshold: float
     stats: dict[str, Any]
     texts: list[str]
@@ -108,6 +123,7 @@ class SemanticRouter:
         self._encoder = encoder
         self._fitted: _Fitted | None = None
         self._matrix: np.ndarray | None = None  # exemplars stacked over weights.T: one mat-vec per decision
+        self._starts: np.ndarray | None = None  # where each route's exemplars begin (they are sorted by route)
         self.metadata: dict[str, Any] = {}  # what `save` was given (RouterCache keeps its fingerprint there)
 
     # -- fitting ----------------------------------------------------------------------
@@ -137,27 +153,31 @@ class SemanticRouter:
             raise AtelierError(f"the router needs exemplars for at least two routes, got {routes or 'none'}; "
                                "register a specialist, add a tool or index documents")
         started = time.perf_counter()
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = {r: i for i, r in enumerate(routes)}
         y = np.array([index[label] for label in labels])
+        order = np.argsort(y, kind="stable")  # each route's exemplars in one contiguous slice
+        y, vectors = y[order], np.ascontiguousarray(np.asarray(vectors)[order], dtype=np.float32)
+        texts = [texts[i] for i in order] if texts is not None else []
         cfg = self.config
-        oof = _out_of_fold(vectors, y, len(routes), cfg)
-        temperature, scope, oos, confident, cv_stats = _calibrate(oof, cfg)
-        oos = oos if cfg.out_of_scope_threshold is None else cfg.out_of_scope_threshold
-        confident = max(confident, oos) if cfg.confident_threshold is None else cfg.confident_threshold
+        calibration = _calibrate(_out_of_fold(vectors, y, len(routes), cfg), len(routes), cfg)
+        oos = calibration.out_of_scope_threshold if cfg.out_of_scope_threshold is None else cfg.out_of_scope_threshold
+        confident = calibration.confident_threshold if cfg.confident_threshold is None else cfg.confident_threshold
         weights, bias = _fit_head(vectors, y, len(routes), cfg.c, cfg.max_iter)
         self._fitted = _Fitted(
-            routes=routes, exemplars=vectors, labels=y, weights=weights, bias=bias, temperature=temperature,
-            scope=scope, out_of_scope_threshold=oos, confident_threshold=confident,
+            routes=routes, exemplars=vectors, labels=y, weights=weights, bias=bias,
+            temperature=calibration.temperature, similarity_mean=calibration.similarity_mean,
+            similarity_std=calibration.similarity_std, scope=calibration.scope, out_of_scope_threshold=oos,
+            confident_threshold=confident,
             stats={"exemplars": len(y), "routes": len(routes), "fit_s": round(time.perf_counter() - started, 3),
-                   **cv_stats},
-            texts=list(texts) if texts is not None else [])
+                   **calibration.stats},
+            texts=texts)
         self._stack()
         return self
 
     def _stack(self) -> None:
         f = self._require()
         self._matrix = np.ascontiguousarray(np.vstack([f.exemplars, f.weights.T]), dtype=np.float32)
+        self._starts = _route_starts(f.labels, len(f.routes))
 
     def _require(self) -> _Fitted:
         if self._fitted is None:
@@ -190,8 +210,8 @@ class SemanticRouter:
     def route_vector(self, vector: np.ndarray) -> RouteDecision:
         """Route an already embedded request (L2-normalised, the encoder's dim)."""
         started = time.perf_counter()
-        probs = self.probabilities(np.asarray(vector, dtype=np.float32)[None, :])[0]
-        return _with_latency(self._decide(probs), started)
+        routed, in_scope = self.route_probabilities(np.asarray(vector, dtype=np.float32)[None, :])
+        return _with_latency(self._decide(routed[0] * in_scope[0], float(in_scope[0])), started)
 
     def probabilities(self, vectors: np.ndarray) -> np.ndarray:
         """Confidence of every route, (n, routes), for n embedded requests (columns follow `routes`).
@@ -209,14 +229,20 @@ class SemanticRouter:
         similarities = scores[:, :n]
         routed = _temper(_blend(scores[:, n:] + f.bias, similarities, f.labels, len(f.routes), self.config),
                          f.temperature)
-        return routed, _in_scope(f.scope, similarities.max(axis=1), routed.max(axis=1))
+        features = _scope_features(routed, _route_max(similarities, self._starts), f.similarity_mean,
+                                   f.similarity_std)
+        return routed, _sigmoid(features @ f.scope[:-1] + f.scope[-1])
 
-    def _decide(self, probs: np.ndarray) -> RouteDecision:
+    def fallback(self, in_scope: np.ndarray) -> np.ndarray:
+        """Which requests fall back, given their P(in scope) from `route_probabilities`."""
+        return np.asarray(in_scope) < self._require().out_of_scope_threshold
+
+    def _decide(self, probs: np.ndarray, in_scope: float) -> RouteDecision:
         f = self._require()
         order = np.argsort(-probs)[: self.config.candidates]
         best = float(probs[order[0]])
-        route = f.routes[order[0]] if best >= f.out_of_scope_threshold else None
-        return RouteDecision(route=route, confidence=best,
+        route = f.routes[order[0]] if in_scope >= f.out_of_scope_threshold else None
+        return RouteDecision(route=route, confidence=best, in_scope=in_scope,
                              confident=route is not None and best >= f.confident_threshold,
                              candidates=[(f.routes[i], float(probs[i])) for i in order])
 
@@ -233,6 +259,7 @@ class SemanticRouter:
         atomic_write_bytes(folder / STATE_ARRAYS, data)
         meta = {"format": STATE_FORMAT, "arrays_sha256": hashlib.sha256(data).hexdigest(), "routes": f.routes,
                 "temperature": f.temperature, "scope": f.scope.tolist(),
+                "similarity_mean": f.similarity_mean.tolist(), "similarity_std": f.similarity_std.tolist(),
                 "out_of_scope_threshold": f.out_of_scope_threshold,
                 "confident_threshold": f.confident_threshold, "config": self.config.model_dump(mode="json"),
                 "stats": f.stats, "metadata": self.metadata, "texts": f.texts}
@@ -255,6 +282,8 @@ class SemanticRouter:
         router._fitted = _Fitted(
             routes=list(meta["routes"]), exemplars=arrays["exemplars"], labels=arrays["labels"],
             weights=arrays["weights"], bias=arrays["bias"], temperature=float(meta["temperature"]),
+            similarity_mean=np.asarray(meta["similarity_mean"], dtype=np.float64),
+            similarity_std=np.asarray(meta["similarity_std"], dtype=np.float64),
             scope=np.asarray(meta["scope"], dtype=np.float64),
             out_of_scope_threshold=float(meta["out_of_scope_threshold"]),
             confident_threshold=float(meta["confident_threshold"]), stats=dict(meta.get("stats", {})),

@@ -38,15 +38,12 @@ def _knn_vote(similarities: np.ndarray, labels: np.ndarray, n_routes: int, confi
     weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / config.neighbor_temperature)
     cells = (np.arange(n)[:, None] * n_routes + labels[top]).ravel()
     votes = np.bincount(cells, weights=weights.ravel(), minlength=n * n_routes).reshape(n, n_routes)
-    return votes / votes.sum(axis=1, keepdims=True)
+    return votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
 
 
 def _blend(logits: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_routes: int,
            config: RouterConfig) -> np.ndarray:
-    head = _softmax(logits.astype(np.float64))
-    if config.knn_weight == 0:
-        return head
-    return (1 - config.knn_weight) * head + config.knn_weight * _knn_vote(similarities, labels, n_routes, config)
+    return _mix(_softmax(logits.astype(np.float64)), similarities, labels, n_routes, config)
 
 
 def _temper(probs: np.ndarray, temperature: float) -> np.ndarray:
@@ -107,64 +104,152 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def _route_starts(labels: np.ndarray, n_routes: int) -> np.ndarray:
+    """Where each route's exemplars begin: exemplars are kept sorted by route, one contiguous slice each."""
+    return np.searchsorted(labels, np.arange(n_routes))
+
+
+def _route_max(similarities: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(n, routes) similarity of each request to the nearest exemplar of every route."""
+    return np.maximum.reduceat(similarities, starts, axis=1)
+
+
 @dataclass(slots=True)
 class _OutOfFold:
-    """Held-out exemplars scored by models fitted without their fold."""
+    """Held-out exemplars scored as requests, twice: as they are, and as if their route did not exist.
+
+    The linear head comes from a fit without the exemplar's fold; the nearest-exemplar parts
+    (vote, similarities) leave out only the exemplar itself, as they would for a new request.
+    The second view -- own route's head probability and exemplars removed -- stands in for a
+    request that no route covers, at no extra fit.
+    """
 
     labels: np.ndarray  # (m,) route of each held-out exemplar
     blend: np.ndarray  # (m, routes) blended, uncalibrated probabilities
-    max_similarity: np.ndarray  # (m,) to the fold's training exemplars
-    max_similarity_other: np.ndarray  # (m,) to those of other routes: the exemplar as if its route did not exist
+    route_max: np.ndarray  # (m, routes) similarity to each route's nearest other exemplar
+    blend_unseen: np.ndarray  # the same with the exemplar's own route removed
+    route_max_unseen: np.ndarray
 
 
 def _out_of_fold(x: np.ndarray, y: np.ndarray, n_routes: int, config: RouterConfig) -> _OutOfFold:
+    """Out-of-fold predictions for every exemplar whose route has another one; `y` must be sorted."""
     folds = _folds(y, config.cv_folds, config.seed)
+    starts = _route_starts(y, n_routes)
     parts = []
     for fold in range(config.cv_folds):
         held, train = np.flatnonzero(folds == fold), folds != fold
         if not len(held):
             continue
+        rows = np.arange(len(held))
         weights, bias = _fit_head(x[train], y[train], n_routes, config.c, config.max_iter)
-        similarities = x[held] @ x[train].T
-        blend = _blend(x[held] @ weights + bias, similarities, y[train], n_routes, config)
-        other = np.where(y[train][None, :] == y[held][:, None], -np.inf, similarities).max(axis=1)
-        parts.append((held, blend, similarities.max(axis=1), other))
+        head = _softmax((x[held] @ weights + bias).astype(np.float64))
+        similarities = x[held] @ x.T
+        similarities[rows, held] = -np.inf  # leave the exemplar itself out
+        blend = _mix(head, similarities, y, n_routes, config)
+        route_max = _route_max(similarities, starts)
+        unseen = np.where(y[None, :] == y[held][:, None], -np.inf, similarities)
+        head_unseen = head.copy()
+        head_unseen[rows, y[held]] = 0
+        blend_unseen = _mix(head_unseen / np.maximum(head_unseen.sum(axis=1, keepdims=True), 1e-300), unseen, y,
+                            n_routes, config)
+        blend_unseen[rows, y[held]] = 0
+        route_max_unseen = route_max.copy()
+        route_max_unseen[rows, y[held]] = -1.0
+        parts.append((held, blend, route_max, blend_unseen, route_max_unseen))
     if not parts:
-        empty = np.zeros(0)
-        return _OutOfFold(empty.astype(int), np.zeros((0, n_routes)), empty, empty)
+        empty = np.zeros((0, n_routes))
+        return _OutOfFold(np.zeros(0, dtype=int), empty, empty, empty, empty)
     held = np.concatenate([p[0] for p in parts])
-    return _OutOfFold(y[held], *(np.concatenate([p[i] for p in parts]) for i in (1, 2, 3)))
+    return _OutOfFold(y[held], *(np.concatenate([p[i] for p in parts]) for i in range(1, 5)))
 
 
-def _calibrate(oof: _OutOfFold, config: RouterConfig) -> tuple[float, np.ndarray, float, float, dict[str, Any]]:
-    """Temperature, in-scope model, out-of-scope and confident thresholds, all from out-of-fold predictions.
+def _mix(head: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_routes: int,
+         config: RouterConfig) -> np.ndarray:
+    """Head probabilities blended with the vote of the nearest exemplars, renormalised."""
+    if config.knn_weight == 0:
+        return head
+    blend = (1 - config.knn_weight) * head + config.knn_weight * _knn_vote(similarities, labels, n_routes, config)
+    return blend / blend.sum(axis=1, keepdims=True)
 
-    The in-scope model is a logistic regression on (max similarity, log route probability) that
-    tells each held-out exemplar from the same exemplar with its own route removed, a stand-in
-    for a request no route covers, which costs no extra fit.
+
+@dataclass(slots=True)
+class _Calibration:
+    temperature: float
+    similarity_mean: np.ndarray  # (routes,) typical similarity of a route's exemplar to its nearest sibling
+    similarity_std: np.ndarray  # (routes,)
+    scope: np.ndarray  # in-scope model: weights of SCOPE_FEATURES, then the bias
+    out_of_scope_threshold: float  # on P(in scope)
+    confident_threshold: float  # on confidence = P(in scope) * P(route | in scope)
+    stats: dict[str, Any]
+
+
+SCOPE_FEATURES = ("nearest_z", "log_route_probability", "nearest_similarity")
+
+
+def _calibrate(oof: _OutOfFold, n_routes: int, config: RouterConfig) -> _Calibration:
+    """Temperature, similarity statistics, in-scope model and both thresholds, from out-of-fold predictions.
+
+    The in-scope model is a logistic regression on SCOPE_FEATURES that tells each held-out
+    exemplar from the same exemplar with its own route removed. The out-of-scope threshold on
+    its probability sends `fallback_budget` of the held-out exemplars that were routed right to
+    the fallback: the in-scope accuracy the threshold may cost.
     """
     y = oof.labels
     if len(y) == 0:
         log.warning("no route has two exemplars: the router cannot calibrate, so it never falls back and "
                     "never claims confidence (the orchestrator model decides)")
-        return 1.0, np.array([0.0, 0.0, 10.0]), 0.0, 1.01, {"cv_exemplars": 0}
+        return _Calibration(1.0, np.zeros(n_routes), np.ones(n_routes), np.array([0.0, 0.0, 0.0, 10.0]), 0.0, 1.01,
+                            {"cv_exemplars": 0})
     temperature, nll = _fit_temperature(oof.blend, y)
-    routed = _temper(oof.blend, temperature)
-    masked = oof.blend.copy()
-    masked[np.arange(len(y)), y] = 0
-    masked = _temper(masked / np.maximum(masked.sum(axis=1, keepdims=True), 1e-12), temperature)
-    scope = _fit_scope(np.concatenate([oof.max_similarity, oof.max_similarity_other]),
-                       np.concatenate([routed.max(axis=1), masked.max(axis=1)]),
-                       np.concatenate([np.ones(len(y)), np.zeros(len(y))]))
-    confidence = routed.max(axis=1) * _in_scope(scope, oof.max_similarity, routed.max(axis=1))
+    mean, std = _similarity_stats(oof.route_max[np.arange(len(y)), y], y, n_routes)
+    routed, routed_unseen = _temper(oof.blend, temperature), _temper(oof.blend_unseen, temperature)
+    seen = _scope_features(routed, oof.route_max, mean, std)
+    unseen = _scope_features(routed_unseen, oof.route_max_unseen, mean, std)
+    scope = _fit_logistic(np.vstack([seen, unseen]), np.concatenate([np.ones(len(y)), np.zeros(len(y))]))
+    in_scope, in_scope_unseen = _sigmoid(seen @ scope[:-1] + scope[-1]), _sigmoid(unseen @ scope[:-1] + scope[-1])
     correct = routed.argmax(axis=1) == y
-    oos = float(np.quantile(confidence[correct], config.fallback_budget)) if correct.any() else 0.0
-    confident = _precision_threshold(confidence, correct, config.confident_precision)
-    pseudo = masked.max(axis=1) * _in_scope(scope, oof.max_similarity_other, masked.max(axis=1))
+    if correct.any():
+        share = min(1.0, config.fallback_budget * len(y) / correct.sum())
+        oos = float(np.quantile(in_scope[correct], share))
+    else:
+        oos = 0.0
+    confident = _precision_threshold(routed.max(axis=1) * in_scope, correct & (in_scope >= oos),
+                                     config.confident_precision)
+    fallback = in_scope < oos
     stats = {"cv_exemplars": len(y), "cv_accuracy": round(float(correct.mean()), 4), "cv_nll": round(nll, 4),
-             "temperature": round(temperature, 4), "cv_fallback_rate": round(float((confidence < oos).mean()), 4),
-             "cv_unseen_route_recall": round(float((pseudo < oos).mean()), 4)}
-    return temperature, scope, oos, confident, stats
+             "temperature": round(temperature, 4), "cv_fallback_rate": round(float(fallback.mean()), 4),
+             "cv_accuracy_drop": round(float((correct & fallback).mean()), 4),
+             "cv_unseen_route_recall": round(float((in_scope_unseen < oos).mean()), 4)}
+    return _Calibration(temperature, mean, std, scope, oos, confident, stats)
+
+
+def _similarity_stats(nearest: np.ndarray, y: np.ndarray, n_routes: int, prior: float = 5.0,
+                      floor: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
+    """Per-route mean and spread of an exemplar's similarity to its route's nearest other exemplar.
+
+    Each route's figures are shrunk towards the pooled ones by `prior` pseudo-exemplars, so a
+    route with a handful of exemplars gets sane values; the spread never goes below `floor`.
+    """
+    counts = np.bincount(y, minlength=n_routes).astype(np.float64)
+    sums = np.bincount(y, weights=nearest, minlength=n_routes)
+    squares = np.bincount(y, weights=nearest ** 2, minlength=n_routes)
+    pooled_mean, pooled_var = float(nearest.mean()), float(nearest.var())
+    mean = (sums + prior * pooled_mean) / (counts + prior)
+    second = (squares + prior * (pooled_var + pooled_mean ** 2)) / (counts + prior)
+    return mean, np.sqrt(np.maximum(second - mean ** 2, floor ** 2))
+
+
+def _scope_features(routed: np.ndarray, route_max: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """SCOPE_FEATURES of each request: how near the best route's nearest exemplar is, in that route's own
+    spread (z-score); log P(best route | in scope); the similarity to the nearest exemplar of any route."""
+    best = routed.argmax(axis=1)
+    nearest = route_max[np.arange(len(best)), best]
+    return np.stack([(nearest - mean[best]) / std[best], np.log(np.maximum(routed.max(axis=1), 1e-12)),
+                     route_max.max(axis=1)], axis=1)
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
 def _fit_temperature(blend: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -189,31 +274,25 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def _scope_features(max_similarity: np.ndarray, route_probability: np.ndarray) -> np.ndarray:
-    return np.stack([max_similarity, np.log(np.maximum(route_probability, 1e-12))], axis=1)
+def _fit_logistic(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Logistic regression by Newton's method (L2 as scikit-learn's C=1 on standardised features).
 
-
-def _in_scope(scope: np.ndarray, max_similarity: np.ndarray, route_probability: np.ndarray) -> np.ndarray:
-    z = _scope_features(max_similarity, route_probability) @ scope[:2] + scope[2]
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
-
-
-def _fit_scope(max_similarity: np.ndarray, route_probability: np.ndarray, in_scope: np.ndarray) -> np.ndarray:
-    """Two-feature logistic regression by Newton's method (L2 as scikit-learn's C=1), returns (a, b, c)."""
-    features = _scope_features(max_similarity, route_probability)
+    Returns the weights in the original feature space followed by the bias.
+    """
     mean, std = features.mean(axis=0), np.maximum(features.std(axis=0), 1e-6)
     design = np.hstack([(features - mean) / std, np.ones((len(features), 1))])
-    theta, ridge = np.zeros(3), np.array([1.0, 1.0, 0.0])
+    theta = np.zeros(design.shape[1])
+    ridge = np.append(np.ones(features.shape[1]), 0.0)
     for _ in range(50):
-        p = 1.0 / (1.0 + np.exp(-np.clip(design @ theta, -50, 50)))
-        gradient = design.T @ (p - in_scope) + ridge * theta
+        p = _sigmoid(design @ theta)
+        gradient = design.T @ (p - targets) + ridge * theta
         hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(ridge + 1e-9)
         step = np.linalg.solve(hessian, gradient)
         theta -= step
         if np.abs(step).max() < 1e-8:
             break
-    weights = theta[:2] / std
-    return np.array([weights[0], weights[1], theta[2] - weights @ mean])
+    weights = theta[:-1] / std
+    return np.append(weights, theta[-1] - weights @ mean)
 
 
 def _precision_threshold(confidence: np.ndarray, correct: np.ndarray, precision: float) -> float:

@@ -100,10 +100,11 @@ def routing(
         return
     table = Table(title=f"routing: {result['n_queries']} queries ({result['n_oos']} out of scope), "
                         f"{result['n_routes']} routes, {result['n_exemplars']} exemplars")
-    for column in ("accuracy", "top-1", "OOS recall", "p50 ms", "p95 ms", "embedding p50 ms", "fit s"):
+    for column in ("accuracy", "with fallback", "drop", "OOS recall", "p50 ms", "p95 ms", "embedding p50 ms", "fit s"):
         table.add_column(column, justify="right")
     show = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    table.add_row(show(result["accuracy"]), show(result["accuracy_top1"]), show(result["oos_recall"]),
+    table.add_row(show(result["accuracy"]), show(result["accuracy_with_fallback"]), show(result["accuracy_drop"]),
+                  show(result["oos_recall"]),
                   f"{result['latency_ms_p50']:.2f}", f"{result['latency_ms_p95']:.2f}",
                   f"{result['embedding_ms_p50']:.2f}", f"{result['fit_s']:.1f}")
     Console().print(table)

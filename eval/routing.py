@@ -53,8 +53,11 @@ def evaluate_routing(routes_file: Path, queries_file: Path, config: RouterConfig
                      progress: Callable[[int], None] | None = None) -> dict:
     """In-scope accuracy, out-of-scope recall and routing latency (p50/p95) beside a bare embedding's p50.
 
-    `accuracy` counts an in-scope query that fell back as wrong; `accuracy_top1` scores the best
-    candidate whatever the threshold (what a router without a fallback would do).
+    Over the in-scope queries: `accuracy` scores the route the router ranks first (what a
+    classifier without a fallback, such as a k-NN vote, is scored on); `accuracy_with_fallback`
+    counts a query that fell back as wrong; `accuracy_drop` is the difference, what the
+    out-of-scope threshold costs in-scope requests. `oos_recall` is the share of out-of-scope
+    queries that fell back.
     """
     routes = exemplars_by_label(read_labelled(routes_file, "--routes"), routes_file)
     queries = read_labelled(queries_file, "--queries")
@@ -75,14 +78,17 @@ def evaluate_routing(routes_file: Path, queries_file: Path, config: RouterConfig
         if label is None:
             fallback.append(decision.route is None)
         else:
-            correct.append(decision.route == label)
             top1.append(decision.candidates[0][0] == label)
+            correct.append(decision.route == label)
         if progress:
             progress(1)
+    accuracy = sum(top1) / len(top1) if top1 else None
+    with_fallback = sum(correct) / len(correct) if correct else None
     return {
-        "accuracy": round(sum(correct) / len(correct), 4) if correct else None,
+        "accuracy": round(accuracy, 4) if accuracy is not None else None,
         "oos_recall": round(sum(fallback) / len(fallback), 4) if fallback else None,
-        "accuracy_top1": round(sum(top1) / len(top1), 4) if top1 else None,
+        "accuracy_with_fallback": round(with_fallback, 4) if with_fallback is not None else None,
+        "accuracy_drop": round(accuracy - with_fallback, 4) if accuracy is not None else None,
         "latency_ms_p50": round(percentile(route_ms, 50), 3),
         "latency_ms_p95": round(percentile(route_ms, 95), 3),
         "embedding_ms_p50": round(percentile(embed_ms, 50), 3),

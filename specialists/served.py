@@ -15,7 +15,10 @@ The model name may itself hold ':' (Ollama tags); only an '@' followed by http(s
 Both backends always stream, and pass the text through the runtime's StopFilter, so the
 contract holds even against a server that ignores `stop`: no stop string, and no part of one,
 ever reaches the caller. Ollama is always sent `num_ctx`: without it Ollama silently truncates
-prompts to its default context (2048 or 4096 tokens), dropping the system prompt first.
+prompts to its default context (2048 or 4096 tokens), dropping the system prompt first. The value
+sent is the configured one capped by the model's own window (its Modelfile's `num_ctx`, else its
+trained context length, asked once with /api/show): a small specialist exported with
+`num_ctx 512` is never asked to stretch to 8192.
 Every remote call is logged with the URL it reaches.
 """
 
@@ -119,10 +122,25 @@ class OllamaBackend(_Contract):
 
         self.model, self.url, self.num_ctx, self.timeout = model, _with_scheme(url), num_ctx, timeout
         self._client = ollama.Client(host=self.url, timeout=timeout)
+        self._model_window: int | None = None  # the model's own context window, once /api/show answered
+
+    def context_window(self) -> int:
+        """num_ctx to send: the configured window, capped by the model's own.
+
+        Asked once per backend; when /api/show fails (old server, model not there yet) the
+        configured window is used and the question is asked again on the next request.
+        """
+        if self._model_window is None:
+            try:
+                self._model_window = _model_context_window(self._client.show(self.model)) or 0
+            except Exception as exc:  # noqa: BLE001 - any failure here leaves the chat call to report it
+                log.debug("could not read the context window of %s from %s: %s", self.model, self.url, exc)
+                return self.num_ctx
+        return min(self.num_ctx, self._model_window) if self._model_window else self.num_ctx
 
     def options(self, params: GenerationParams) -> dict[str, Any]:
         """Ollama options for one request; num_ctx always, so nothing is silently truncated."""
-        options: dict[str, Any] = {"num_ctx": self.num_ctx, "num_predict": params.max_tokens,
+        options: dict[str, Any] = {"num_ctx": self.context_window(), "num_predict": params.max_tokens,
                                    "temperature": params.temperature, "top_p": params.top_p}
         if params.stop:
             options["stop"] = list(params.stop)
@@ -162,6 +180,18 @@ class OllamaBackend(_Contract):
                                        "OLLAMA_HOST / the @URL of served_by",
                                  missing=f"pull or create it: `ollama pull {self.model}` "
                                          f"(or `ollama create {self.model} -f Modelfile`)")
+
+
+def _model_context_window(info: Any) -> int | None:
+    """The window a model was made for, from Ollama's /api/show: its Modelfile's `num_ctx` when it sets
+    one, else the architecture's `<arch>.context_length`; None when neither is given."""
+    for line in (getattr(info, "parameters", None) or "").splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "num_ctx" and value.strip().isdigit():
+            return int(value.strip())
+    lengths = [v for k, v in (getattr(info, "modelinfo", None) or {}).items()
+               if k.endswith(".context_length") and isinstance(v, int) and v > 0]
+    return min(lengths) if lengths else None
 
 
 # ----------------------------------------------------------------------------- OpenAI-compatible

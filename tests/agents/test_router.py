@@ -41,6 +41,7 @@ def test_clear_queries_take_their_route_confidently(router):
         decision = router.route(text)
         assert decision.route == label, (text, decision)
         assert decision.confident and decision.confidence >= router.confident_threshold
+        assert decision.in_scope >= router.out_of_scope_threshold
         assert decision.candidates[0] == (label, decision.confidence)
         assert decision.latency_ms > 0
 
@@ -50,7 +51,7 @@ def test_out_of_scope_queries_fall_back(router):
         decision = router.route(text)
         assert decision.route is None, (text, decision)
         assert not decision.confident
-        assert decision.confidence < router.out_of_scope_threshold
+        assert decision.in_scope < router.out_of_scope_threshold
         assert len(decision.candidates) == 3  # still ranked, as hints for the orchestrator model
 
 
@@ -64,7 +65,8 @@ def test_confidence_is_higher_for_clear_queries(router):
     assert np.all(probs.sum(axis=1) <= 1.0 + 1e-6)  # the rest is the out-of-scope mass
     stats = router.stats
     assert stats["cv_exemplars"] == 24 and stats["cv_accuracy"] > 0.9
-    assert 0 < router.out_of_scope_threshold <= router.confident_threshold < 1
+    assert 0 < router.out_of_scope_threshold < 1 and 0 < router.confident_threshold < 1
+    assert stats["cv_accuracy_drop"] <= RouterConfig().fallback_budget + 1 / 24  # one exemplar of slack
 
 
 def test_route_vector_matches_route(router):

@@ -7,6 +7,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from agents.router import RouterConfig
 from atelier.errors import AtelierError
 from eval.cli import eval_app
 from eval.routing import evaluate_routing
@@ -22,7 +23,7 @@ ROUTES = {
 QUERIES = [("is it going to be sunny on Saturday", "weather"), ("I was billed two times this month", "billing"),
            ("how do I make a chocolate cake", "recipes"), ("will there be a storm tomorrow", "weather"),
            ("who won the football world cup in 1998", None), ("explain quantum entanglement", None)]
-KEYS = {"accuracy", "accuracy_top1", "oos_recall", "latency_ms_p50", "latency_ms_p95", "embedding_ms_p50", "n_queries", "n_oos",
+KEYS = {"accuracy", "accuracy_with_fallback", "accuracy_drop", "oos_recall", "latency_ms_p50", "latency_ms_p95", "embedding_ms_p50", "n_queries", "n_oos",
         "n_routes", "n_exemplars", "out_of_scope_threshold", "confident_threshold", "fit_s"}
 
 
@@ -43,6 +44,13 @@ def test_evaluate_routing_scores_accuracy_oos_and_latency(files, encoder):
     assert result["accuracy"] == 1.0 and result["oos_recall"] == 1.0
     assert (result["n_queries"], result["n_oos"], result["n_routes"], result["n_exemplars"]) == (6, 2, 3, 15)
     assert result["embedding_ms_p50"] > 0 and 0 < result["latency_ms_p50"] <= result["latency_ms_p95"]
+    assert result["accuracy_with_fallback"] == 1.0 and result["accuracy_drop"] == 0.0
+
+
+def test_a_threshold_that_never_falls_back_catches_no_out_of_scope_query(files, encoder):
+    result = evaluate_routing(*files, RouterConfig(out_of_scope_threshold=0.0))
+    assert result["oos_recall"] == 0.0 and result["accuracy"] == result["accuracy_with_fallback"] == 1.0
+    assert result["accuracy_drop"] == 0.0 and result["out_of_scope_threshold"] == 0.0
 
 
 def test_cli_json_shape(files, encoder):

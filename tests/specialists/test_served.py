@@ -27,12 +27,19 @@ ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "
 
 @pytest.fixture
 def server():
-    """A real HTTP server. Set `server.reply = fn(handler, body)`; requests land in `server.requests`."""
-    state = SimpleNamespace(requests=[], reply=None)
+    """A real HTTP server. Set `server.reply = fn(handler, body)`; requests land in `server.requests`.
+
+    Ollama's /api/show is answered apart: with `server.show` (a dict) when set, else 404 as an
+    old server would; those requests land in `server.shows`.
+    """
+    state = SimpleNamespace(requests=[], shows=[], reply=None, show=None)
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/api/show":
+                state.shows.append(body)
+                return send_error(self, 200, state.show) if state.show else send_error(self, 404, {"error": "no"})
             state.requests.append(SimpleNamespace(path=self.path, body=body, headers=dict(self.headers)))
             state.reply(self, body)
 
@@ -146,6 +153,23 @@ def test_ollama_streams_ndjson_and_always_sends_num_ctx(server):
     assert request.body["messages"] == ASK
     assert request.body["options"] == {"num_ctx": 4096, "num_predict": 7, "temperature": 0.2, "top_p": 0.9,
                                        "stop": ["<END>"], "seed": 5}
+
+
+def test_ollama_num_ctx_is_capped_by_the_models_own_window(server):
+    server.reply = lambda h, body: send_stream(h, "application/x-ndjson", ollama_lines(["ok"]))
+    server.show = {"parameters": 'stop "<|im_end|>"\nnum_ctx                        512',
+                   "model_info": {"general.architecture": "llama", "llama.context_length": 2048}}
+    backend = OllamaBackend("tiny", server.url, num_ctx=8192)
+    backend.generate(ASK)
+    backend.generate(ASK)
+    assert [r.body["options"]["num_ctx"] for r in server.requests] == [512, 512]  # the Modelfile's num_ctx
+    assert server.shows == [{"model": "tiny"}]  # asked once
+
+    server.show = {"parameters": "", "model_info": {"llama.context_length": 2048}}
+    OllamaBackend("other", server.url, num_ctx=8192).generate(ASK)
+    assert server.requests[-1].body["options"]["num_ctx"] == 2048  # else the trained context length
+    OllamaBackend("other", server.url, num_ctx=1024).generate(ASK)
+    assert server.requests[-1].body["options"]["num_ctx"] == 1024  # never above the configured window
 
 
 def test_ollama_length_and_usage(server):
