@@ -125,3 +125,24 @@ def test_fixed_thresholds_override_the_cross_validated_ones(encoder, router):
     fixed.fit(ROUTES, known=router.embeddings_by_text())
     decision = fixed.route(OUT_OF_SCOPE[0])
     assert decision.route is not None and not decision.confident  # nothing falls back at threshold 0
+
+
+def test_similarity_stats_shrink_small_routes_to_the_pooled_figures():
+    from agents.router_fit import _similarity_stats
+
+    nearest = np.array([0.9, 0.91, 0.89, 0.9, 0.92, 0.88, 0.5])  # route 0: six tight exemplars; route 1: one loose
+    mean, std = _similarity_stats(nearest, np.array([0, 0, 0, 0, 0, 0, 1]), 2)
+    pooled = nearest.mean()
+    assert pooled < mean[0] < 0.9  # six exemplars pull route 0 most of the way to its own figure
+    assert 0.5 < mean[1] < pooled and mean[1] - 0.5 > pooled - mean[1]  # one barely moves route 1 off the pool
+    assert np.all(std >= 0.02) and std[1] > std[0]
+
+
+def test_the_fallback_budget_sets_what_the_threshold_may_cost(encoder, router):
+    known = router.embeddings_by_text()
+    strict = SemanticRouter(RouterConfig(fallback_budget=0.0), encoder).fit(ROUTES, known=known)
+    loose = SemanticRouter(RouterConfig(fallback_budget=0.3), encoder).fit(ROUTES, known=known)
+    assert strict.stats["cv_accuracy_drop"] == 0.0
+    assert 0.2 <= loose.stats["cv_accuracy_drop"] <= 0.3 + 1 / 24
+    assert strict.out_of_scope_threshold < router.out_of_scope_threshold < loose.out_of_scope_threshold
+    assert loose.stats["cv_unseen_route_recall"] >= strict.stats["cv_unseen_route_recall"]
