@@ -198,8 +198,8 @@ def _calibrate(oof: _OutOfFold, n_routes: int, config: RouterConfig) -> _Calibra
     if len(y) == 0:
         log.warning("no route has two exemplars: the router cannot calibrate, so it never falls back and "
                     "never claims confidence (the orchestrator model decides)")
-        return _Calibration(1.0, np.zeros(n_routes), np.ones(n_routes), np.array([0.0, 0.0, 0.0, 10.0]), 0.0, 1.01,
-                            {"cv_exemplars": 0})
+        always_in_scope = np.append(np.zeros(len(SCOPE_FEATURES)), 10.0)  # zero weights, bias 10: P ~ 1
+        return _Calibration(1.0, np.zeros(n_routes), np.ones(n_routes), always_in_scope, 0.0, 1.01, {"cv_exemplars": 0})
     temperature, nll = _fit_temperature(oof.blend, y)
     mean, std = _similarity_stats(oof.route_max[np.arange(len(y)), y], y, n_routes)
     routed, routed_unseen = _temper(oof.blend, temperature), _temper(oof.blend_unseen, temperature)

@@ -8,8 +8,9 @@ Reports, measured in the same process so machine noise cancels:
   * out of scope, on splits that withhold intents from the exemplars (their test queries must
     fall back): in-scope accuracy without and with the threshold the router chose from the
     exemplars alone, the drop (also against the full 77-intent router on the same queries),
-    and out-of-scope recall; plus the recall the same confidence would reach on a few fallback
-    budgets. Two kinds of split, both reported:
+    and out-of-scope recall; plus the recall the same P(in scope) would reach on a few fallback
+    budgets, and that of the best threshold picked on the test queries themselves (an upper
+    bound, not a result). Two kinds of split, both reported:
       - random intents (seeds 0..N-1), which leaves near-twins of withheld intents in scope
         (why_verify_identity out, verify_my_identity in), so part of "out of scope" is not;
       - whole topic clusters (same seeds): intent centroids of the train exemplars clustered by
