@@ -414,6 +414,18 @@ def _init_llama(spec: ScratchSpec, tokenizer, seed: int):
     return model
 
 
+def inherit_marker(base: Path, trained: Path) -> None:
+    """Mark a fully trained copy of `base` with the base's kind (its recipe defaults still apply)."""
+    if _read_marker(Path(base)).get("kind") in ("scratch", "scratch-trained"):
+        _write_marker(Path(trained), {"kind": "scratch-trained", "trained_from": str(base), "fingerprint": None})
+
+
+def uses_scratch_recipe(path: Path) -> bool:
+    """True for a scratch base and for models trained from one: they take the scratch recipe's
+    step counts and learning rates (training/recipe.py)."""
+    return _read_marker(Path(path)).get("kind") in ("scratch", "scratch-trained")
+
+
 def is_scratch_base(path: Path) -> bool:
     """True for a directory `build_scratch_base` wrote (its DAPT stage is full pretraining)."""
     return _read_marker(Path(path)).get("kind") == "scratch"

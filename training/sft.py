@@ -37,6 +37,7 @@ from training.trainer_common import (
     finish_stage,
     open_stage,
     quiet_progress,
+    resolve_stage_config,
     read_optional_rows,
     read_rows,
     run_trainer,
@@ -47,19 +48,17 @@ log = logging.getLogger(__name__)
 
 
 class SftConfig(StageConfig):
-    """SFT settings. Defaults suit a LoRA adapter (r=16) on scratch:tiny; for a Hugging Face
-    base use a learning rate near 2e-4."""
+    """SFT settings. Unset steps, learning rate and batch follow the base (training/recipe.py):
+    150 steps at 2e-3 for scratch bases, one epoch at 2e-4 for a LoRA adapter on a pretrained one."""
 
-    max_steps: int | None = Field(150, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
-    learning_rate: float = Field(2e-3, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
-    batch_size: int = Field(8, ge=1, description="Packed rows per device per forward pass.")
     seq_len: int = Field(256, ge=16, description="Tokens per packed row; a longer conversation is cut at the end.")
     packing: bool = Field(True, description="Pack conversations padding-free into seq_len rows (best-fit "
                           "decreasing); off: one conversation per row, padded per batch.")
 
 
 def train_sft(base: Path, data_dir: Path, out_dir: Path, config: SftConfig, lora: LoraSettings,
-              adapter: Path | None = None, progress: ProgressFn | None = None) -> StageResult:
+              adapter: Path | None = None, progress: ProgressFn | None = None,
+              time_limit_s: float | None = None) -> StageResult:
     """Fine-tune `base` (+ `adapter`) on data_dir/sft conversations; outputs under `out_dir`."""
     base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
     train_file, heldout_file = data_dir / "sft" / "train.jsonl", data_dir / "sft" / "heldout.jsonl"
@@ -68,8 +67,9 @@ def train_sft(base: Path, data_dir: Path, out_dir: Path, config: SftConfig, lora
     read_sft_rows(train_file, required=True)
     if (done := open_stage(out_dir, "sft", stamp)) is not None:
         return done
+    config = resolve_stage_config("sft", config, out_dir, base, lora)
     with quiet_progress(progress is not None):
-        trainer = build_sft_trainer(base, data_dir, out_dir, config, lora, adapter, progress)
+        trainer = build_sft_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
         metrics = {}
         if trainer.eval_dataset is not None:
             metrics["heldout_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
@@ -89,7 +89,8 @@ def read_sft_rows(path: Path, *, required: bool) -> list[dict]:
 
 
 def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConfig, lora: LoraSettings,
-                      adapter: Path | None = None, progress: ProgressFn | None = None):
+                      adapter: Path | None = None, progress: ProgressFn | None = None,
+                      time_limit_s: float | None = None):
     """The SFTTrainer `train_sft` runs: exposed so tests can inspect its masked labels."""
     from datasets import Dataset
     from transformers import set_seed
@@ -101,6 +102,7 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     train_rows = read_sft_rows(data_dir / "sft" / "train.jsonl", required=True)
     heldout_rows = read_sft_rows(data_dir / "sft" / "heldout.jsonl", required=False) if config.eval_heldout else []
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
+    config = resolve_stage_config("sft", config, Path(out_dir), base, lora)
     tokenizer = load_tokenizer(base)
     check_chat_template(tokenizer, base)
     model = trainable_model(base, adapter, lora, full=lora.method == "full")
@@ -110,7 +112,7 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(to_prompt_completion(train_rows)),
                          eval_dataset=Dataset.from_list(to_prompt_completion(heldout_rows)) if heldout_rows else None,
                          processing_class=tokenizer)
-    return attach_progress(trainer, progress)
+    return attach_progress(trainer, progress, time_limit_s)
 
 
 def to_prompt_completion(rows: list[dict]) -> list[dict]:

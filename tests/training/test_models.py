@@ -124,7 +124,7 @@ def test_cpu_precision_is_fp32_even_for_trl_configs(tmp_path):
 
     assert precision_kwargs() == {"bf16": False, "fp16": False, "use_cpu": True}
     for cls in (SFTConfig, DPOConfig):  # both default to bf16=True when not told
-        args = cls(**training_kwargs(SftConfig(), tmp_path, None))
+        args = cls(**training_kwargs(SftConfig(max_steps=2, learning_rate=1e-4, batch_size=2), tmp_path, None))
         assert (args.bf16, args.fp16, args.use_cpu, args.activation_checkpointing) == (False, False, True, False)
 
 

@@ -119,7 +119,7 @@ from training.lora import LoraSettings
 from training.sft import SftConfig, train_sft
 base, data, out = map(Path, sys.argv[1:4])
 config = SftConfig(max_steps=40, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
-train_sft(base, data, out, config, LoraSettings(), None, progress=lambda *a: time.sleep(0.3))
+train_sft(base, data, out, config, LoraSettings(), None, progress=lambda *a, **k: time.sleep(0.3))
 """
 
 
