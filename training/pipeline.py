@@ -221,6 +221,16 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     result.timings["check"] = time.perf_counter() - started
     hooks.done("check", result.timings["check"], "base loads, template renders, data and memory fit")
 
+    throughput = None
+    if config.budget_minutes is not None:
+        hooks.step("budget", f"{config.budget_minutes:g} min: measuring training throughput on the base")
+        started = time.perf_counter()
+        throughput = budget_throughput(base, data_dir, run_dir, config)
+        config = config.model_copy(update={"eval": scale_eval(config.eval, config.budget_minutes * 60, throughput)})
+        result.timings["budget"] = time.perf_counter() - started
+        hooks.done("budget", result.timings["budget"], f"{throughput:.0f} training tokens/s; evaluation sized to "
+                   f"{config.eval.max_mcq_items} multiple-choice items")
+
     eval_dir = run_dir / "eval"
     started = time.perf_counter()
     hooks.step("eval", "base model on the held-out split")
@@ -229,13 +239,11 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     hooks.done("eval", result.timings["eval:base"], _brief(metrics["base"]))
 
     plans = {}
-    if config.budget_minutes is not None:
-        hooks.step("budget", f"{config.budget_minutes:g} min: measuring training throughput")
-        started = time.perf_counter()
-        plans = plan_stages(base, data_dir, run_dir, config, spent_s=time.perf_counter() - run_started,
+    if throughput is not None:
+        hooks.step("plan", f"stages for the {config.budget_minutes:g} min budget")
+        plans = plan_stages(base, data_dir, run_dir, config, throughput, spent_s=time.perf_counter() - run_started,
                             final_eval_s=result.timings["eval:base"])
-        result.timings["budget"] = time.perf_counter() - started
-        hooks.done("budget", result.timings["budget"], ", ".join(
+        hooks.done("plan", 0.0, ", ".join(
             f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values()))
         config = config.model_copy(update={s: getattr(config, s).model_copy(update={"max_steps": p.max_steps})
                                            for s, p in plans.items()})
@@ -321,13 +329,58 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
             micro_batch(base, length, full=config.lora.method == "full")
 
 
-def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig, *, spent_s: float,
-                final_eval_s: float):
-    """Step counts that fit the run into `config.budget_minutes` (training/recipe.py), kept in
-    run_dir/budget.json so that a resumed run trains the same plan."""
+def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:
+    """Training tokens/s of this base on this machine, measured once per run (run_dir/throughput.json)."""
     from training.dapt import to_blocks
     from training.models import load_tokenizer
-    from training.recipe import EFFECTIVE_BATCH, StagePlan, measure_throughput, plan_budget
+    from training.recipe import measure_throughput
+    from training.trainer_common import read_rows
+
+    cached = run_dir / "throughput.json"
+    key = _digest(model_identity(base), config.lora.model_dump(mode="json"), config.dapt.seq_len)
+    if cached.is_file():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return float(saved["tokens_per_s"])
+    tokenizer = load_tokenizer(base)
+    dapt_file = data_dir / "dapt" / "train.jsonl"
+    texts = [row["text"] for row in read_rows(dapt_file, ("text",))] if dapt_file.is_file() else []
+    blocks = to_blocks(texts[:64] or ["calibration text " * 400], tokenizer, config.dapt.seq_len, packing=True)
+    tokens_per_s = measure_throughput(base, blocks, config.lora, full=config.lora.method == "full",
+                                      batch_size=min(2, len(blocks)))
+    atomic_write_text(cached, json.dumps({"key": key, "tokens_per_s": tokens_per_s}) + "\n")
+    return tokens_per_s
+
+
+EVAL_SHARE = 0.12  # of a budget, for each of the two evaluations (base and specialist)
+_EVAL_FLOORS = {"max_mcq_items": 40, "max_perplexity_texts": 20, "max_generation_items": 4, "max_preference_items": 20}
+
+
+def scale_eval(eval_config, budget_s: float, train_tokens_per_s: float):
+    """The held-out evaluation cut down to about EVAL_SHARE of the budget, from the measured speed.
+
+    Scoring is a forward pass (about 3x the training throughput); a generated token costs a
+    forward of its own. Item caps shrink together, never below floors that keep the
+    multiple-choice score meaningful (40 items)."""
+    forward = 3 * train_tokens_per_s
+    caps = {name: getattr(eval_config, name) for name in _EVAL_FLOORS if hasattr(eval_config, name)}
+    seconds = (caps.get("max_mcq_items", 0) * getattr(eval_config, "mcq_options", 4) * 80
+               + caps.get("max_perplexity_texts", 0) * 300 + caps.get("max_preference_items", 0) * 2 * 120) / forward
+    seconds += caps.get("max_generation_items", 0) * getattr(eval_config, "max_new_tokens", 48) / max(forward / 12, 1)
+    target = EVAL_SHARE * budget_s
+    if seconds <= target:
+        return eval_config
+    factor = target / seconds
+    return eval_config.model_copy(update={name: max(min(_EVAL_FLOORS[name], value), round(value * factor))
+                                          for name, value in caps.items()})
+
+
+def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig, tokens_per_s: float, *,
+                spent_s: float, final_eval_s: float):
+    """Step counts that fit the run into `config.budget_minutes` (training/recipe.py), kept in
+    run_dir/budget.json so that a resumed run trains the same plan."""
+    from training.models import load_tokenizer
+    from training.recipe import EFFECTIVE_BATCH, StagePlan, plan_budget
     from training.trainer_common import read_rows
 
     entered = time.perf_counter()
@@ -353,15 +406,10 @@ def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistCon
         rows[stage] = -(-count // stage_config.seq_len) if packed else len(data)
         batches[stage] = (stage_config.batch_size * stage_config.grad_accumulation if stage_config.batch_size
                           else EFFECTIVE_BATCH)
-    dapt_texts = [row["text"] for row in read_rows(data_dir / "dapt" / "train.jsonl", ("text",))] \
-        if (data_dir / "dapt" / "train.jsonl").is_file() else ["calibration text " * 200]
-    blocks = to_blocks(dapt_texts[:64], tokenizer, config.dapt.seq_len, packing=True)
-    throughput = measure_throughput(base, blocks, config.lora, full=config.lora.method == "full",
-                                    batch_size=min(2, len(blocks)))
     seconds_left = config.budget_minutes * 60 - spent_s - (time.perf_counter() - entered) - final_eval_s
     max_epochs = {s: getattr(config, s).epochs or 1.0 for s in config.stages}
-    plans = plan_budget(seconds_left, tokens, rows, throughput, batches, max_epochs)
-    atomic_write_text(plan_file, json.dumps({"key": key, "tokens_per_s": throughput, "tokens": tokens,
+    plans = plan_budget(seconds_left, tokens, rows, tokens_per_s, batches, max_epochs)
+    atomic_write_text(plan_file, json.dumps({"key": key, "tokens_per_s": tokens_per_s, "tokens": tokens,
                                              "plans": {s: vars(p) for s, p in plans.items()}}, indent=2) + "\n")
     return plans
 
