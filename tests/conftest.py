@@ -24,3 +24,17 @@ def encoder():
     from retrieval.embeddings import get_encoder
 
     return get_encoder()
+
+
+SMOLLM2 = "llamacpp:smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct served by llama.cpp in this process, once per test session (n_ctx 4096).
+
+    `llamacpp:smollm2-135m` with the default context window reaches this same server.
+    """
+    from atelier.llamacpp import embedded_server
+
+    return embedded_server("smollm2-135m", n_ctx=4096)
