@@ -17,6 +17,8 @@ import json
 import logging
 import threading
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,7 +85,7 @@ def embedded_server(model: str, *, n_ctx: int = DEFAULT_N_CTX, adapters: tuple[s
         return server
 
 
-def _start(gguf: Path, n_ctx: int, adapters: tuple[Path, ...], threads: int) -> EmbeddedServer:
+def _start(gguf: Path, n_ctx: int, adapters: tuple[Path, ...], threads: int, exact: bool = False) -> EmbeddedServer:
     try:
         import xllamacpp
     except ImportError:
@@ -98,6 +100,8 @@ def _start(gguf: Path, n_ctx: int, adapters: tuple[Path, ...], threads: int) -> 
     params.hostnames = ["127.0.0.1"]  # never on a public interface
     params.port = 0  # a free port
     params.verbosity = -1
+    if exact:  # a KV cache in f32 rather than f16, for parity checks of f32 files
+        params.cache_type_k = params.cache_type_v = xllamacpp.ggml_type.GGML_TYPE_F32
     if adapters:
         infos = []
         for path in adapters:
@@ -129,6 +133,17 @@ def _caps(address: str) -> TemplateCaps:
     stops = [t for t in ("<|im_start|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>")
              if t in template or t == props.get("eos_token")]
     return TemplateCaps(tools=bool(caps.get("supports_tool_calls")), stop=tuple(stops))
+
+
+@contextmanager
+def private_server(gguf: str | Path, *, n_ctx: int = 512, threads: int = 1,
+                   exact: bool = True) -> Iterator[EmbeddedServer]:
+    """A llama.cpp server of its own for one GGUF file, stopped on leaving (e.g. to check an export)."""
+    server = _start(Path(gguf).resolve(), n_ctx, (), threads, exact)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def stop_all() -> None:
