@@ -72,7 +72,10 @@ def load_chat_model(config: ModelConfig) -> OrchestratorModel | None:
         settings["repeat_penalty"] = config.repeat_penalty
     if ep.stop:
         settings["stop"] = list(ep.stop)
-    return OrchestratorModel(chat_model(ep, config, **settings), ep.name, ep.tools, ep.stop, config.max_tokens,
+    # the time limit also bounds the wait for the first token (a long prefill on a busy CPU): the client
+    # gives up then, and the route's output is the answer; no retry re-sends a request that timed out
+    bounded = config.model_copy(update={"timeout_s": min(config.timeout_s, config.time_limit_s), "max_retries": 0})
+    return OrchestratorModel(chat_model(ep, bounded, **settings), ep.name, ep.tools, ep.stop, config.max_tokens,
                              config.time_limit_s)
 
 
