@@ -45,3 +45,17 @@ def smollm2_base(request):
             os.environ.pop("ATELIER_HOME", None)
         else:
             os.environ["ATELIER_HOME"] = saved
+
+
+SMOLLM2 = "llamacpp:smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct served by llama.cpp in this process, once per test session (n_ctx 4096).
+
+    `llamacpp:smollm2-135m` with the default context window reaches this same server.
+    """
+    from atelier.llamacpp import embedded_server
+
+    return embedded_server("smollm2-135m", n_ctx=4096)
