@@ -7,6 +7,7 @@ resumed phase by phase):
 
   train     atelier specialist add on --docs with the recipe (full by default; --budget N
             for the budgeted one); records the timings, the stage throughputs and the gate.
+            `--docs scifact:300` takes 300 SciFact abstracts (shared data) instead of the manuals.
   evaluate  eval.specialist on --exam: base, specialist and gemma3-270m, multiple choice and
             closed-book QA with 95% bootstrap intervals; perplexity on general English
             (forgetting: training/resources/general_en.txt) for base and specialist.
@@ -59,10 +60,27 @@ def _save(label: str, part: str, data: dict) -> None:
     print(json.dumps({part: data}, indent=2, default=str))
 
 
+def scifact_docs(count: int, seed: int = 0) -> Path:
+    """`count` abstracts of the BEIR SciFact corpus (shared data; never copied into the repo) as a
+    JSONL document folder in a temporary directory: documents nobody here wrote."""
+    import random
+    import tempfile
+
+    corpus = ROOT.parent / "shared" / "data" / "scifact-train" / "corpus.jsonl"
+    rows = [json.loads(line) for line in corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    picked = random.Random(seed).sample(rows, count)
+    folder = Path(tempfile.mkdtemp(prefix="scifact-docs-"))
+    (folder / "abstracts.jsonl").write_text("".join(
+        json.dumps({"id": r["_id"], "title": r["title"], "text": r["text"]}) + "\n" for r in picked), encoding="utf-8")
+    return folder
+
+
 def phase_train(args) -> None:
     from training.config import SpecialistConfig
     from training.pipeline import PipelineHooks, run_pipeline
 
+    if args.docs.startswith("scifact:"):
+        args.docs = str(scifact_docs(int(args.docs.split(":", 1)[1])))
     config = SpecialistConfig(base=args.base, budget_minutes=args.budget)
     marks = []
 

@@ -230,6 +230,20 @@ _GGUF_CONVERSION_VERSION = 2  # 2: bos-led default template
 
 
 def _dequantised(gguf: Path):
+    """(fp32 model, tokenizer) from a GGUF file; the per-tensor progress bars of the
+    dequantisation are hidden (one log line says what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_dequantised(gguf)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_dequantised(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
