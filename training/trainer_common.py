@@ -268,7 +268,8 @@ def _time_limit_callback(seconds: float):
             self.started = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.started is not None and time.perf_counter() - self.started > seconds:
+            late = self.started is not None and time.perf_counter() - self.started > seconds
+            if late and state.global_step < state.max_steps:
                 log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
                             seconds, state.global_step, state.max_steps)
                 control.should_training_stop = True

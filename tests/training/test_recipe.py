@@ -75,3 +75,13 @@ def test_evaluation_is_cut_to_its_share_of_a_small_budget():
     assert small.max_mcq_items < full.max_mcq_items and small.max_mcq_items >= 40
     assert small.max_generation_items <= full.max_generation_items
     assert scale_eval(full, budget_s=10 * 3600, train_tokens_per_s=60) == full
+
+
+def test_a_stage_stops_at_its_time_limit_and_keeps_what_it_trained(tiny_base, small_data, tmp_path):
+    from training.dapt import train_dapt
+    from training.lora import LoraSettings
+
+    config = DaptConfig(max_steps=500, seq_len=64, eval_heldout=False, save_steps=10_000)
+    result = train_dapt(tiny_base, small_data, tmp_path / "out", config, LoraSettings(), time_limit_s=2.0)
+    assert 1 <= result.steps < 500 and result.runtime_s < 15
+    assert (result.model_path / "model.safetensors").is_file()
