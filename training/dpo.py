@@ -116,9 +116,9 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
     from training.models import load_tokenizer
 
     data_dir = Path(data_dir)
+    config = resolve_stage_config("dpo", config, Path(out_dir), Path(base), lora)
     train_rows = read_pairs(data_dir / "dpo" / "train.jsonl", required=True)
     heldout_rows = read_pairs(data_dir / "dpo" / "heldout.jsonl", required=False) if config.eval_heldout else []
-    config = resolve_stage_config("dpo", config, Path(out_dir), base, lora)
     config_cls, trainer_cls, settings = _algorithm(config)
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
     tokenizer = load_tokenizer(base)

@@ -245,8 +245,8 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
                             final_eval_s=result.timings["eval:base"])
         hooks.done("plan", 0.0, ", ".join(
             f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values()))
-        # a budgeted stage skips its own held-out scoring (minutes on a real base): the run's
-        # evaluation of base and specialist is what the budget pays for
+        # a budgeted stage never scores the held-out split itself (minutes on a real base):
+        # the run's evaluation of base and specialist is what the budget pays for
         config = config.model_copy(update={s: getattr(config, s).model_copy(
             update={"max_steps": p.max_steps, "eval_heldout": False}) for s, p in plans.items()})
 

@@ -60,6 +60,8 @@ def resolve_stage(stage: str, config, *, scratch: bool, full: bool, base: Path |
     if not scratch and full:
         defaults["learning_rate"] *= FULL_FINETUNE_LR_SCALE
     update = {}
+    if config.eval_heldout is None:
+        update["eval_heldout"] = scratch
     if config.learning_rate is None:
         update["learning_rate"] = defaults["learning_rate"]
     if config.max_steps is None and config.epochs is None:

@@ -99,10 +99,10 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     from training.models import load_tokenizer
 
     base, data_dir = Path(base), Path(data_dir)
+    config = resolve_stage_config("sft", config, Path(out_dir), base, lora)
     train_rows = read_sft_rows(data_dir / "sft" / "train.jsonl", required=True)
     heldout_rows = read_sft_rows(data_dir / "sft" / "heldout.jsonl", required=False) if config.eval_heldout else []
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
-    config = resolve_stage_config("sft", config, Path(out_dir), base, lora)
     tokenizer = load_tokenizer(base)
     check_chat_template(tokenizer, base)
     model = trainable_model(base, adapter, lora, full=lora.method == "full")

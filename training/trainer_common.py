@@ -62,8 +62,9 @@ class StageConfig(StrictModel):
                             "(the last 2 are kept).")
     logging_steps: int = Field(10, ge=1, description="Log the training loss every this many steps.")
     seed: int = Field(0, description="Seed for data order, dropout and new adapter weights.")
-    eval_heldout: bool = Field(True, description="Score the held-out split before and after training "
-                               "(reported in metrics).")
+    eval_heldout: bool | None = Field(None, description="Score the held-out split before and after training "
+                                      "(reported in the stage's metrics); unset: on for scratch bases (seconds), "
+                                      "off for pretrained ones (minutes each; the run's evaluation covers them).")
     report_to: Literal["none", "tensorboard"] = Field(
         "none", description="Where to send training logs: nowhere, or TensorBoard files under "
         "out_dir/checkpoints/runs (needs the tensorboard package).")
