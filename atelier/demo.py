@@ -25,7 +25,7 @@ from atelier.errors import AtelierError
 
 DOCS = Path(__file__).resolve().parents[1] / "examples" / "docs"
 DEMO_BASE = os.environ.get("ATELIER_DEMO_BASE", "smollm2-135m")
-DEMO_BUDGET_MINUTES = float(os.environ.get("ATELIER_DEMO_BUDGET", "9"))
+DEMO_BUDGET_MINUTES = float(os.environ.get("ATELIER_DEMO_BUDGET", "8"))
 SIDE_BY_SIDE = "What is the tightening torque of the impeller nut on the HX-65?"
 QUESTIONS = [
     ("search", "what torque for the HX-65 impeller nut"),
