@@ -112,17 +112,17 @@ def phase_train(args) -> None:
 
 
 def phase_evaluate(args) -> None:
-    from eval.specialist import evaluate_specialist  # the `atelier eval specialist` API
+    """`atelier eval specialist` from Python, on the exam (or the held-out split without one)."""
+    from eval.specialist import evaluate_specialist
 
     trained = _load(args.label).get("train") or {}
-    name = args.name
     started = time.perf_counter()
-    report = evaluate_specialist(name, exam=Path(args.exam) if args.exam else None, against=args.against,
-                                 rag=False, general=GENERAL)
-    data = report.to_dict() if hasattr(report, "to_dict") else report
-    data["wall_s"] = round(time.perf_counter() - started, 1)
-    data["registered"] = trained.get("registered")
-    _save(args.label, f"evaluate:{Path(args.exam).stem if args.exam else 'heldout'}", data)
+    summary, _rows = evaluate_specialist(args.name, exam=Path(args.exam) if args.exam else None,
+                                         against=args.against, rag=args.rag,
+                                         docs=ROOT / "examples" / "docs" if args.rag else None, general=GENERAL)
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    summary["registered"] = trained.get("registered")
+    _save(args.label, f"evaluate:{Path(args.exam).stem if args.exam else 'heldout'}", summary)
 
 
 def phase_throughput(args) -> None:
@@ -190,6 +190,7 @@ def main() -> None:
     parser.add_argument("--exam", default=None)
     parser.add_argument("--against", nargs="*", default=["gemma3-270m"])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rag", action="store_true", help="evaluate: also search and specialist+search")
     args = parser.parse_args()
     {"train": phase_train, "evaluate": phase_evaluate, "throughput": phase_throughput}[args.phase](args)
 
