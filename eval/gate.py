@@ -6,8 +6,11 @@ base and specialist):
 
 * significantly worse than the base (paired test, p < alpha, in the wrong direction) -> refuse;
 * significantly better -> fine;
-* anything else (a difference the test cannot tell from noise, or no per-item outcomes to
-  test) -> accept, with a warning that says so and prints the intervals.
+* anything else (a difference the test cannot tell from noise) -> accept, with a warning that
+  says so and prints the intervals.
+
+Without per-item outcomes (reports from before the statistical gate) nothing can be tested:
+a point value no better than the base's is refused, a better one accepted with a warning.
 
 A required metric measured on neither side is not evidence: the specialist is refused.
 Pure functions over outcomes; the thresholds are `GateConfig`, part of the eval config.
@@ -127,6 +130,12 @@ def paired_test(metric: str, direction: Literal["higher", "lower"], base: Any, s
                       outcome=_classify(result["delta"], result["p_value"], direction, config.alpha), **fields)
 
 
+def _improved(test: MetricTest) -> bool:
+    if test.delta is None or test.delta == 0:
+        return False
+    return test.delta > 0 if test.direction == "higher" else test.delta < 0
+
+
 def verdict(tests: dict[str, MetricTest], required: list[str], *, skip_missing: bool = False) -> GateVerdict:
     """Refuse when a required metric is significantly worse (or missing, unless `skip_missing`);
     warn when one is not significantly better; `significant` when all are significantly better."""
@@ -138,8 +147,8 @@ def verdict(tests: dict[str, MetricTest], required: list[str], *, skip_missing: 
                 reasons.append(f"{metric}: not measured, so there is no evidence the specialist is not worse")
             continue
         counted.append(test)
-        if test.outcome == "worse":
-            reasons.append(test.sentence())
+        if test.outcome == "worse" or (test.outcome == "untested" and not _improved(test)):
+            reasons.append(test.sentence())  # untested and no better: nothing shows the loss is noise
         elif test.outcome in ("not_significant", "untested"):
             warnings.append(test.sentence())
     if not counted and not reasons:
