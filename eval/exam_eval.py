@@ -122,7 +122,7 @@ def compare_runs(reference: SystemRun, specialist: SystemRun, gate: GateConfig) 
         short = "mcq" if metric == "mcq_accuracy" else metric
         out[f"{short}_delta"] = round(test.delta, 4)
         out[f"{short}_delta_ci"] = [round(x, 4) for x in test.delta_ci]
-        out[f"{short}_p_value"] = round(test.p_value, 5)
+        out[f"{short}_p_value"] = float(f"{test.p_value:.4g}")
         out[f"{short}_test"] = test.test
     if "mcq_p_value" in out:  # the headline numbers of the JSON shape
         out["p_value"] = out["mcq_p_value"]

@@ -1,0 +1,110 @@
+"""`atelier eval specialist` end to end on a tiny registered specialist: the table, --json, --out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tinymodels import build_adapter, build_base, build_tokenizer  # noqa: E402
+
+EXAM = Path(__file__).resolve().parents[2] / "bench" / "exams" / "hx-pumps.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny-specialist")
+    tokenizer = build_tokenizer()
+    build_base(root / "base", tokenizer, seed=0)
+    build_base(root / "other", tokenizer, seed=5)
+    build_adapter(root / "base", root / "adapter", seed=1)
+    return root
+
+
+@pytest.fixture
+def registered(tiny, atelier_home):
+    from specialists.registry import Registry
+
+    Registry().register("pumps", base_model=str(tiny / "base"), eval_report={}, adapter_dir=tiny / "adapter",
+                        force=True)
+    return tiny
+
+
+def _exam(tmp_path, n=12):
+    lines = EXAM.read_text(encoding="utf-8").splitlines()[:n] + ["{broken"]
+    path = tmp_path / "exam.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_json_table_and_report_files(registered, tmp_path):
+    from atelier.cli import app
+
+    config = tmp_path / "eval.yaml"
+    config.write_text("max_new_tokens: 6\nbatch_size: 8\n")
+    args = ["eval", "specialist", "pumps", "--exam", str(_exam(tmp_path)), "--against", str(registered / "other"),
+            "--config", str(config)]
+    result = CliRunner().invoke(app, [*args, "--json", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["items"] == 12 and data["mcq_items"] == 12 and data["problems"] == ["line 13: not valid JSON "
+                                                                                   "(Expecting property name enclosed in double quotes)"]
+    assert list(data["systems"]) == ["base", "specialist", str(registered / "other")]
+    for s in data["systems"].values():
+        assert 0 <= s["mcq_accuracy"] <= 1 and s["mcq_ci"][0] <= s["mcq_accuracy"] <= s["mcq_ci"][1]
+        assert s["n"] == 12 and s["open_n"] == 12
+    assert set(data["paired"]) == {"specialist_vs_base", f"specialist_vs_{registered / 'other'}"}
+    assert 0 <= data["paired"]["specialist_vs_base"]["p_value"] <= 1
+    flips = data["flips"]
+    assert set(flips["base_right_specialist_wrong"]) | set(flips["base_wrong_specialist_right"]) <= {
+        f"q{k:02d}" for k in range(1, 13)}
+    out = tmp_path / "out"
+    assert json.loads((out / "exam.json").read_text())["systems"] == data["systems"]
+    assert (out / "exam.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| system |" in (out / "exam.md").read_text() and "## By kind" in (out / "exam.md").read_text()
+    rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and set(rows[0]) >= {"id", "question", "answer", "base", "specialist"}
+    assert rows[0]["specialist"]["choice"] in range(4)
+
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0, table.output
+    assert "specialist vs base" in table.stdout and "flips (mcq_accuracy)" in table.stdout
+
+
+def test_prompt_sharing_gives_the_same_scores_as_one_sequence_per_option(tiny):
+    from eval.scoring import score_options
+    from eval.specialist import _chat_ids, _text_ids, load_for_eval
+
+    model, tokenizer = load_for_eval(tiny / "base")
+    questions = ["What torque for the HX-65 impeller nut?", "E14?", "How much oil does the BF-2 frame take?"]
+    options = [["80 N·m", "65 N·m", "150 N·m", "45 N·m"], ["Dry-run protection", "Low suction pressure", "x", "y z"],
+               ["0.55 L", "1.2 L", "0.35 L", "0.75 L"]]
+    prompts = [_chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    ids = [[_text_ids(tokenizer, o) for o in opts] for opts in options]
+    shared = score_options(model, prompts, ids, 5, tokenizer.pad_token_id, 256)
+    separate = score_options(model, prompts, ids, 5, tokenizer.pad_token_id, 256, share_prefix=False)
+    assert [[n for _, n in row] for row in shared] == [[len(o) for o in row] for row in ids]
+    for row_a, row_b in zip(shared, separate):
+        for (a, _), (b, _) in zip(row_a, row_b):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert len({round(lp, 3) for row in shared for lp, _ in row}) > 6, "the options really score differently"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "specialist", "nobody"], "no specialist named 'nobody'"),
+    (["eval", "specialist", "pumps", "--exam", "/no/such.jsonl"], "cannot read the exam"),
+    (["eval", "specialist", "pumps", "--against", "scratch:tiny", "--exam", str(EXAM)], "pass a pretrained base"),
+    (["eval", "specialist", "pumps"], "pass --exam FILE.jsonl"),
+])
+def test_user_mistakes_are_one_line_errors(registered, args, message):
+    """An AtelierError, which `atelier.cli.main` prints as one `error:` line (tests/test_cli.py checks that)."""
+    from atelier.cli import app
+    from atelier.errors import AtelierError
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and isinstance(result.exception, AtelierError)
+    assert message in str(result.exception) and "\n" not in str(result.exception)
