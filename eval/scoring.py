@@ -19,7 +19,8 @@ def score_options(model, prompts: list[list[int]], options: list[list[list[int]]
                   max_len: int, share_prefix: bool = True) -> list[list[tuple[float, int]]]:
     """(sum of log p(option | prompt), option tokens) for every option of every prompt.
 
-    `batch_size` counts sequences, as elsewhere: a batch holds about batch_size / options prompts.
+    `batch_size` counts prompts when they are shared (each batch then runs batch_size x options
+    short option rows), sequences otherwise.
     """
     if share_prefix:
         try:
@@ -56,7 +57,7 @@ def _shared(model, prompts, options, batch_size, pad_id, max_len):
     with torch.inference_mode():
         for k, members in by_count.items():
             members.sort(key=lambda q: len(prompts[q]))
-            per_batch = max(1, batch_size // max(k, 1))
+            per_batch = max(1, batch_size)
             for start in range(0, len(members), per_batch):
                 chunk = members[start:start + per_batch]
                 longest = max((len(o) for q in chunk for o in options[q]), default=0)

@@ -47,7 +47,12 @@ class SpecialistEvalConfig(StrictModel):
                              "answer plus this many minus one distractors taken from other held-out answers.")
     max_generation_items: int = Field(40, ge=0, description="At most this many held-out SFT questions answered by "
                                       "greedy generation for token F1 and ROUGE-L (generation is the slow part).")
-    max_new_tokens: int = Field(48, ge=1, le=2048, description="Longest generated answer, in tokens.")
+    max_new_tokens: int = Field(48, ge=1, le=2048, description="Longest generated answer on the held-out split, "
+                                "in tokens.")
+    exam_max_new_tokens: int = Field(32, ge=1, le=2048, description="Longest generated answer to an exam question "
+                                     "(`atelier eval specialist`), in tokens: exam answers are short facts.")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts per batch when generating (decoding on a "
+                                       "CPU is bound by reading the weights, so larger batches cost little more).")
     max_preference_items: int = Field(100, ge=0, description="At most this many held-out DPO pairs "
                                       "(dpo/heldout.jsonl) for preference accuracy.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring and generating; "
@@ -57,6 +62,8 @@ class SpecialistEvalConfig(StrictModel):
                         description="Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")
     rag_passages: int = Field(3, ge=1, le=20, description="Passages retrieved per question for `--rag` "
                               "(search alone, and in the specialist's prompt).")
+    rag_passage_chars: int = Field(400, ge=50, description="Each passage is cut to this many characters, as the "
+                                   "orchestrator's search route quotes it (long prompts make --rag slow on a CPU).")
     gate: GateConfig = Field(default_factory=GateConfig, description="The statistical registration gate: "
                              "significance level, interval coverage, bootstrap size and required metrics.")
 
@@ -311,23 +318,29 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], config: SpecialistEvalConfig) -> list[str]:
-    """Greedy answers, batched with left padding; only the new tokens are decoded."""
+def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], config: SpecialistEvalConfig,
+                     max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers, batched by prompt length with left padding; only the new tokens are decoded."""
     import torch
     from transformers import GenerationConfig
 
-    settings = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
+    max_new_tokens = max_new_tokens or config.max_new_tokens
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
     device = next(model.parameters()).device
-    limit = max(1, _context_size(model, config) - config.max_new_tokens)
-    answers = []
+    limit = max(1, _context_size(model, config) - max_new_tokens)
+    seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    answers: list[str] = [""] * len(seqs)
+    step = config.generation_batch_size
     with torch.inference_mode():
-        for start in range(0, len(prompts), config.batch_size):
-            seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts[start:start + config.batch_size]]
-            ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            ids, mask = left_pad([seqs[i] for i in chunk], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
-            answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+            for i, text in zip(chunk, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+                answers[i] = text.strip()
+    return answers
 
 
 def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
@@ -469,14 +482,14 @@ def evaluate_specialist(name: str, *, exam: Path | None = None, against: Sequenc
         the_exam = exam_from_heldout(Path(record.run_dir) / "data", max_items=config.max_mcq_items,
                                      options=config.mcq_options, seed=config.seed)
     general_texts = _general_texts(general) if general else None
-    passages = open_passages(docs, index, config.rag_passages) if rag else None
+    passages = open_passages(docs, index, config.rag_passages, config.rag_passage_chars) if rag else None
     try:
         systems = specialist_systems(record, config, passages)
         for spec in against:
             if spec in systems:
                 raise AtelierError(f"--against {spec} is already in the run; name each other model once")
             if spec.startswith(SERVED_PREFIXES):
-                systems[spec] = ServedModel(spec, max_tokens=config.max_new_tokens)
+                systems[spec] = ServedModel(spec, max_tokens=config.exam_max_new_tokens)
             else:
                 folder = resolve_local(spec, (Path(home) if home else atelier_home()) / "eval" / "bases")
                 systems[spec] = LocalModel(spec, folder, config=config)
@@ -493,13 +506,14 @@ def evaluate_specialist(name: str, *, exam: Path | None = None, against: Sequenc
     return summary, item_rows(the_exam, runs)
 
 
-def exam_gate(base_model: Path, adapter: Path | Sequence[Path] | None, exam: Path,
-              config: SpecialistEvalConfig | None = None, *, specialist_model: Path | None = None) -> dict:
+def exam_gate(base_model: Path, specialist_model: Path, adapter: Path | Sequence[Path] | None, exam: Path,
+              config: SpecialistEvalConfig | None = None, status=None) -> dict:
     """Base and specialist on a user's exam, for the registration gate (`specialist add --exam`).
 
-    The specialist is `base_model` with `adapter` merged (or `specialist_model`, a full model).
-    Returns the summary of `evaluate_specialist`, whose `gate` the registry checks
-    (refused when significantly worse on a `gate.required_exam` metric).
+    `base_model` is the model training started from; the specialist is `specialist_model` (the
+    same folder for LoRA runs, the DAPT-trained model for scratch bases) with `adapter` merged in.
+    Returns the `eval.exam_eval.summarise` dict, whose `gate` the registry checks: refused when
+    significantly worse than the base on a `gate.required_exam` metric.
     """
     from eval.exam import read_exam
     from eval.exam_eval import run_system, summarise
@@ -507,8 +521,7 @@ def exam_gate(base_model: Path, adapter: Path | Sequence[Path] | None, exam: Pat
 
     config = config or SpecialistEvalConfig()
     the_exam = read_exam(exam)
-    special = (LocalModel("specialist", Path(specialist_model), config=config) if specialist_model else
-               LocalModel("specialist", Path(base_model), _adapter_list(adapter), config=config))
-    runs = {"base": run_system(LocalModel("base", Path(base_model), config=config), the_exam),
-            "specialist": run_system(special, the_exam)}
+    runs = {"base": run_system(LocalModel("base", Path(base_model), config=config), the_exam, status=status),
+            "specialist": run_system(LocalModel("specialist", Path(specialist_model), _adapter_list(adapter),
+                                                config=config), the_exam, status=status)}
     return summarise(the_exam, runs, config.gate)

@@ -69,7 +69,8 @@ class LocalModel:
         from eval.specialist import generate_answers
 
         model, tokenizer = self._model()
-        return generate_answers(model, tokenizer, [self._messages(i) for i in items], self.config)
+        return generate_answers(model, tokenizer, [self._messages(i) for i in items], self.config,
+                                self.config.exam_max_new_tokens)
 
     def perplexity(self, texts: list[str]) -> float | None:
         from eval.specialist import perplexity
@@ -134,14 +135,19 @@ class ServedModel:
 class RetrievedPassages:
     """Top-k passages per exam question from an Atelier search index, retrieved once and cached."""
 
-    def __init__(self, searcher, k: int = 3):
-        self.searcher, self.k, self._cache = searcher, k, {}
+    def __init__(self, searcher, k: int = 3, max_chars: int = 400):
+        self.searcher, self.k, self.max_chars, self._cache = searcher, k, max_chars, {}
         self.seconds = 0.0
+
+    def _snippet(self, text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= self.max_chars else text[:self.max_chars] + "…"
 
     def __call__(self, item: ExamItem) -> list[str]:
         if item.id not in self._cache:
             started = time.perf_counter()
-            self._cache[item.id] = [" ".join(h.text.split()) for h in self.searcher.search(item.question, k=self.k)]
+            hits = self.searcher.search(item.question, k=self.k)
+            self._cache[item.id] = [self._snippet(h.text) for h in hits]
             self.seconds += time.perf_counter() - started
         return self._cache[item.id]
 
@@ -149,9 +155,10 @@ class RetrievedPassages:
         self.searcher.close()
 
 
-def open_passages(docs: Path | None, index: str | None, k: int) -> RetrievedPassages:
+def open_passages(docs: Path | None, index: str | None, k: int, max_chars: int = 400) -> RetrievedPassages:
     """Passages from `docs` (indexed into `eval-<folder>` first; unchanged files are skipped) or from
-    an existing index (the configured default when neither is given)."""
+    an existing index (the configured default when neither is given), each cut to `max_chars`
+    as the orchestrator's search route quotes them."""
     import re
 
     from retrieval.config import RetrievalConfig, Searcher, index_with_progress, open_backend
@@ -160,7 +167,7 @@ def open_passages(docs: Path | None, index: str | None, k: int) -> RetrievedPass
 
     if docs is None:
         config = RetrievalConfig(**({"index": index} if index else {}))
-        return RetrievedPassages(Searcher.open(config), k)
+        return RetrievedPassages(Searcher.open(config), k, max_chars)
     folder = Path(docs)
     if not folder.is_dir():
         raise AtelierError(f"--docs {folder} is not a folder; pass the documents the specialist was built from")
@@ -170,7 +177,7 @@ def open_passages(docs: Path | None, index: str | None, k: int) -> RetrievedPass
     store = open_backend(config, dim=encoder.dim)
     index_with_progress(load_folder(folder).documents, store, encoder, config, root=str(folder.resolve()),
                         prune=True, show=False)
-    return RetrievedPassages(Searcher(store, encoder, config.embedding), k)
+    return RetrievedPassages(Searcher(store, encoder, config.embedding), k, max_chars)
 
 
 def resolve_local(name: str, work_dir: Path) -> Path:

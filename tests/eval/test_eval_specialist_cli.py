@@ -108,3 +108,38 @@ def test_user_mistakes_are_one_line_errors(registered, args, message):
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and isinstance(result.exception, AtelierError)
     assert message in str(result.exception) and "\n" not in str(result.exception)
+
+
+def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
+    from specialists.registry import Registry, gate_refusal
+    from eval.specialist import SpecialistEvalConfig, exam_gate
+
+    exam = _exam(tmp_path, n=8)
+    config = SpecialistEvalConfig(exam_max_new_tokens=4)
+    result = exam_gate(tiny / "base", tiny / "base", tiny / "adapter", exam, config)
+    assert set(result["systems"]) == {"base", "specialist"} and result["items"] == 8
+    assert result["gate"]["tests"]["mcq_accuracy"]["n"] == 8 and len(result["exam_sha256"]) == 64
+    same = exam_gate(tiny / "base", tiny / "base", None, exam, config)
+    assert same["paired"]["specialist_vs_base"]["mcq_delta"] == 0 and same["gate"]["accepted"]
+    assert not same["gate"]["significant"], "a model is never significantly better than itself"
+    held_out_ok = {"stages": {}, "final_stage": "sft", "beats_base": True, "reasons": [], "accepted": True}
+    assert gate_refusal(held_out_ok, same) is None
+    record = Registry().register("pumps", base_model=str(tiny / "base"), eval_report=held_out_ok,
+                                 adapter_dir=tiny / "adapter", exam_report=same)
+    assert record.exam_sha256 == same["exam_sha256"] and record.exam_report["gate"]["accepted"]
+
+
+def test_rag_adds_search_and_the_specialist_with_passages(registered, tmp_path, encoder):
+    from eval.specialist import SpecialistEvalConfig, evaluate_specialist
+
+    docs = Path(__file__).resolve().parents[2] / "examples" / "docs"
+    config = SpecialistEvalConfig(exam_max_new_tokens=4, rag_passages=2, rag_passage_chars=300)
+    result, rows = evaluate_specialist("pumps", exam=_exam(tmp_path, n=6), rag=True, docs=docs, config=config)
+    assert list(result["systems"]) == ["base", "specialist", "specialist+search", "search"]
+    search = result["systems"]["search"]
+    assert search["mcq_accuracy"] is None and search["open_n"] == 6
+    assert search["contains"] >= 0.5, "hybrid search over the manuals finds most of these facts"
+    passages = rows[0]["search"]["answer"].split("\n")
+    assert len(passages) == 2 and all(len(p) <= 301 for p in passages)
+    assert result["systems"]["specialist+search"]["mcq_n"] == 6
+    assert "specialist_vs_search" in result["paired"] and "mcq_delta" not in result["paired"]["specialist_vs_search"]
