@@ -8,7 +8,7 @@
 
 Any OpenAI client works (the official SDK, LangChain's ChatOpenAI, LibreChat, Open WebUI).
 What answered travels three ways: `[n]` markers in the text (search answers), the header
-X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id}
+X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id, model, route_output}
 on the completion (and on the first and last stream chunks), which standard clients ignore.
 
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
@@ -222,7 +222,8 @@ def _authenticator(keys: list[str]):
 
 def _health(request: Request) -> dict:
     orchestrator = request.app.state.orchestrator
-    return {"status": "ok", "router_only": orchestrator.router_only, "specialists": len(orchestrator.registry.names()),
+    return {"status": "ok", "router_only": orchestrator.router_only, "model": orchestrator.model_name,
+            "specialists": len(orchestrator.registry.names()),
             "index": orchestrator.services.searcher is not None}
 
 

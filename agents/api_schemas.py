@@ -69,6 +69,9 @@ class AtelierInfo(BaseModel):
     confidence: float
     sources: list[dict[str, Any]] = Field(default_factory=list, description="Passages behind the [n] markers.")
     thread_id: str
+    model: str | None = Field(None, description="provider:model that wrote the answer; null in router-only mode.")
+    route_output: str = Field("", description="The route's own output (tool result, cited passages, specialist "
+                              "answer), unaltered; the answer always contains it.")
 
 
 class Usage(BaseModel):
@@ -129,6 +132,7 @@ class SpecialistList(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     router_only: bool
+    model: str | None = Field(None, description="The orchestrator model as provider:model; null: router-only mode.")
     specialists: int
     index: bool = Field(description="Whether a search index is open (the search route exists).")
 

@@ -140,7 +140,8 @@ def _info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict
     if isinstance(answer_or_route, str):
         return {"route": answer_or_route, "confidence": confidence, "sources": [], "thread_id": thread_id}
     answer = answer_or_route
-    return {"route": answer.route, "confidence": answer.confidence, "sources": answer.sources, "thread_id": thread_id}
+    return {"route": answer.route, "confidence": answer.confidence, "sources": answer.sources, "thread_id": thread_id,
+            "model": getattr(answer, "model", None), "route_output": getattr(answer, "route_output", "")}
 
 
 def _usage(counts: tuple[int, int]) -> dict:

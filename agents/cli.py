@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = "Orchestrator model provider:model (ollama:qwen2.5:7b, openai:gpt-4o-mini); default: router-only."
+MODEL_HELP = ("Orchestrator model provider:model (llamacpp:smollm2-135m, llamacpp:PATH.gguf, ollama:qwen2.5:7b, "
+              "openai:gpt-4o-mini); default: router-only.")
 
 
 def _orchestrator(config_file: Optional[Path], model: Optional[str], index: Optional[str]):

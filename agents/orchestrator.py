@@ -45,10 +45,14 @@ class Answer:
     confidence: float
     sources: list[dict] = field(default_factory=list)
     thread_id: str = "default"
+    model: str | None = None  # provider:model that wrote the answer; None in router-only mode
+    route_output: str = ""  # the route's own output, always part of `text`
+    finish: str = ""  # how the model's answer ended ("stop", "length", "loop", "time", "error"); "" without one
 
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.text, "route": self.route, "confidence": self.confidence, "sources": self.sources,
-                "thread_id": self.thread_id}
+                "thread_id": self.thread_id, "model": self.model, "route_output": self.route_output,
+                "finish": self.finish}
 
 
 class Orchestrator:
@@ -62,12 +66,16 @@ class Orchestrator:
         from specialists.runtime import SpecialistRuntime
 
         self.registry = Registry()
+        model = load_chat_model(self.config.model)
+        self.model_name = model.name if model else None
         self.services = Services(
             router=self.router, tools={t.name: t for t in tools},
             runtime=SpecialistRuntime(self.registry, max_bases=self.config.max_bases),
-            searcher=_open_searcher(self.config.retrieval), model=load_chat_model(self.config.model),
+            searcher=_open_searcher(self.config.retrieval), model=model.chat if model else None,
             search_k=self.config.search_k, max_steps=self.config.max_steps,
-            specialists=self.registry.names(), generation=lambda: self.config.generation)
+            specialists=self.registry.names(), generation=lambda: self.config.generation,
+            model_name=self.model_name, model_tools=model.tools if model else True,
+            time_limit_s=self.config.model.time_limit_s, encoder=self._encoder)
         self._db = None
         if checkpointer is None:
             checkpointer = self._sqlite_checkpointer()
@@ -83,6 +91,11 @@ class Orchestrator:
         saver = SqliteSaver(self._db)
         saver.setup()
         return saver
+
+    def _encoder(self):
+        from retrieval.embeddings import get_encoder
+
+        return get_encoder(self.config.routes.router.embedding)
 
     @property
     def router_only(self) -> bool:
@@ -106,7 +119,9 @@ class Orchestrator:
             else:
                 final = payload
         answer = Answer(text=final["messages"][-1].text, route=final.get("route", "direct"),
-                        confidence=final.get("confidence", 0.0), sources=final.get("sources", []), thread_id=thread_id)
+                        confidence=final.get("confidence", 0.0), sources=final.get("sources", []), thread_id=thread_id,
+                        model=self.model_name,
+                        route_output=final.get("route_output", ""), finish=final.get("finish", ""))
         yield {"type": "done", "answer": answer}
 
     def ask(self, question: str, thread_id: str = "default") -> Answer:

@@ -56,7 +56,7 @@ def bench_packing(base: Path, work: Path, texts: list[str], steps: int) -> dict:
     for packing in (True, False):
         config = DaptConfig(max_steps=steps, packing=packing, eval_heldout=False, save_steps=10_000, logging_steps=5)
         result = train_dapt(base, work / "data", work / f"packing-{packing}", config, LoraSettings(),
-                            progress=lambda *a: None)
+                            progress=lambda *a, **k: None)
         blocks = to_blocks(texts, tokenizer, config.seq_len, packing=packing)
         rows["packed" if packing else "padded"] = {
             "tokens_per_s": result.tokens_per_s, "steps_per_s": round(result.steps / result.runtime_s, 3),

@@ -49,6 +49,7 @@ from specialists.export_parity import (  # noqa: F401  (re-exported: `from speci
     _attach,
     _weights_of,
     check_parity,
+    check_parity_in_llamacpp,
     held_out_conversations,
     load_specialist,
     reference_probes,
@@ -186,7 +187,7 @@ def write_merged(record, model, tokenizer, probes, folder: Path, quantize: str |
 
 
 def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path) -> Staged:
-    """One GGUF file of the merged model, read back with GGUFReader and run by the numpy reference."""
+    """One GGUF file of the merged model, read back with GGUFReader and run in llama.cpp itself."""
     from specialists import gguf_export
 
     quantize = quantize or "f16"
@@ -195,8 +196,7 @@ def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: 
     gguf_export.write_gguf(merged, tokenizer, path, quantize, name=f"{record.name}-v{record.version}")
     gf = gguf_export.check_gguf(path, merged.config, merged.config.vocab_size)
     gguf_export.check_tokenizer(path, {p.text: p.prompt_ids for p in probes})
-    parity = check_parity(probes, lambda seqs, starts: gguf_export.gguf_logits(gf, seqs, starts), quantize,
-                          "GGUF file", tokenizer)
+    parity = check_parity_in_llamacpp(probes, path, quantize, "GGUF file", tokenizer)
     final = out_dir / path.name
     return Staged(parity, [f"llama-cli -m {final} -cnv", f"llama-server -m {final} --port 8080 --jinja"],
                   card={"tags": ["gguf", "llama.cpp"]}, details={"gguf": gf.summary()})

@@ -45,6 +45,12 @@ TOLERANCES = {"f32": Tolerance(1e-3, 1e-3), "f16": Tolerance(0.02, 0.1), "bf16":
               "q8_0": Tolerance(0.15, 1.0)}
 
 
+# llama.cpp itself: an f32 file drifts up to 0.0025 σ (its CPU kernels, f32 KV cache and all), and a
+# q8_0 matmul runs on activations quantized to 8 bits too, so near-ties flip with larger gaps than a
+# dequantize-then-f32 reference would (up to 0.3 σ seen on the chaotic random test model).
+LLAMACPP_TOLERANCES = {**TOLERANCES, "f32": Tolerance(0.01, 0.01), "q8_0": Tolerance(0.5, 1.0)}
+
+
 class ParityReport(StrictModel):
     """What the parity check compared, and how close the artefact came."""
 
@@ -193,3 +199,71 @@ def _greedy(logits_fn: LogitsFn, prompt_ids: list[int], count: int) -> list[int]
     for _ in range(count):
         ids.append(int(logits_fn([ids], [len(ids) - 1])[0][-1].argmax()))
     return ids[len(prompt_ids):]
+
+
+# ----------------------------------------------------------------------------- parity in llama.cpp itself
+
+
+def check_parity_in_llamacpp(probes: list[Probe], gguf: Path, precision: str, artefact: str,
+                             tokenizer) -> ParityReport:
+    """Run the exported GGUF in llama.cpp — the runtime users will run — and compare with the reference.
+
+    For each probe llama.cpp continues the prompt's token ids greedily and reports the log-probabilities
+    of its top candidates at every step. Its tokens must be the reference's until the first step where
+    the two disagree on a near-tie (the reference's own top-1/chosen gap under the tolerance); there the
+    continuations may part. Up to that point, the candidates' log-probabilities must stay within the
+    tolerance of the reference's (in units of the reference logits' standard deviation).
+    """
+    import numpy as np
+
+    from atelier.llamacpp import private_server
+
+    started, tolerance = time.perf_counter(), LLAMACPP_TOLERANCES.get(precision, TOLERANCES[precision])
+    context = max(len(p.prompt_ids) + len(p.tokens) for p in probes) + 8
+    worst, compared = 0.0, 0
+    with private_server(gguf, n_ctx=max(128, context)) as server:
+        for number, probe in enumerate(probes, start=1):
+            got, steps = _llamacpp_greedy(server.url.removesuffix("/v1"), probe.prompt_ids, len(probe.tokens))
+            reference = probe.logits - np.log(np.exp(probe.logits - probe.logits.max(-1, keepdims=True))
+                                              .sum(-1, keepdims=True)) - probe.logits.max(-1, keepdims=True)
+            for i, token in enumerate(got[: len(probe.tokens)]):
+                sigma = float(probe.logits[i].std())
+                candidates = steps.get(i, [])
+                drift = max((abs(c["logprob"] - float(reference[i][c["id"]])) for c in candidates), default=0.0) / sigma
+                worst, compared = max(worst, drift), compared + 1
+                gap = float(probe.logits[i].max() - probe.logits[i][token]) / sigma
+                wrong = token != probe.tokens[i] and gap > tolerance.tie
+                if wrong or drift > tolerance.drift:
+                    where = f"first difference at new token {i + 1}; " if wrong else ""
+                    raise AtelierError(
+                        f"parity check failed for the {artefact} ({precision}) run in llama.cpp, so nothing was "
+                        f"written: prompt {number}/{len(probes)} {probe.label!r}: expected tokens {probe.tokens} "
+                        f"({tokenizer.decode(probe.tokens)!r}), got {got} ({tokenizer.decode(got)!r}); {where}"
+                        f"log-probability drift {drift:.3g}σ (allowed {tolerance.drift}σ). Try a less lossy "
+                        "--quantize; if f32 fails too, report it as an exporter bug")
+                if token != probe.tokens[i]:
+                    break  # a near-tie went the other way: the continuations part here, legitimately
+    return ParityReport(artefact=f"{artefact} in llama.cpp", precision=precision, prompts=len(probes),
+                        tokens=compared, max_drift_sigma=round(worst, 6), seconds=round(time.perf_counter() - started, 2))
+
+
+def _llamacpp_greedy(address: str, prompt_ids: list[int], count: int,
+                     candidates: int = 8) -> tuple[list[int], dict[int, list[dict]]]:
+    """llama.cpp's greedy continuation of token ids, and {step: top candidates [{"id", "logprob"}]}.
+
+    llama.cpp leaves out the probabilities of a token that ends inside a UTF-8 character, so the
+    entries it does give are matched to the tokens by id, in order.
+    """
+    import httpx
+
+    body = {"prompt": list(prompt_ids), "n_predict": count, "temperature": 0.0, "samplers": ["top_k"], "top_k": 1,
+            "n_probs": candidates, "post_sampling_probs": False, "cache_prompt": False, "return_tokens": True}
+    reply = httpx.post(f"{address}/completion", json=body, timeout=300)
+    if reply.status_code != 200:
+        raise AtelierError(f"llama.cpp could not run the exported file (HTTP {reply.status_code}: {reply.text[:200]})")
+    data = reply.json()
+    tokens, entries, steps = list(data.get("tokens") or []), list(data.get("completion_probabilities") or []), {}
+    for i, token in enumerate(tokens):
+        if entries and entries[0].get("id") == token:
+            steps[i] = entries.pop(0).get("top_logprobs") or []
+    return tokens, steps

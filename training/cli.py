@@ -11,12 +11,14 @@ import typer
 def add(
     name: str = typer.Argument(..., help="Specialist name: lowercase letters, digits, - or _."),
     docs: Path = typer.Option(..., "--docs", help="Folder of the domain's documents (.md .txt .html .pdf .jsonl)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model: HF id or local path, or scratch:tiny / scratch:small."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model: smollm2-135m (default), gemma3-270m, a .gguf file, a HF id or folder, or scratch:tiny / scratch:small."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher chat model provider:model (e.g. ollama:gemma2:27b); default: offline generators."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a SpecialistConfig (CLI flags override it)."),
     stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated training stages (default dapt,sft,dpo)."),
     preference: Optional[str] = typer.Option(None, "--preference", help="Preference stage algorithm: dpo, simpo, orpo or kto."),
     lora: Optional[str] = typer.Option(None, "--finetune", help="lora (default), qlora (CUDA + bitsandbytes) or full."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Time budget of the whole run, in minutes: stages are sized from the throughput measured on the real model. Default: the full recipe."),
+    evaluate_stages: bool = typer.Option(False, "--evaluate-stages", help="Evaluate every stage, not only the base and the final specialist."),
     force: bool = typer.Option(False, "--force", help="Register even if the specialist does not beat its base."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a fresh run instead of continuing/reusing the last one."),
 ) -> None:
@@ -30,7 +32,8 @@ def add(
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # emitted by peft merges, harmless
     overrides = {"base": base, "teacher.name": teacher, "dpo.preference": preference, "lora.method": lora,
-                 "stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None}
+                 "stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None,
+                 "budget_minutes": budget, "evaluate_stages": evaluate_stages or None}
     config = load_config(SpecialistConfig, config_file, overrides)
     from training.pipeline import run_pipeline
 
@@ -52,6 +55,7 @@ class _Display:
                                  TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=stderr)
         self.progress.__enter__()
         self.task = None
+        self._first = None  # (step, time, tokens) of the first step seen in this stage
         return self
 
     def __exit__(self, *exc):
@@ -65,6 +69,7 @@ class _Display:
                              skipped=self._skipped, done=self._done)
 
     def _step(self, name: str, detail: str) -> None:
+        self._first = None
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task(f"{name:8}", total=None, note=detail)
@@ -72,8 +77,18 @@ class _Display:
     def _data(self, what: str, done: int, total: int) -> None:
         self.progress.update(self.task, completed=done, total=max(total, 1), note=what)
 
-    def _train(self, step: int, total: int, loss: float | None) -> None:
+    def _train(self, step: int, total: int, loss: float | None, tokens_seen: int = 0) -> None:
+        import time
+
+        now = time.perf_counter()
+        if self._first is None or step <= 1 or step < self._first[0]:
+            self._first = (step, now, tokens_seen)
         note = f"loss {loss:.3f}" if loss is not None else ""
+        first_step, first_time, first_tokens = self._first
+        if step > first_step and now > first_time:
+            rate = (tokens_seen - first_tokens) / (now - first_time)
+            eta = (total - step) * (now - first_time) / (step - first_step)
+            note += f"  {rate:,.0f} tokens/s  ETA {int(eta // 60)}:{int(eta % 60):02d}"
         self.progress.update(self.task, completed=step, total=max(total, 1), note=note)
 
     def _skipped(self, path: str, reason: str) -> None:

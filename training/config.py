@@ -26,12 +26,18 @@ STAGE_ORDER: tuple[StageName, ...] = ("dapt", "sft", "dpo")
 
 
 class SpecialistConfig(StrictModel):
-    base: str = Field("scratch:tiny", description="Base model: a Hugging Face causal LM id or local path, or "
-                      "scratch:tiny / scratch:small (a small Llama trained from scratch on the documents).")
+    base: str = Field("smollm2-135m", description="Base model: smollm2-135m or gemma3-270m (installed GGUF models), "
+                      "a .gguf file, a Hugging Face causal LM id or local folder, or scratch:tiny / scratch:small "
+                      "(a small Llama trained from scratch on the documents, for fast offline toy runs).")
     teacher: TeacherConfig | None = Field(None, description="Teacher model that writes training data "
                                           "(provider:model); none: offline generators.")
     stages: list[StageName] = Field(list(STAGE_ORDER), description="Training stages to run, in order: dapt, sft, dpo.")
     seed: int = Field(0, description="Seed for data splits, new weights and data order.")
+    budget_minutes: float | None = Field(None, gt=0, description="Wall-clock budget of the whole run in minutes: "
+                                         "stage lengths are sized from the training throughput measured on the "
+                                         "real model, and each stage stops at its share. Unset: the full recipe.")
+    evaluate_stages: bool = Field(False, description="Also evaluate every intermediate stage on the held-out split "
+                                  "(minutes each on a real base); off: the base and the final specialist only.")
     route_exemplars: int = Field(40, ge=0, description="Training instructions kept in the registry record for the router.")
     chunking: ChunkConfig = Field(default_factory=lambda: ChunkConfig(max_chars=1200, overlap_chars=0),
                                   description="How documents are cut into the passages data is generated from.")

@@ -28,6 +28,7 @@ from training.trainer_common import (
     finish_stage,
     open_stage,
     quiet_progress,
+    resolve_stage_config,
     read_optional_rows,
     read_rows,
     run_trainer,
@@ -38,12 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class DaptConfig(StageConfig):
-    """DAPT settings. Defaults suit scratch:tiny (full pretraining of a ~1.4 M model on 2 CPU cores);
-    for a LoRA adapter on a Hugging Face base use a learning rate near 2e-4."""
+    """DAPT settings. Unset steps, learning rate and batch follow the base (training/recipe.py):
+    300 steps at 3e-3 for a scratch base, one epoch at 2e-4 for a LoRA adapter on a pretrained one."""
 
-    max_steps: int | None = Field(300, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
-    learning_rate: float = Field(3e-3, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
-    batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
     seq_len: int = Field(256, ge=16, description="Tokens per training block.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     packing: bool = Field(True, description="Concatenate texts into full seq_len blocks (no padding); "
@@ -51,7 +49,8 @@ class DaptConfig(StageConfig):
 
 
 def train_dapt(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lora: LoraSettings,
-               adapter: Path | None = None, progress: ProgressFn | None = None) -> StageResult:
+               adapter: Path | None = None, progress: ProgressFn | None = None,
+               time_limit_s: float | None = None) -> StageResult:
     """Continue pretraining `base` (+ `adapter`) on data_dir/dapt; outputs under `out_dir`."""
     base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
     train_file, heldout_file = data_dir / "dapt" / "train.jsonl", data_dir / "dapt" / "heldout.jsonl"
@@ -61,14 +60,16 @@ def train_dapt(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lo
                         config=config, lora=lora)
     if (done := open_stage(out_dir, "dapt", stamp)) is not None:
         return done
+    config = resolve_stage_config("dapt", config, out_dir, base, lora)
 
     with quiet_progress(progress is not None):
-        result = _train(base, texts, heldout, out_dir, config, lora, adapter, progress)
+        result = _train(base, texts, heldout, out_dir, config, lora, adapter, progress, time_limit_s)
     return finish_stage(out_dir, result)
 
 
 def _train(base: Path, texts: list[str], heldout: list[str], out_dir: Path, config: DaptConfig,
-           lora: LoraSettings, adapter: Path | None, progress: ProgressFn | None) -> StageResult:
+           lora: LoraSettings, adapter: Path | None, progress: ProgressFn | None,
+           time_limit_s: float | None = None) -> StageResult:
     """Build the model and blocks, score held-out text, train (or resume), save."""
     from transformers import Trainer, TrainingArguments, set_seed
 
@@ -86,7 +87,7 @@ def _train(base: Path, texts: list[str], heldout: list[str], out_dir: Path, conf
     args = TrainingArguments(**training_kwargs(config, out_dir, progress), label_names=["labels"])
     trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=PadCollator(tokenizer.pad_token_id),
                       processing_class=tokenizer)
-    stats = run_trainer(attach_progress(trainer, progress), out_dir)
+    stats = run_trainer(attach_progress(trainer, progress, time_limit_s), out_dir)
     if eval_blocks:
         metrics["heldout_perplexity"] = heldout_perplexity(model, eval_blocks, tokenizer, config.batch_size)
     model_path, adapter_path = save_trained(trainer.model, tokenizer, out_dir, base)

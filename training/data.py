@@ -33,7 +33,7 @@ from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document
-from training import filters, offline
+from training import facts, filters, offline
 from training.filters import Passage, PreferencePair, QAPair
 from training.keywords import Keyword, extract_keywords
 
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 SPLITS = ("train", "heldout")
-GENERATOR_VERSION = 1  # bump when the same inputs would now give different datasets
+GENERATOR_VERSION = 2  # bump when the same inputs would now give different datasets
 # No overlap: chunks are DAPT text as they are, and overlapping text would be trained on twice.
 DEFAULT_CHUNKING = ChunkConfig(max_chars=1200, overlap_chars=0)
 
@@ -55,6 +55,11 @@ class DataConfig(StrictModel):
     keywords_top_k: int = Field(200, ge=10, description="How many domain keywords to extract and use as guidance.")
     max_sft_pairs_per_chunk: int = Field(12, ge=1, description="Most offline instruction pairs drawn from one chunk.")
     max_dpo_pairs_per_chunk: int = Field(6, ge=0, description="Most preference pairs drawn from one chunk.")
+    fact_questions: int = Field(2, ge=0, le=4, description="Question forms asked of each fact (a value with its "
+                                "unit, a code, a table cell) besides the fill-in-the-blank one; 0: none.")
+    max_fact_pairs_per_chunk: int = Field(6, ge=0, description="Most fact questions drawn from one chunk.")
+    fact_restatements: int = Field(1, ge=0, le=4, description="Extra DAPT texts restating each section's facts in "
+                                   "other shapes (a fact sheet, question-and-answer notes); 0: none.")
     self_play_fraction: float = Field(0.5, ge=0, le=1, description="Share of preference pairs whose rejected side is "
                                       "the base model's own answer, when answer_with_base is given.")
     teacher_pairs_per_chunk: int = Field(4, ge=1, description="Question/answer pairs the teacher writes per chunk.")
@@ -96,6 +101,8 @@ class DataManifest(BaseModel):
     train_sources: list[str]
     heldout_sources: list[str]
     keywords: list[str]
+    coverage: dict[str, float | int] = Field(default_factory=dict, description="How often the training data states "
+                                             "the training documents' facts (training.facts.coverage).")
     config: DataConfig
     chunking: ChunkConfig
 
@@ -172,7 +179,11 @@ def _offline(docs: Sequence[Document], chunks: dict[str, list], keywords: list[s
     passages, pairs, preferences = [], [], []
     for n, doc in enumerate(docs, 1):
         passages += offline.dapt_passages(doc, chunks[doc.doc_id])
+        passages += facts.restatements(doc, keywords, config.fact_restatements)
         found = offline.extract_pairs(doc, chunks[doc.doc_id], keywords, config.max_sft_pairs_per_chunk)
+        if config.fact_questions:  # first, so that the per-chunk cap of preference pairs favours wrong facts
+            found = facts.fact_pairs(doc, chunks[doc.doc_id], keywords, config.fact_questions,
+                                     config.max_fact_pairs_per_chunk) + found
         pairs += found
         preferences += offline.preference_pairs(found, keywords, offline.table_columns(doc), config.seed,
                                                 config.max_dpo_pairs_per_chunk)
@@ -310,6 +321,11 @@ def build_datasets(docs: list[Document], out_dir: Path, config: DataConfig, *, c
                   fingerprint, report)
 
 
+def _training_texts(train: dict[str, list]) -> list[str]:
+    """Every text the training stages read: DAPT passages and each SFT question with its answer."""
+    return [p.text for p in train["dapt"]] + [f"{p.question}\n{p.answer}" for p in train["sft"]]
+
+
 def _write(out_dir: Path, kept: dict[str, dict[str, list]], keywords: list[Keyword], rejected: Counter[str],
            config: DataConfig, chunking: ChunkConfig, teacher: Teacher | None, train_docs: Sequence[Document],
            heldout_docs: Sequence[Document], fingerprint: str, progress: Progress) -> DataManifest:
@@ -329,7 +345,8 @@ def _write(out_dir: Path, kept: dict[str, dict[str, list]], keywords: list[Keywo
         teacher=teacher.name if teacher else None,
         files=files, kinds=kinds, rejected=dict(sorted(rejected.items())),
         train_sources=[d.doc_id for d in train_docs], heldout_sources=[d.doc_id for d in heldout_docs],
-        keywords=[k.term for k in keywords], config=config, chunking=chunking)
+        keywords=[k.term for k in keywords], config=config, chunking=chunking,
+        coverage=facts.coverage(train_docs, [k.term for k in keywords], _training_texts(kept["train"])))
     atomic_write_text(out_dir / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
     progress("write", len(jobs) + 1, len(jobs) + 1)
     log.info("wrote datasets to %s: %s", out_dir, {k: v.rows for k, v in files.items()})

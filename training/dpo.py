@@ -43,6 +43,7 @@ from training.trainer_common import (
     last_logged,
     open_stage,
     quiet_progress,
+    resolve_stage_config,
     read_optional_rows,
     read_rows,
     run_trainer,
@@ -57,11 +58,9 @@ DpoLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "
 
 
 class DpoConfig(StageConfig):
-    """Preference-tuning settings. Defaults suit continuing a LoRA SFT adapter on scratch:tiny."""
+    """Preference-tuning settings. Unset steps, learning rate and batch follow the base
+    (training/recipe.py): 60 steps at 5e-4 on scratch bases, one epoch at 5e-5 on pretrained ones."""
 
-    max_steps: int | None = Field(60, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
-    batch_size: int = Field(8, ge=1, description="Preference pairs per device per forward pass.")
     seq_len: int = Field(256, ge=16, description="Tokens per prompt+answer; longer ones are cut at the end.")
     logging_steps: int = Field(5, ge=1, description="Log loss and rewards every this many steps.")
     save_steps: int = Field(20, ge=1, description="Write a resumable checkpoint every this many steps "
@@ -76,7 +75,8 @@ class DpoConfig(StageConfig):
 
 
 def train_dpo(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora: LoraSettings,
-              adapter: Path | None = None, progress: ProgressFn | None = None) -> StageResult:
+              adapter: Path | None = None, progress: ProgressFn | None = None,
+              time_limit_s: float | None = None) -> StageResult:
     """Preference-tune `base` + the SFT `adapter` on data_dir/dpo; outputs under `out_dir`."""
     base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
     train_file, heldout_file = data_dir / "dpo" / "train.jsonl", data_dir / "dpo" / "heldout.jsonl"
@@ -85,8 +85,9 @@ def train_dpo(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora
                         config=config, lora=lora)
     if (done := open_stage(out_dir, "dpo", stamp)) is not None:
         return done
+    config = resolve_stage_config("dpo", config, out_dir, base, lora)
     with quiet_progress(progress is not None):
-        trainer = build_dpo_trainer(base, data_dir, out_dir, config, lora, adapter, progress)
+        trainer = build_dpo_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
         stats = run_trainer(trainer, out_dir)
         metrics = {f"train_{k.replace('/', '_')}": round(v, 4) for k, v in last_logged(trainer, "rewards/").items()}
         if trainer.eval_dataset is not None:
@@ -106,7 +107,8 @@ def read_pairs(path: Path, *, required: bool) -> list[dict]:
 
 
 def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora: LoraSettings,
-                      adapter: Path | None = None, progress: ProgressFn | None = None):
+                      adapter: Path | None = None, progress: ProgressFn | None = None,
+                      time_limit_s: float | None = None):
     """The TRL trainer for `config.preference`, on base + adapter, ready to train."""
     from datasets import Dataset
     from transformers import set_seed
@@ -116,6 +118,7 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
     data_dir = Path(data_dir)
     train_rows = read_pairs(data_dir / "dpo" / "train.jsonl", required=True)
     heldout_rows = read_pairs(data_dir / "dpo" / "heldout.jsonl", required=False) if config.eval_heldout else []
+    config = resolve_stage_config("dpo", config, Path(out_dir), base, lora)
     config_cls, trainer_cls, settings = _algorithm(config)
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
     tokenizer = load_tokenizer(base)
@@ -130,7 +133,7 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
         extra["ref_model"] = copy.deepcopy(model).eval()  # the frozen starting (SFT) weights
     trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=heldout,
                           processing_class=tokenizer, **extra)
-    return attach_progress(trainer, progress)
+    return attach_progress(trainer, progress, time_limit_s)
 
 
 def _algorithm(config: DpoConfig):

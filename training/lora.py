@@ -139,6 +139,9 @@ def save_trained(model, tokenizer, out_dir: Path, base: Path) -> tuple[Path, Pat
     target = out_dir / "model"
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
+    from training.models import inherit_marker
+
+    inherit_marker(Path(base), target)  # a trained scratch base stays a scratch base for the recipe
     return target, None
 
 

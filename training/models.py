@@ -5,6 +5,10 @@ tokenizer with a chat template. Two kinds of base:
 
 * any Hugging Face causal LM id or local path. A hub id is the one place Atelier downloads
   weights; it is logged, and offline it fails with a message naming the way out.
+* a GGUF model: `smollm2-135m` and `gemma3-270m` (installed from the package registry,
+  see `atelier.catalog`), any `.gguf` file, or a folder holding one. It is dequantised once
+  into an fp32 safetensors folder under `ATELIER_HOME/bases/`, content-addressed by the
+  file's SHA-256, and reused afterwards.
 * `scratch:tiny` / `scratch:small`: a randomly initialised Llama with a byte-level BPE
   tokenizer trained on the domain documents plus a small general-English corpus shipped in
   `resources/general_en.txt`. It lets the whole pipeline run on a laptop CPU in minutes, and
@@ -63,6 +67,18 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
 )
+
+
+
+
+def default_chat_template(tokenizer) -> str:
+    """The template given to a base that ships none (a pretrained model such as Gemma 3 270M):
+    `PLAIN_CHAT_TEMPLATE`'s plain-text role headers, which a pretrained model reads as text,
+    led by the bos token when the tokenizer puts one before every text (Gemma does; the
+    model is much worse without it)."""
+    ids = tokenizer("x")["input_ids"]
+    leads_with_bos = tokenizer.bos_token_id is not None and bool(ids) and ids[0] == tokenizer.bos_token_id
+    return ("{{ bos_token }}" if leads_with_bos else "") + PLAIN_CHAT_TEMPLATE
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,14 @@ def default_dtype():
 def resolve_base(name: str, *, work_dir: Path, corpus_texts: list[str] | None, seed: int) -> Path:
     """A local directory with a causal LM and a tokenizer that has a chat template.
 
+    `name` is one of: a catalogue name (`smollm2-135m`, `gemma3-270m`: GGUF files installed
+    from the package registry), a `.gguf` file or a folder holding one, a Hugging Face model
+    folder or hub id, or `scratch:tiny` / `scratch:small`.
+
     `work_dir` is where a base is written when one has to be built (scratch bases, or a
     copy of a Hugging Face model whose tokenizer lacks a chat template); a Hugging Face
-    model that is usable as is is returned where it lies.
+    model that is usable as is is returned where it lies. GGUF bases are converted once into
+    `ATELIER_HOME/bases/gguf-<sha256>/` and reused from there by every run.
     """
     work_dir = Path(work_dir)
     if name.startswith("scratch:"):
@@ -141,16 +162,122 @@ def resolve_base(name: str, *, work_dir: Path, corpus_texts: list[str] | None, s
         if size not in SCRATCH_SPECS:
             raise AtelierError(f"unknown base {name!r}; use one of {', '.join('scratch:' + s for s in SCRATCH_SPECS)}")
         return build_scratch_base(size, work_dir=work_dir, corpus_texts=corpus_texts or [], seed=seed)
+    gguf = gguf_source(name)
+    if gguf is not None:
+        return convert_gguf(gguf, name)
     path = _local_or_downloaded(name)
     _check_causal_lm(path, name)
     return _with_chat_template(path, name, work_dir)
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file `name` stands for (a catalogue name, a .gguf file, a folder with one and no
+    config.json), or None when `name` is something else."""
+    from atelier.catalog import catalog_gguf, is_catalog_name
+
+    if is_catalog_name(name):
+        return catalog_gguf(name)
+    local = Path(name).expanduser()
+    if local.is_file() and local.suffix.lower() == ".gguf":
+        return local.resolve()
+    if local.is_dir() and not (local / "config.json").is_file():
+        found = sorted(local.glob("*.gguf"))
+        if len(found) > 1:
+            raise AtelierError(f"base {name} holds {len(found)} .gguf files ({', '.join(p.name for p in found)}); "
+                               "pass the one to use")
+        if found:
+            return found[0].resolve()
+    return None
+
+
+def convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantise a GGUF model once into an fp32 safetensors folder under ATELIER_HOME/bases/.
+
+    transformers loads GGUF files but refuses to save them ("quantized with gguf"), so the
+    weights are moved into a model built from the same config without the quantization
+    entry. The folder is named by the GGUF's SHA-256, carries the tokenizer and a chat
+    template (the file's own, or `PLAIN_CHAT_TEMPLATE` for a pretrained model that has none),
+    and is written to a temporary sibling first: a killed conversion never looks complete.
+    """
+    from atelier.home import atelier_home
+
+    digest = _sha256_file(gguf)
+    target = atelier_home() / "bases" / f"gguf-{digest[:16]}"
+    fingerprint = _hash_json({"gguf": digest, "version": _GGUF_CONVERSION_VERSION})
+    if _marker_matches(target, fingerprint):
+        log.debug("reusing converted base %s in %s", name, target)
+        return target
+    log.info("converting %s (%s) to safetensors in %s, once", name, gguf.name, target)
+    try:
+        model, tokenizer = _dequantised(gguf)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise AtelierError(f"base {name}: transformers cannot load {gguf} ({exc}); check that the file is a "
+                           "complete GGUF of a supported architecture (llama, gemma3, qwen2, mistral, phi3, ...)"
+                           ) from None
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = default_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    with _fresh_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_marker(tmp, {"name": name, "kind": "gguf", "fingerprint": fingerprint, "gguf": str(gguf),
+                            "gguf_sha256": digest, "parameters": model.num_parameters()})
+    return target
+
+
+_GGUF_CONVERSION_VERSION = 2  # 2: bos-led default template
+
+
+def _dequantised(gguf: Path):
+    """(fp32 model, tokenizer) from a GGUF file; the per-tensor progress bars of the
+    dequantisation are hidden (one log line says what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _load_dequantised(gguf)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_dequantised(gguf: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    real_missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})
+                    and not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise ValueError(f"weights do not match the architecture (missing {real_missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return model.eval(), tokenizer
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _local_or_downloaded(name: str) -> Path:
     local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise AtelierError(f"base {name} is a file; pass the model's directory (with config.json)")
+            raise AtelierError(f"base {name} is a file but not a .gguf; pass a .gguf file or a model "
+                               "directory (with config.json)")
         return local.resolve()
     if name.startswith(("/", ".", "~")) or name.count("/") != 1:
         raise AtelierError(f"base {name} does not exist; pass a model directory, a Hugging Face id "
@@ -198,7 +325,8 @@ def _check_causal_lm(path: Path, name: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if not (path / "config.json").is_file():
-        raise AtelierError(f"base {name} has no config.json; pass a Hugging Face model directory or scratch:tiny")
+        raise AtelierError(f"base {name} has no config.json and no .gguf file; pass a Hugging Face model directory, "
+                           "a .gguf file, smollm2-135m or scratch:tiny")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable config is the same user error
@@ -223,11 +351,11 @@ def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
         raise AtelierError(f"base {name}: cannot load its tokenizer ({exc})") from None
     if tokenizer.chat_template:
         return path
-    fingerprint = _hash_json({"source": str(path), "template": PLAIN_CHAT_TEMPLATE})
+    fingerprint = _hash_json({"source": str(path), "template": default_chat_template(tokenizer)})
     if _marker_matches(work_dir, fingerprint):
         return work_dir
     log.info("base %s has no chat template; writing a copy with one to %s", name, work_dir)
-    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    tokenizer.chat_template = default_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -298,6 +426,18 @@ def _init_llama(spec: ScratchSpec, tokenizer, seed: int):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def inherit_marker(base: Path, trained: Path) -> None:
+    """Mark a fully trained copy of `base` with the base's kind (its recipe defaults still apply)."""
+    if _read_marker(Path(base)).get("kind") in ("scratch", "scratch-trained"):
+        _write_marker(Path(trained), {"kind": "scratch-trained", "trained_from": str(base), "fingerprint": None})
+
+
+def uses_scratch_recipe(path: Path) -> bool:
+    """True for a scratch base and for models trained from one: they take the scratch recipe's
+    step counts and learning rates (training/recipe.py)."""
+    return _read_marker(Path(path)).get("kind") in ("scratch", "scratch-trained")
 
 
 def is_scratch_base(path: Path) -> bool:

@@ -45,7 +45,7 @@ class PipelineHooks:
 
     step: Callable[[str, str], None] = lambda name, detail: None  # a step starts: ("dapt", "training 250 steps")
     data_progress: Callable[[str, int, int], None] | None = None  # (what, done, total)
-    train_progress: Callable[[int, int, float | None], None] | None = None  # (step, max_steps, loss)
+    train_progress: Callable[..., None] | None = None  # (step, max_steps, loss, tokens_seen=...)
     skipped: Callable[[str, str], None] = lambda path, reason: None  # an unreadable document
     done: Callable[[str, float, str], None] = lambda name, seconds, note: None  # a step finished
 
@@ -136,7 +136,7 @@ def evaluate_cached(label: str, model: Path, adapter: Path | None, data_dir: Pat
 
 
 def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, manifest_hash: str, run_dir: Path,
-                config: SpecialistConfig, hooks: PipelineHooks):
+                config: SpecialistConfig, hooks: PipelineHooks, time_limit_s: float | None = None):
     from training.dapt import train_dapt
     from training.dpo import train_dpo
     from training.sft import train_sft
@@ -146,7 +146,7 @@ def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, m
     key = _digest(model_identity(model), model_identity(adapter) if adapter else None, manifest_hash,
                   stage_config.model_dump(mode="json"), config.lora.model_dump(mode="json"))
     return train(model, data_dir, run_dir / f"{stage}-{key[:12]}", stage_config, config.lora, adapter=adapter,
-                 progress=hooks.train_progress)
+                 progress=hooks.train_progress, time_limit_s=time_limit_s)
 
 
 def keep_base(model: Path, run_dir: Path) -> Path:
@@ -192,6 +192,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     from training.models import resolve_base
 
     hooks = hooks or PipelineHooks()
+    run_started = time.perf_counter()
     validate_name(name)
     config.lora.check_available()
     docs = load_documents(Path(docs_dir), hooks)
@@ -214,6 +215,22 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     hooks.done("data", result.timings["data"], ("reused: " if reused else "") + ", ".join(
         f"{k} {v}" for k, v in result.data_counts.items()))
 
+    hooks.step("check", "base, chat template, data and memory")
+    started = time.perf_counter()
+    check_run(base, data_dir, config)
+    result.timings["check"] = time.perf_counter() - started
+    hooks.done("check", result.timings["check"], "base loads, template renders, data and memory fit")
+
+    throughput = None
+    if config.budget_minutes is not None:
+        hooks.step("budget", f"{config.budget_minutes:g} min: measuring training throughput on the base")
+        started = time.perf_counter()
+        throughput = budget_throughput(base, data_dir, run_dir, config)
+        config = config.model_copy(update={"eval": scale_eval(config.eval, config.budget_minutes * 60, throughput)})
+        result.timings["budget"] = time.perf_counter() - started
+        hooks.done("budget", result.timings["budget"], f"{throughput:.0f} training tokens/s; evaluation sized to "
+                   f"{config.eval.max_mcq_items} multiple-choice items")
+
     eval_dir = run_dir / "eval"
     started = time.perf_counter()
     hooks.step("eval", "base model on the held-out split")
@@ -221,21 +238,38 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     result.timings["eval:base"] = time.perf_counter() - started
     hooks.done("eval", result.timings["eval:base"], _brief(metrics["base"]))
 
+    plans = {}
+    if throughput is not None:
+        hooks.step("plan", f"stages for the {config.budget_minutes:g} min budget")
+        plans = plan_stages(base, data_dir, run_dir, config, throughput, spent_s=time.perf_counter() - run_started,
+                            final_eval_s=result.timings["eval:base"])
+        hooks.done("plan", 0.0, ", ".join(
+            f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values()))
+        config = config.model_copy(update={s: getattr(config, s).model_copy(update={"max_steps": p.max_steps})
+                                           for s, p in plans.items()})
+
     model, adapter = base, None
-    for stage in config.stages:
+    for position, stage in enumerate(config.stages):
         started = time.perf_counter()
-        hooks.step(stage, f"{getattr(config, stage).max_steps} steps")
-        outcome = train_stage(stage, model, adapter, data_dir, manifest.content_hash, run_dir, config, hooks)
+        stage_config = getattr(config, stage)
+        hooks.step(stage, f"{stage_config.max_steps} steps" if stage_config.max_steps
+                   else f"{stage_config.epochs or 'recipe'} epoch(s)")
+        limit = plans[stage].seconds * BUDGET_SLACK if stage in plans else None
+        outcome = train_stage(stage, model, adapter, data_dir, manifest.content_hash, run_dir, config, hooks, limit)
         model, adapter = Path(outcome.model_path), (Path(outcome.adapter_path) if outcome.adapter_path else None)
         result.stages[stage] = outcome.model_dump(mode="json")
         result.timings[stage] = time.perf_counter() - started
-        metrics[stage] = evaluate_cached(stage, model, adapter, data_dir, manifest.content_hash, config, eval_dir,
-                                         stage_stamp=json.dumps(model_identity(adapter or model)))
-        result.timings[f"eval:{stage}"] = time.perf_counter() - started - result.timings[stage]
-        resumed = f", resumed from step {outcome.resumed_from_step}" if outcome.resumed_from_step else ""
-        hooks.done(stage, result.timings[stage], f"{outcome.steps} steps{resumed}; {_brief(metrics[stage])}")
+        note = f"{outcome.steps} steps, {outcome.tokens_per_s:.0f} tokens/s"
+        if outcome.resumed_from_step:
+            note += f", resumed from step {outcome.resumed_from_step}"
+        if config.evaluate_stages or position == len(config.stages) - 1:
+            metrics[stage] = evaluate_cached(stage, model, adapter, data_dir, manifest.content_hash, config,
+                                             eval_dir, stage_stamp=json.dumps(model_identity(adapter or model)))
+            result.timings[f"eval:{stage}"] = time.perf_counter() - started - result.timings[stage]
+            note += f"; {_brief(metrics[stage])}"
+        hooks.done(stage, result.timings[stage], note)
 
-    report = compare(metrics["base"], {s: metrics[s] for s in config.stages})
+    report = compare(metrics["base"], {s: metrics[s] for s in config.stages if s in metrics})
     write_report(report, eval_dir)
     result.report = report.to_dict()
 
@@ -264,6 +298,120 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
         atomic_write_text(run_dir / DONE_FILE, json.dumps({"report": result.report, "timings": result.timings,
                                                            "stages": result.stages}, indent=2, default=str) + "\n")
     return result
+
+
+BUDGET_SLACK = 1.05  # a budgeted stage may run this much past its share before it is stopped
+
+
+def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
+    """Everything that can fail cheaply, checked before the first expensive step: the base's
+    tokenizer and chat template (as SFT will render them), non-empty data for every stage,
+    and a training micro-batch that fits in memory at each stage's sequence length."""
+    from training.models import load_tokenizer, uses_scratch_recipe
+    from training.recipe import micro_batch
+    from training.sft import check_chat_template
+
+    try:
+        tokenizer = load_tokenizer(base)
+    except Exception as exc:  # noqa: BLE001 - any unloadable tokenizer is the same user error
+        raise AtelierError(f"the base in {base} has no loadable tokenizer ({exc}); pass another --base") from None
+    if "sft" in config.stages or "dpo" in config.stages:
+        check_chat_template(tokenizer, base)
+    for stage in config.stages:
+        path = data_dir / stage / "train.jsonl"
+        if not path.is_file() or not path.read_text(encoding="utf-8").strip():
+            raise AtelierError(f"no {stage} training data was generated ({path}); the documents gave nothing "
+                               f"for this stage: add documents, or leave {stage} out of --stages")
+    if not uses_scratch_recipe(base):
+        for stage in config.stages:
+            stage_config = getattr(config, stage)
+            length = stage_config.seq_len * (2 if stage == "dpo" else 1)
+            micro_batch(base, length, full=config.lora.method == "full")
+
+
+def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:
+    """Training tokens/s of this base on this machine, measured once per run (run_dir/throughput.json)."""
+    from training.dapt import to_blocks
+    from training.models import load_tokenizer
+    from training.recipe import measure_throughput
+    from training.trainer_common import read_rows
+
+    cached = run_dir / "throughput.json"
+    key = _digest(model_identity(base), config.lora.model_dump(mode="json"), config.dapt.seq_len)
+    if cached.is_file():
+        saved = json.loads(cached.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return float(saved["tokens_per_s"])
+    tokenizer = load_tokenizer(base)
+    dapt_file = data_dir / "dapt" / "train.jsonl"
+    texts = [row["text"] for row in read_rows(dapt_file, ("text",))] if dapt_file.is_file() else []
+    blocks = to_blocks(texts[:64] or ["calibration text " * 400], tokenizer, config.dapt.seq_len, packing=True)
+    tokens_per_s = measure_throughput(base, blocks, config.lora, full=config.lora.method == "full",
+                                      batch_size=min(2, len(blocks)))
+    atomic_write_text(cached, json.dumps({"key": key, "tokens_per_s": tokens_per_s}) + "\n")
+    return tokens_per_s
+
+
+EVAL_SHARE = 0.12  # of a budget, for each of the two evaluations (base and specialist)
+_EVAL_FLOORS = {"max_mcq_items": 40, "max_perplexity_texts": 20, "max_generation_items": 4, "max_preference_items": 20}
+
+
+def scale_eval(eval_config, budget_s: float, train_tokens_per_s: float):
+    """The held-out evaluation cut down to about EVAL_SHARE of the budget, from the measured speed.
+
+    Scoring is a forward pass (about 3x the training throughput); a generated token costs a
+    forward of its own. Item caps shrink together, never below floors that keep the
+    multiple-choice score meaningful (40 items)."""
+    forward = 3 * train_tokens_per_s
+    caps = {name: getattr(eval_config, name) for name in _EVAL_FLOORS if hasattr(eval_config, name)}
+    seconds = (caps.get("max_mcq_items", 0) * getattr(eval_config, "mcq_options", 4) * 80
+               + caps.get("max_perplexity_texts", 0) * 300 + caps.get("max_preference_items", 0) * 2 * 120) / forward
+    seconds += caps.get("max_generation_items", 0) * getattr(eval_config, "max_new_tokens", 48) / max(forward / 12, 1)
+    target = EVAL_SHARE * budget_s
+    if seconds <= target:
+        return eval_config
+    factor = target / seconds
+    return eval_config.model_copy(update={name: max(min(_EVAL_FLOORS[name], value), round(value * factor))
+                                          for name, value in caps.items()})
+
+
+def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig, tokens_per_s: float, *,
+                spent_s: float, final_eval_s: float):
+    """Step counts that fit the run into `config.budget_minutes` (training/recipe.py), kept in
+    run_dir/budget.json so that a resumed run trains the same plan."""
+    from training.models import load_tokenizer
+    from training.recipe import EFFECTIVE_BATCH, StagePlan, plan_budget
+    from training.trainer_common import read_rows
+
+    entered = time.perf_counter()
+    plan_file = run_dir / "budget.json"
+    key = _digest(config.model_dump(mode="json"), model_identity(base),
+                  [model_identity(data_dir / s / "train.jsonl") for s in config.stages])
+    if plan_file.is_file():
+        saved = json.loads(plan_file.read_text(encoding="utf-8"))
+        if saved.get("key") == key:
+            return {s: StagePlan(**p) for s, p in saved["plans"].items()}
+    tokenizer = load_tokenizer(base)
+    texts = {"dapt": ["text"], "sft": ["messages"], "dpo": ["prompt", "chosen", "rejected"]}
+    tokens, rows, batches = {}, {}, {}
+    for stage in config.stages:
+        data = read_rows(data_dir / stage / "train.jsonl", tuple(texts[stage]))
+        flat = [" ".join(t["content"] for t in row[k]) if isinstance(row[k], list) else row[k]
+                for row in data for k in texts[stage]]
+        count = sum(len(ids) for ids in tokenizer(flat, add_special_tokens=False)["input_ids"])
+        count += len(data) * (24 if stage != "dapt" else 1)  # chat template scaffolding per conversation
+        stage_config = getattr(config, stage)
+        packed = stage == "dapt" or (stage == "sft" and stage_config.packing)
+        tokens[stage] = count
+        rows[stage] = -(-count // stage_config.seq_len) if packed else len(data)
+        batches[stage] = (stage_config.batch_size * stage_config.grad_accumulation if stage_config.batch_size
+                          else EFFECTIVE_BATCH)
+    seconds_left = config.budget_minutes * 60 - spent_s - (time.perf_counter() - entered) - final_eval_s
+    max_epochs = {s: getattr(config, s).epochs or 1.0 for s in config.stages}
+    plans = plan_budget(seconds_left, tokens, rows, tokens_per_s, batches, max_epochs)
+    atomic_write_text(plan_file, json.dumps({"key": key, "tokens_per_s": tokens_per_s, "tokens": tokens,
+                                             "plans": {s: vars(p) for s, p in plans.items()}}, indent=2) + "\n")
+    return plans
 
 
 def _already_registered(registry, name: str, artifact: Path, base_model: str):

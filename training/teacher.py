@@ -1,9 +1,11 @@
 """The teacher: a larger chat model that writes training data, asked each question only once.
 
 A teacher is named `provider:model`: `ollama:gemma2:27b` (a local Ollama server, through
-langchain-ollama's ChatOllama) or `openai:MODEL` (any OpenAI-compatible server: OpenAI,
-vLLM, llama.cpp, LM Studio, Ollama's `/v1`; spoken with httpx because langchain-openai is
-not a dependency). Both backends honour one small contract (`send`, `probe`), so adding a
+langchain-ollama's ChatOllama), `openai:MODEL` (any OpenAI-compatible server: OpenAI,
+vLLM, llama.cpp, LM Studio, Ollama's `/v1`) or `llamacpp:smollm2-135m` / `llamacpp:PATH.gguf`
+(llama.cpp started in-process by atelier.servers). A parser with a `json_schema` attribute
+gets structured output: the schema as `response_format` for OpenAI-compatible servers and
+llama.cpp (which turns it into a grammar), as `format` for Ollama. Both backends honour one small contract (`send`, `probe`), so adding a
 provider means adding one class to `_BACKENDS`.
 
 What the rest of the pipeline relies on:
@@ -94,7 +96,7 @@ class ChatBackend(Protocol):
 
     url: str
 
-    def send(self, messages: list[dict[str, str]]) -> str: ...
+    def send(self, messages: list[dict[str, str]], schema: dict | None = None) -> str: ...
 
     def probe(self) -> None: ...
 
@@ -109,20 +111,22 @@ def _status_error(status: int) -> Exception:
 class OpenAIBackend:
     """POST {base_url}/chat/completions, the OpenAI-compatible chat API."""
 
-    def __init__(self, model: str, config: TeacherConfig):
+    def __init__(self, model: str, config: TeacherConfig, url: str | None = None):
         import httpx
 
         self.model, self.config = model, config
-        self.url = (config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL).rstrip("/")
+        self.url = (url or config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL).rstrip("/")
         key = os.environ.get(config.api_key_env, "")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client = httpx.Client(base_url=self.url, headers=headers, timeout=config.timeout_s)
 
-    def send(self, messages: list[dict[str, str]]) -> str:
+    def send(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
         import httpx
 
         body = {"model": self.model, "messages": messages, "temperature": self.config.temperature,
                 "max_tokens": self.config.max_tokens, "stream": False}
+        if schema is not None:  # llama.cpp turns the schema into a grammar; OpenAI and vLLM honour it too
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
         try:
             response = self._client.post("/chat/completions", json=body)
         except httpx.TransportError as exc:
@@ -161,12 +165,13 @@ class OllamaBackend:
                                 temperature=config.temperature, num_predict=config.max_tokens,
                                 client_kwargs={"timeout": config.timeout_s})
 
-    def send(self, messages: list[dict[str, str]]) -> str:
+    def send(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
         import httpx
         from ollama import ResponseError
 
+        chat = self._chat if schema is None else self._chat.bind(format=schema)  # Ollama's structured output
         try:
-            reply = self._chat.invoke([(m["role"], m["content"]) for m in messages], stream=False)
+            reply = chat.invoke([(m["role"], m["content"]) for m in messages], stream=False)
         except (ConnectionError, httpx.TransportError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
         except ResponseError as exc:
@@ -190,7 +195,16 @@ class OllamaBackend:
                                f"`ollama pull {self.model}`, or choose another --teacher, or run without --teacher")
 
 
-_BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {"ollama": OllamaBackend, "openai": OpenAIBackend}
+def _llamacpp_backend(model: str, config: TeacherConfig) -> OpenAIBackend:
+    """A GGUF (llamacpp:smollm2-135m, llamacpp:PATH.gguf) in the embedded llama.cpp, spoken to as OpenAI."""
+    from atelier.servers import ServerConfig, endpoint
+
+    ep = endpoint(ServerConfig(name=f"llamacpp:{model}", num_ctx=max(config.num_ctx, 2048)))
+    return OpenAIBackend(ep.model, config, url=ep.base_url)
+
+
+_BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {
+    "ollama": OllamaBackend, "openai": OpenAIBackend, "llamacpp": _llamacpp_backend}
 
 
 class ResponseCache:
@@ -233,12 +247,11 @@ class TeacherBatch(Generic[T]):
 
 
 def split_name(name: str) -> tuple[str, str]:
-    """('ollama', 'gemma2:27b') from 'ollama:gemma2:27b', or an AtelierError naming the forms."""
-    provider, _, model = name.partition(":")
-    if provider not in _BACKENDS or not model:
-        raise AtelierError(f"teacher {name!r} is not provider:model; use one of "
-                           f"{', '.join(p + ':MODEL' for p in _BACKENDS)} (e.g. ollama:gemma2:27b)")
-    return provider, model
+    """('ollama', 'gemma2:27b') from 'ollama:gemma2:27b' (the model-server layer's one parser)."""
+    from atelier.servers import parse_model
+
+    parsed = parse_model(name, what="teacher")
+    return parsed.provider, parsed.model
 
 
 class Teacher:
@@ -277,30 +290,32 @@ class Teacher:
         with self._stats_lock:
             self.stats[what] += 1
 
-    def cache_key(self, messages: list[dict[str, str]]) -> str:
-        params = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
+    def cache_key(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
+        params: dict[str, Any] = {"temperature": self.config.temperature, "max_tokens": self.config.max_tokens}
+        if schema is not None:
+            params["schema"] = schema
         if self.name.startswith("ollama:"):
             params["num_ctx"] = self.config.num_ctx
         blob = json.dumps({"model": self.name, "messages": messages, "params": params}, sort_keys=True)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
-    def complete(self, prompt: str) -> str:
-        """The teacher's answer to one user prompt: from the cache, else asked (with retries)."""
+    def complete(self, prompt: str, schema: dict | None = None) -> str:
+        """The teacher's answer to one user prompt (as JSON following `schema` when given): cached, else asked."""
         messages = [{"role": "user", "content": prompt}]
-        key = self.cache_key(messages)
+        key = self.cache_key(messages, schema)
         cached = self.cache.get(key)
         if cached is not None:
             self._count("cache_hits")
             return cached
-        answer = self._send_with_retries(messages)
+        answer = self._send_with_retries(messages, schema)
         self.cache.put(key, self.name, answer)
         return answer
 
-    def _send_with_retries(self, messages: list[dict[str, str]]) -> str:
+    def _send_with_retries(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
         for attempt in range(self.config.max_retries + 1):
             self._count("requests")
             try:
-                return self.backend.send(messages)
+                return self.backend.send(messages, schema) if schema is not None else self.backend.send(messages)
             except TransientError as exc:
                 if attempt == self.config.max_retries:
                     raise RequestFailed("unavailable") from exc
@@ -320,7 +335,8 @@ class Teacher:
         batch: TeacherBatch[T] = TeacherBatch(results=[None] * len(prompts))
         done = 0
         with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="teacher") as pool:
-            futures = {pool.submit(self.complete, p): i for i, p in enumerate(prompts)}
+            schema = getattr(parse, "json_schema", None)  # a parser may ask for structured output
+            futures = {pool.submit(self.complete, p, schema): i for i, p in enumerate(prompts)}
             for future in as_completed(futures):
                 i = futures[future]
                 try:

@@ -32,8 +32,9 @@ from atelier.home import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[int, int, float | None], None]
-"""Called after each optimizer step with (step, max_steps, latest logged loss or None)."""
+ProgressFn = Callable[..., None]
+"""Called after each optimizer step with (step, max_steps, latest logged loss or None) and the
+keyword `tokens_seen` (non-padding input tokens so far), from which callers show tokens/s and an ETA."""
 
 RESULT_FILE = "result.json"
 STAGE_FILE = "stage.json"
@@ -42,10 +43,15 @@ STAGE_FILE = "stage.json"
 class StageConfig(StrictModel):
     """Fields every training stage has; each stage subclasses it with its own defaults."""
 
-    max_steps: int | None = Field(300, ge=1, description="Optimizer steps; None trains for `epochs` instead.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data; used only when max_steps is None.")
-    learning_rate: float = Field(1e-3, gt=0, description="Peak AdamW learning rate after warmup; cosine decay follows.")
-    batch_size: int = Field(8, ge=1, description="Sequences per device per forward pass.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; unset: `epochs` passes, or the recipe's "
+                                  "default for the base (fixed steps for scratch bases, 1 epoch for pretrained ones).")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data when max_steps is unset; "
+                                 "unset too: the recipe's default for the base.")
+    learning_rate: float | None = Field(None, gt=0, description="Peak AdamW learning rate after warmup (cosine decay "
+                                        "follows); unset: the recipe's default for the base (training/recipe.py).")
+    batch_size: int | None = Field(None, ge=1, description="Sequences per device per forward pass; unset: the "
+                                   "recipe's choice (the largest micro-batch the memory estimate fits, with "
+                                   "gradient accumulation up to an effective batch of 8).")
     grad_accumulation: int = Field(1, ge=1, description="Forward passes per optimizer step "
                                    "(effective batch = batch_size x this).")
     seq_len: int = Field(256, ge=16, description="Tokens per training sequence; longer rows are truncated.")
@@ -211,6 +217,8 @@ def training_kwargs(config: StageConfig, out_dir: Path, progress: ProgressFn | N
         if importlib.util.find_spec("tensorboard") is None:
             raise AtelierError("report_to=tensorboard needs the tensorboard package; pip install tensorboard, "
                                "or set report_to=none")
+    if config.learning_rate is None or config.batch_size is None or (config.max_steps is None and config.epochs is None):
+        raise AtelierError("stage config not resolved: call resolve_stage_config() before training")  # a bug, not a user error
     steps = {"max_steps": config.max_steps} if config.max_steps else {"num_train_epochs": config.epochs}
     return dict(
         output_dir=str(out_dir / "checkpoints"), **steps,
@@ -233,7 +241,7 @@ def _progress_callback(progress: ProgressFn):
     from transformers import TrainerCallback
 
     class ReportProgress(TrainerCallback):
-        """Forwards (step, max_steps, loss) to the caller's progress function."""
+        """Forwards (step, max_steps, loss, tokens_seen=...) to the caller's progress function."""
 
         loss: float | None = None
 
@@ -242,9 +250,46 @@ def _progress_callback(progress: ProgressFn):
                 self.loss = float(logs["loss"])
 
         def on_step_end(self, args, state, control, **kwargs):
-            progress(state.global_step, state.max_steps, self.loss)
+            progress(state.global_step, state.max_steps, self.loss, tokens_seen=state.num_input_tokens_seen)
 
     return ReportProgress()
+
+
+def _time_limit_callback(seconds: float):
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        """Ends training at the first step boundary past `seconds` (a budgeted stage's share):
+        the adapter trained so far is saved as the stage's result."""
+
+        started: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.started is not None and time.perf_counter() - self.started > seconds:
+                log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
+                            seconds, state.global_step, state.max_steps)
+                control.should_training_stop = True
+
+    return TimeLimit()
+
+
+def resolve_stage_config(stage: str, config: StageConfig, out_dir: Path, base: Path, lora) -> StageConfig:
+    """The stage's config with the recipe's choices filled in (training/recipe.py), fixed for the
+    life of `out_dir`: a resumed stage reuses the choices it started with (plan.json), so a
+    different amount of free memory never changes the batch under a checkpoint."""
+    from training.models import uses_scratch_recipe
+    from training.recipe import resolve_stage
+
+    plan_file = out_dir / "plan.json"
+    if plan_file.is_file():
+        with contextlib.suppress(ValueError):
+            return type(config).model_validate_json(plan_file.read_text(encoding="utf-8"))
+    resolved = resolve_stage(stage, config, scratch=uses_scratch_recipe(base), full=lora.method == "full", base=base)
+    atomic_write_text(plan_file, resolved.model_dump_json(indent=2) + "\n")
+    return resolved
 
 
 @contextlib.contextmanager
@@ -269,13 +314,16 @@ def quiet_progress(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def attach_progress(trainer, progress: ProgressFn | None):
-    """Route step reports to `progress` instead of the Trainer's own printing; returns trainer."""
+def attach_progress(trainer, progress: ProgressFn | None, time_limit_s: float | None = None):
+    """Route step reports to `progress` instead of the Trainer's own printing, and end training
+    after `time_limit_s` seconds when given; returns trainer."""
     from transformers.trainer_callback import PrinterCallback
 
     if progress is not None:
         trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict to stdout
         trainer.add_callback(_progress_callback(progress))
+    if time_limit_s is not None:
+        trainer.add_callback(_time_limit_callback(time_limit_s))
     return trainer
 
 

@@ -138,7 +138,7 @@ def test_models_specialists_and_health(client, url):
     specialists = httpx.get(f"{url}/v1/specialists", headers={"Authorization": f"Bearer {KEY}"}).json()["data"]
     assert specialists[0]["name"] == "valves" and specialists[0]["metrics"] == {"perplexity": 7.5, "mcq_accuracy": 0.5}
     health = httpx.get(f"{url}/health").json()
-    assert health == {"status": "ok", "router_only": True, "specialists": 1, "index": True}
+    assert health == {"status": "ok", "router_only": True, "model": None, "specialists": 1, "index": True}
 
 
 def test_specialist_directly_honours_generation_parameters(client):
@@ -297,3 +297,25 @@ def test_the_web_page_is_served_when_its_folder_exists(orchestrator, monkeypatch
     monkeypatch.setattr(agents.api, "WEB_DIR", tmp_path / "missing")
     bare = TestClient(create_app(ServeConfig(), orchestrator=orchestrator))
     assert bare.get("/").status_code == 404 and bare.get("/static/app.js").status_code == 404
+
+
+def test_a_real_model_streams_through_the_api_and_keeps_the_result(home, smollm2):
+    """SmolLM2 on llama.cpp behind the API: the official SDK streams its words, then the tool's result."""
+    from tests.conftest import SMOLLM2
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATELIER_HOME", str(home))
+        orchestrator = Orchestrator(OrchestratorConfig(model={"name": SMOLLM2, "max_tokens": 16}))
+        app = create_app(ServeConfig(api_keys=[KEY]), orchestrator=orchestrator)
+    try:
+        with running(app) as base:
+            assert httpx.get(f"{base}/health").json()["model"] == SMOLLM2
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=120)
+            chunks = list(client.chat.completions.create(
+                model="atelier", stream=True, messages=[{"role": "user", "content": "what is 17 * 23?"}]))
+    finally:
+        orchestrator.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith("Result of calculator: 391")
+    info = chunks[-1].model_extra["atelier"]
+    assert info["model"] == SMOLLM2 and info["route"] == "tool:calculator" and info["route_output"].endswith("391")

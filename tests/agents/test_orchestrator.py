@@ -82,3 +82,37 @@ def test_cli_ask_json_and_chat(home):
                           input="what is 6 * 7\n/reset\nwhat is 1 + 1\n/exit\n", capture_output=True, timeout=300)
     assert chat.returncode == 0, chat.stderr
     assert "tool:calculator" in chat.stdout and "42" in chat.stdout and "conversation forgotten" in chat.stdout
+
+
+@pytest.fixture
+def with_model(home, monkeypatch, smollm2):
+    """The same orchestrator with SmolLM2 on llama.cpp writing the answers (short, bounded)."""
+    from tests.conftest import SMOLLM2
+
+    monkeypatch.setenv("ATELIER_HOME", str(home))
+    config = OrchestratorConfig(model={"name": SMOLLM2, "max_tokens": 24, "time_limit_s": 30}, search_k=2)
+    orchestrator = Orchestrator(config)
+    yield orchestrator
+    orchestrator.close()
+
+
+def test_a_real_weak_model_never_loses_the_routes_result(with_model):
+    assert not with_model.router_only and with_model.model_name == "llamacpp:smollm2-135m"
+    tool = with_model.ask("what is 17 * 23?", thread_id="m1")
+    assert tool.route == "tool:calculator" and tool.model == "llamacpp:smollm2-135m"
+    assert "Result of calculator: 391" in tool.text and tool.route_output.endswith("391")
+    search = with_model.ask("what is the tightening torque of the HX-65 impeller nut?", thread_id="m2")
+    assert search.route == "search" and search.route_output in search.text
+    first_line = search.route_output.splitlines()[0]
+    assert "80 N·m" in first_line and "[" in first_line  # the extractive answer, cited
+    for answer in (tool, search):
+        assert answer.finish in ("stop", "length", "loop", "time")
+
+
+def test_routing_by_constrained_output_never_crashes(with_model):
+    from agents.graph import available_routes, choose_route
+
+    services = with_model.services
+    assert services.model_tools is False
+    for question in ("what is 17 * 23?", "what is the HX-65 impeller nut torque?", "hello there"):
+        assert choose_route(services, question, fallback="direct") in available_routes(services)

@@ -92,11 +92,12 @@ def logits_of(model_dir: Path, adapter: Path, ids: list[int]) -> np.ndarray:
 
 
 def gguf_greedy(path: Path, ids: list[int], count: int = 16) -> list[int]:
-    gf = gguf_export.GgufFile(path)
-    ids = list(ids)
-    for _ in range(count):
-        ids.append(int(gguf_export.gguf_logits(gf, [ids], [len(ids) - 1])[0][-1].argmax()))
-    return ids[-count:]
+    """The GGUF file's greedy continuation, run in llama.cpp itself."""
+    from atelier.llamacpp import private_server
+    from specialists.export_parity import _llamacpp_greedy
+
+    with private_server(path, n_ctx=256) as server:
+        return _llamacpp_greedy(server.url.removesuffix("/v1"), ids, count)[0]
 
 
 def front_matter(readme: Path) -> dict:
@@ -161,7 +162,7 @@ def test_held_out_prompts_come_from_the_run_and_fall_back_to_built_ins(registry,
 
 
 @pytest.mark.parametrize("quantize, weight_type", [("f16", "F16"), ("q8_0", "Q8_0")])
-def test_gguf_reads_back_with_llama_metadata_and_the_numpy_forward_agrees(registry, models, tmp_path, quantize,
+def test_gguf_reads_back_with_llama_metadata_and_llama_cpp_runs_it(registry, models, tmp_path, quantize,
                                                                            weight_type):
     from gguf import GGUFReader
 
@@ -172,6 +173,7 @@ def test_gguf_reads_back_with_llama_metadata_and_the_numpy_forward_agrees(regist
     reader = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's name; it refuses "gpt2"
     assert (meta["llama.context_length"], meta["llama.embedding_length"], meta["llama.block_count"],
             meta["llama.feed_forward_length"], meta["llama.attention.head_count"],
             meta["llama.attention.head_count_kv"]) == (256, 64, 2, 128, 4, 4)
@@ -194,23 +196,15 @@ def test_gguf_reads_back_with_llama_metadata_and_the_numpy_forward_agrees(regist
     if quantize == "f16":
         assert gguf_greedy(path, ids) == greedy_tokens(models.base, models.adapter, ids)
     else:  # q8_0 flips near-ties of this chaotic random model: its logits stay within tolerance instead
-        expected = logits_of(models.base, models.adapter, ids)
-        got = gguf_export.gguf_logits(gguf_export.GgufFile(path), [ids], [0])[0]
-        assert np.abs(got - expected).max() / expected.std() < export_module.TOLERANCES["q8_0"].drift
         assert result.parity.max_drift_sigma > 1e-3  # really quantized, and still passed the parity check
+    assert result.parity.artefact == "GGUF file in llama.cpp" and result.parity.tokens > 0
 
 
-def test_gguf_f32_logits_equal_transformers_which_proves_the_qk_permutation(registry, models, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    export_specialist("pumps", "merged", out=tmp_path / "merged", registry=registry)
-    export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry)
+def test_gguf_f32_in_llama_cpp_matches_transformers_which_proves_the_qk_permutation(registry, models, tmp_path):
+    result = export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry)
+    assert result.parity.max_drift_sigma < 0.01
     ids = prompt_ids(models.base)
-    with torch.inference_mode():
-        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(torch.tensor([ids])).logits[0].numpy()
-    got = gguf_export.gguf_logits(gguf_export.GgufFile(tmp_path / "gguf" / "pumps-v1-f32.gguf"), [ids], [0])[0]
-    assert np.abs(got - expected).max() < 1e-3 * expected.std()
+    assert gguf_greedy(tmp_path / "gguf" / "pumps-v1-f32.gguf", ids) == greedy_tokens(models.base, models.adapter, ids)
 
 
 def test_transformers_gguf_reader_loads_our_file_as_the_same_model_and_tokenizer(registry, models, tmp_path):
@@ -247,17 +241,15 @@ def test_a_damaged_gguf_tensor_fails_the_parity_check(registry, tmp_path):
     model, tokenizer = export_module.load_specialist(registry.get("pumps"))
     probes = export_module.reference_probes(model, tokenizer, export_module.held_out_conversations(registry.get("pumps")))
     good = gguf_export.GgufFile(path)
-    export_module.check_parity(probes, lambda s, t: gguf_export.gguf_logits(good, s, t), "f32", "GGUF file", tokenizer)
+    export_module.check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
 
     tensor = good.tensors["blk.1.ffn_down.weight"]
     data = np.memmap(path, dtype=np.float32, mode="r+", offset=tensor.data_offset, shape=(tensor.n_elements,))
     data[:] = np.random.default_rng(0).normal(0, 0.5, data.shape)  # a damaged (or wrongly converted) tensor
     data.flush()
     del data
-    damaged = gguf_export.GgufFile(path)
-    with pytest.raises(AtelierError, match=r"parity check failed .* prompt 1/5 .*expected tokens \[.*got \["):
-        export_module.check_parity(probes, lambda s, t: gguf_export.gguf_logits(damaged, s, t), "f32", "GGUF file",
-                                   tokenizer)
+    with pytest.raises(AtelierError, match=r"parity check failed .* llama.cpp.* prompt 1/5 .*expected tokens \[.*got \["):
+        export_module.check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
 
 
 def test_without_the_qk_permutation_the_export_fails_and_writes_nothing(registry, atelier_home, monkeypatch):

@@ -25,7 +25,7 @@ class StepRecorder:
     def __init__(self):
         self.calls: list[tuple[int, int, float | None]] = []
 
-    def __call__(self, step: int, max_steps: int, loss: float | None) -> None:
+    def __call__(self, step: int, max_steps: int, loss: float | None, tokens_seen: int = 0) -> None:
         self.calls.append((step, max_steps, loss))
 
 

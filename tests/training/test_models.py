@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -123,7 +124,7 @@ def test_cpu_precision_is_fp32_even_for_trl_configs(tmp_path):
 
     assert precision_kwargs() == {"bf16": False, "fp16": False, "use_cpu": True}
     for cls in (SFTConfig, DPOConfig):  # both default to bf16=True when not told
-        args = cls(**training_kwargs(SftConfig(), tmp_path, None))
+        args = cls(**training_kwargs(SftConfig(max_steps=2, learning_rate=1e-4, batch_size=2), tmp_path, None))
         assert (args.bf16, args.fp16, args.use_cpu, args.activation_checkpointing) == (False, False, True, False)
 
 
@@ -158,3 +159,37 @@ def test_lora_settings_are_documented_and_strict():
 def test_qlora_without_cuda_says_why():
     with pytest.raises(AtelierError, match="CUDA"):
         LoraSettings(method="qlora").check_available()
+
+
+def test_smollm2_gguf_base_is_converted_once_with_its_template(smollm2_base, tmp_path, monkeypatch):
+    """`--base smollm2-135m` resolves to the GGUF in its package, dequantised into safetensors."""
+    import json
+
+    from training.models import BASE_MARKER, load_tokenizer
+    from training.sft import check_chat_template
+
+    marker = json.loads((smollm2_base / BASE_MARKER).read_text())
+    assert marker["kind"] == "gguf" and marker["parameters"] > 130_000_000
+    assert (smollm2_base / "model.safetensors").stat().st_size > 500_000_000
+    tokenizer = load_tokenizer(smollm2_base)
+    assert "<|im_start|>" in tokenizer.chat_template
+    check_chat_template(tokenizer, smollm2_base)  # no generation markers, yet SFT can train on it
+    # the same file passed as a path, or its folder, finds the same converted base without converting again
+    monkeypatch.setenv("ATELIER_HOME", str(smollm2_base.parents[1]))
+    mtime = (smollm2_base / "model.safetensors").stat().st_mtime_ns
+    again = resolve_base(marker["gguf"], work_dir=tmp_path / "w", corpus_texts=None, seed=0)
+    folder = resolve_base(str(Path(marker["gguf"]).parent), work_dir=tmp_path / "w", corpus_texts=None, seed=0)
+    assert again == folder == smollm2_base
+    assert (smollm2_base / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_a_broken_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(AtelierError, match="cannot load"):
+        resolve_base(str(bad), work_dir=tmp_path / "w", corpus_texts=None, seed=0)
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"GGUF")
+    with pytest.raises(AtelierError, match="holds 2 .gguf files"):
+        resolve_base(str(tmp_path / "two"), work_dir=tmp_path / "w", corpus_texts=None, seed=0)

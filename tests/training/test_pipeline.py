@@ -19,6 +19,8 @@ import pytest
 DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
 ATELIER = [sys.executable, "-m", "atelier.cli"]
 SMALL = """
+base: scratch:tiny
+evaluate_stages: true
 dapt: {max_steps: 40, save_steps: 20, logging_steps: 10}
 sft: {max_steps: 30, save_steps: 10, logging_steps: 5}
 dpo: {max_steps: 10, save_steps: 5, logging_steps: 5}

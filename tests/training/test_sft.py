@@ -21,16 +21,72 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_user_tokens_are_masked_out_of_the_loss(dapt_result, small_data, tmp_path):
-    trainer = build_sft_trainer(dapt_result.model_path, small_data, tmp_path, SftConfig(seq_len=128), LoraSettings())
+    trainer = build_sft_trainer(dapt_result.model_path, small_data, tmp_path, SftConfig(seq_len=128, packing=False),
+                                LoraSettings())
     tokenizer = trainer.processing_class
     row = json.loads((small_data / "sft" / "train.jsonl").read_text().splitlines()[0])
     batch = trainer.data_collator([trainer.train_dataset[0]])
     ids, labels = batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
     trained = [i for i, label in zip(ids, labels, strict=True) if label != -100]
-    assert tokenizer.decode(trained) == row["messages"][1]["content"] + "<|im_end|>"
+    assert tokenizer.decode(trained).startswith(row["messages"][1]["content"] + "<|im_end|>")
     question = tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
     start = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
     assert all(label == -100 for label in labels[: start + len(question) + 2])  # role header, question, end of turn
+
+
+def test_packed_rows_train_only_answers_and_keep_conversations_apart(dapt_result, small_data, tmp_path):
+    trainer = build_sft_trainer(dapt_result.model_path, small_data, tmp_path, SftConfig(seq_len=128), LoraSettings())
+    tokenizer = trainer.processing_class
+    answers = {json.loads(line)["messages"][1]["content"]
+               for line in (small_data / "sft" / "train.jsonl").read_text().splitlines()}
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    assert len(rows) < len(answers)  # several conversations share a row
+    batch = trainer.data_collator(rows[:2])
+    assert "attention_mask" not in batch or batch["attention_mask"].all()  # padding-free
+    positions, labels, ids = batch["position_ids"][0].tolist(), batch["labels"][0].tolist(), batch["input_ids"][0]
+    starts = [i for i, p in enumerate(positions) if p == 0]
+    assert len(starts) >= 2  # position ids restart at each conversation
+    pieces = [tokenizer.decode([t for t, lab in zip(ids[a:b].tolist(), labels[a:b], strict=True) if lab != -100])
+              for a, b in zip(starts, starts[1:] + [len(positions)], strict=True)]
+    assert pieces and all(piece.endswith("<|im_end|>") or len(piece) > 0 for piece in pieces)
+    assert all(piece.removesuffix("\n").removesuffix("<|im_end|>") in answers for piece in pieces[:-1])
+
+
+def test_a_template_without_generation_markers_trains(dapt_result, small_data, tmp_path):
+    """SmolLM2, Llama 3 and Qwen templates carry no {% generation %} markers: SFT must still
+    train on answers only."""
+    from training.models import load_tokenizer
+
+    plain = tmp_path / "plain-template"
+    import shutil
+
+    shutil.copytree(dapt_result.model_path, plain)
+    tokenizer = load_tokenizer(plain)
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are helpful.<|im_end|>\n' }}{% endif %}"
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tokenizer.save_pretrained(plain)
+    config = SftConfig(max_steps=4, seq_len=128, packing=False, eval_heldout=False)
+    trainer = build_sft_trainer(plain, small_data, tmp_path / "out", config, LoraSettings())
+    row = json.loads((small_data / "sft" / "train.jsonl").read_text().splitlines()[0])
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trained = [i for i, lab in zip(batch["input_ids"][0].tolist(), batch["labels"][0].tolist(), strict=True)
+               if lab != -100]
+    assert trainer.processing_class.decode(trained) == row["messages"][1]["content"] + "<|im_end|>\n"
+
+
+def test_a_template_that_cannot_stop_is_refused_before_training(dapt_result, tmp_path):
+    from training.models import load_tokenizer
+    from training.sft import check_chat_template
+
+    tokenizer = load_tokenizer(dapt_result.model_path)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + ' ' }}{% endfor %}"
+    with pytest.raises(AtelierError, match="end-of-turn"):
+        check_chat_template(tokenizer, "b")
+    tokenizer.chat_template = "{{ messages[0]['nope'].x() }}"
+    with pytest.raises(AtelierError, match="cannot render"):
+        check_chat_template(tokenizer, "b")
 
 
 def test_sft_trains_a_new_adapter_on_the_dapt_model(sft_result, dapt_result):
@@ -63,7 +119,7 @@ from training.lora import LoraSettings
 from training.sft import SftConfig, train_sft
 base, data, out = map(Path, sys.argv[1:4])
 config = SftConfig(max_steps=40, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
-train_sft(base, data, out, config, LoraSettings(), None, progress=lambda *a: time.sleep(0.3))
+train_sft(base, data, out, config, LoraSettings(), None, progress=lambda *a, **k: time.sleep(0.3))
 """
 
 
@@ -110,3 +166,29 @@ def test_broken_adapter_is_refused(dapt_result, small_data, tmp_path):
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     with pytest.raises(AtelierError, match="empty or unreadable"):
         train_sft(dapt_result.model_path, small_data, tmp_path / "out", SftConfig(), LoraSettings(), adapter)
+
+
+def test_packed_loss_equals_the_loss_of_each_conversation_alone(dapt_result, small_data, tmp_path):
+    """Padding-free packing must not let a conversation attend to the one before it (the
+    position ids keep them apart only when the forward pass runs without a KV cache)."""
+    import torch
+
+    trainer = build_sft_trainer(dapt_result.model_path, small_data, tmp_path, SftConfig(seq_len=128), LoraSettings())
+    trainer.model.eval()
+    for index in range(len(trainer.train_dataset)):
+        batch = trainer.data_collator([trainer.train_dataset[index]])
+        positions = batch["position_ids"][0].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        if len(starts) > 3:
+            break
+    with torch.no_grad():
+        packed = float(trainer.compute_loss(trainer.model, dict(batch)))
+        total, count = 0.0, 0
+        for a, b in zip(starts, starts[1:]):
+            alone = {"input_ids": batch["input_ids"][:, a:b], "labels": batch["labels"][:, a:b],
+                     "position_ids": batch["position_ids"][:, a:b]}
+            n = int((alone["labels"][:, 1:] != -100).sum())
+            if n:
+                total += float(trainer.compute_loss(trainer.model, alone)) * n
+                count += n
+    assert len(starts) > 2 and abs(packed - total / count) < 1e-3

@@ -230,3 +230,19 @@ def test_parser_rejections_carry_their_reason():
     with pytest.raises(Rejected) as caught:
         parse_pairs("no json here")
     assert caught.value.reason == "malformed_json"
+
+
+def test_a_real_teacher_on_llamacpp_answers_in_the_schema(tmp_path, smollm2):
+    """SmolLM2 on the embedded llama.cpp: with the pairs schema every reply parses as JSON."""
+    from training.prompts import parse_pairs
+
+    teacher = Teacher(TeacherConfig(name="llamacpp:smollm2-135m", num_ctx=4096, max_tokens=480, temperature=0.2,
+                                    cache_path=tmp_path / "c.sqlite"))
+    teacher.check()
+    prompt = ("Write one question and its answer about this passage, as JSON {\"pairs\": [{\"question\", \"answer\"}]}."
+              "\nPassage: The HX-65 impeller nut is tightened to 80 N·m with a new tab washer.")
+    batch = teacher.complete_many([prompt], parse_pairs, concurrency=1)
+    assert "malformed_json" not in batch.rejected and "wrong_schema" not in batch.rejected
+    assert sum(batch.rejected.values()) + len(batch.accepted) == 1
+    assert teacher.stats["requests"] == 1
+    teacher.close()

@@ -117,6 +117,16 @@ def parse_pairs(answer: str) -> tuple[list[tuple[str, str]], int]:
     return pairs, len(items) - len(pairs)
 
 
+# Asked for as structured output (a JSON schema for llama.cpp and OpenAI-compatible servers, `format`
+# for Ollama), so even a small teacher's replies parse; the parser still checks every item.
+parse_pairs.json_schema = {  # type: ignore[attr-defined]
+    "type": "object", "required": ["pairs"], "additionalProperties": False,
+    "properties": {"pairs": {"type": "array", "minItems": 1, "maxItems": 5, "items": {  # bounded: a small
+        "type": "object", "required": ["question", "answer"], "additionalProperties": False,  # model loops
+        "properties": {"question": {"type": "string", "minLength": 8, "maxLength": 200},
+                       "answer": {"type": "string", "minLength": 1, "maxLength": 300}}}}}}
+
+
 def parse_rejected(answer: str) -> str:
     return _clean_text(answer).strip('"')
 
