@@ -1,60 +1,49 @@
-"""One chat completion from a served model, through the openai SDK: the single place `eval` reaches a server.
+"""One chat completion from a served model: the single place `eval` reaches a model server.
 
-Kept to one small function on purpose: when Atelier's model-server layer (one parser, one server
-config, one probe) lands, `served_chat` becomes a call into it. Until then: `openai:MODEL` uses
-OPENAI_BASE_URL / OPENAI_API_KEY as the SDK does; `ollama:MODEL` uses OLLAMA_HOST (default
-http://127.0.0.1:11434) and its OpenAI-compatible /v1; `llamacpp:MODEL` uses LLAMACPP_BASE_URL
-(default http://127.0.0.1:8080/v1, a `llama-server`).
+Everything goes through Atelier's model-server layer (`atelier.servers`): the one parser
+(`provider:model`, optionally `@URL`), the one config, and the official clients —
+`llamacpp:NAME` runs llama.cpp in this process, `ollama:` speaks Ollama's own API (with
+`num_ctx`, which Ollama would otherwise truncate to silently), `openai:` any OpenAI-compatible
+server. Served models return text only, so they answer the open questions of an exam.
 """
 
 from __future__ import annotations
 
-import logging
-import os
 from functools import lru_cache
 
 from atelier.errors import AtelierError
 
-log = logging.getLogger(__name__)
-
-
-def _endpoint(spec: str) -> tuple[str | None, str, str]:
-    """(base_url, api_key, model) for a `provider:model` name."""
-    provider, _, model = spec.partition(":")
-    if not model:
-        raise AtelierError(f"{spec!r} names no model; write provider:model, e.g. ollama:qwen2.5:7b")
-    if provider == "openai":
-        return os.environ.get("OPENAI_BASE_URL"), os.environ.get("OPENAI_API_KEY", ""), model
-    if provider == "ollama":
-        host = os.environ.get("OLLAMA_HOST", "http://127.0.0.1:11434")
-        host = host if "://" in host else f"http://{host}"
-        return host.rstrip("/") + "/v1", "ollama", model
-    if provider == "llamacpp":
-        return os.environ.get("LLAMACPP_BASE_URL", "http://127.0.0.1:8080/v1"), "none", model
-    raise AtelierError(f"unknown provider in {spec!r}; use ollama:, openai: or llamacpp:")
-
 
 @lru_cache(maxsize=8)
-def _client(base_url: str | None, api_key: str):
-    from openai import OpenAI
+def _endpoint(spec: str):
+    from atelier.servers import ServerConfig, endpoint, probe
 
-    if not api_key:
-        raise AtelierError("openai: models need OPENAI_API_KEY (and OPENAI_BASE_URL for a compatible server)")
-    return OpenAI(base_url=base_url, api_key=api_key, max_retries=1, timeout=120)
+    config = ServerConfig(name=spec)
+    ep = endpoint(config)
+    problem = None if ep.embedded else probe(ep)
+    if problem:
+        raise AtelierError(f"--against {spec}: {problem}; start the server or fix its URL (provider:model@URL)")
+    return ep, config
 
 
 def served_chat(spec: str, messages: list[dict[str, str]], max_tokens: int) -> str:
     """The greedy (temperature 0) answer of the served model `spec` to `messages`."""
+    from atelier.servers import ollama_client, openai_client
+
+    ep, config = _endpoint(spec)
+    if ep.wire == "ollama":
+        reply = ollama_client(ep, timeout=config.timeout_s).chat(
+            model=ep.model, messages=messages,
+            options={"temperature": 0, "num_predict": max_tokens, "num_ctx": config.num_ctx})
+        return (reply["message"]["content"] or "").strip()
     import openai
 
-    base_url, api_key, model = _endpoint(spec)
-    log.info("eval: asking %s at %s", model, base_url or "api.openai.com")
     try:
-        reply = _client(base_url, api_key).chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+        reply = openai_client(ep, timeout=config.timeout_s, max_retries=config.max_retries).chat.completions.create(
+            model=ep.model, messages=messages, max_tokens=max_tokens, temperature=0,
+            **({"stop": list(ep.stop)} if ep.stop else {}))
     except openai.APIConnectionError:
-        raise AtelierError(f"no model server reachable for {spec} at {base_url}; start it "
-                           "(e.g. `ollama serve`) or set the provider's base URL") from None
+        raise AtelierError(f"no model server reachable for {spec} at {ep.base_url}; start it or fix its URL") from None
     except openai.APIStatusError as exc:
         raise AtelierError(f"{spec} refused the request ({exc.status_code}: {exc.message})") from None
     return (reply.choices[0].message.content or "").strip()

@@ -143,3 +143,32 @@ def test_rag_adds_search_and_the_specialist_with_passages(registered, tmp_path, 
     assert len(passages) == 2 and all(len(p) <= 301 for p in passages)
     assert result["systems"]["specialist+search"]["mcq_n"] == 6
     assert "specialist_vs_search" in result["paired"] and "mcq_delta" not in result["paired"]["specialist_vs_search"]
+
+
+def test_on_the_real_smollm2_base_with_a_served_model_beside_it(smollm2_base, smollm2, tmp_path, atelier_home):
+    """SmolLM2-135M (the `--base smollm2-135m` conversion) with a small LoRA as the specialist, and the
+    same model served by llama.cpp (`llamacpp:smollm2-135m`) as an --against system: open questions only."""
+    from eval.scoring import score_options
+    from eval.specialist import SpecialistEvalConfig, _chat_ids, _text_ids, evaluate_specialist, load_for_eval
+    from specialists.registry import Registry
+
+    model, tokenizer = load_for_eval(smollm2_base)
+    prompts = [_chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("Impeller nut torque?", "E14?")]
+    options = [[_text_ids(tokenizer, o) for o in ("80 N·m", "65 N·m", "150 N·m")],
+               [_text_ids(tokenizer, o) for o in ("Dry-run protection", "Motor stall", "Earth fault")]]
+    shared = score_options(model, prompts, options, 8, tokenizer.pad_token_id, 512)
+    separate = score_options(model, prompts, options, 8, tokenizer.pad_token_id, 512, share_prefix=False)
+    assert all(a[0] == pytest.approx(b[0], abs=2e-3) for ra, rb in zip(shared, separate) for a, b in zip(ra, rb))
+    del model
+
+    adapter = build_adapter(smollm2_base, tmp_path / "adapter", seed=2, targets=("q_proj", "v_proj"))
+    Registry().register("pumps", base_model=str(smollm2_base), eval_report={}, adapter_dir=adapter, force=True)
+    config = SpecialistEvalConfig(exam_max_new_tokens=12)
+    result, rows = evaluate_specialist("pumps", exam=_exam(tmp_path, n=6), against=["llamacpp:smollm2-135m"],
+                                       config=config)
+    served = result["systems"]["llamacpp:smollm2-135m"]
+    assert served["kind"] == "served" and served["mcq_accuracy"] is None and served["open_n"] == 6
+    assert all(row["llamacpp:smollm2-135m"]["answer"] for row in rows), "llama.cpp answered every question"
+    for name in ("base", "specialist"):
+        assert result["systems"][name]["mcq_n"] == 6 and 0 <= result["systems"][name]["mcq_accuracy"] <= 1
+    assert any(r["base"]["answer"] != r["specialist"]["answer"] for r in rows), "the adapter is really merged in"
