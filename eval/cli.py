@@ -108,3 +108,45 @@ def routing(
                   f"{result['latency_ms_p50']:.2f}", f"{result['latency_ms_p95']:.2f}",
                   f"{result['embedding_ms_p50']:.2f}", f"{result['fit_s']:.1f}")
     Console().print(table)
+
+
+@eval_app.command("specialist")
+def specialist(
+    name: str = typer.Argument(..., help="A registered specialist."),
+    exam: Optional[Path] = typer.Option(None, "--exam", help="JSONL exam: question, answer, aliases?, options?, "
+                                        "correct? (0-based), kind?, id?. Default: the specialist's held-out split."),
+    against: list[str] = typer.Option([], "--against", help="Another model on the same items (repeatable): a base "
+                                      "name (gemma3-270m), a Hugging Face folder or id, a .gguf file, or a served "
+                                      "ollama:/openai:/llamacpp: model (open questions only)."),
+    rag: bool = typer.Option(False, "--rag", help="Add `search` (the retrieved passages as the answer) and "
+                             "`specialist+search` (the passages in the specialist's prompt)."),
+    docs: Optional[Path] = typer.Option(None, "--docs", help="With --rag: index this folder (into eval-<folder>) "
+                                        "and search it; default: the existing search index."),
+    general: Optional[Path] = typer.Option(None, "--general", help="Text or JSONL file of general text: "
+                                           "perplexity of every local model on it, to show forgetting."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write exam.json, exam.md, exam.png and items.jsonl here."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a SpecialistEvalConfig."),
+) -> None:
+    """A specialist on an exam, side by side with its base and other models, with 95% intervals,
+    a paired test against the base and the questions that flipped."""
+    from atelier.config import load_config
+    from atelier.progress import stderr
+    from eval.exam_report import print_table, write_exam_report
+    from eval.specialist import SpecialistEvalConfig, evaluate_specialist
+
+    config = load_config(SpecialistEvalConfig, config_file)
+    status = None if as_json else (lambda text: stderr.print(f"[dim]{text}[/dim]"))
+    result, rows = evaluate_specialist(name, exam=exam, against=against, rag=rag, docs=docs, general=general,
+                                       config=config, status=status)
+    if out is not None:
+        paths = write_exam_report(result, rows, out)
+        result["report"] = {k: str(v) for k, v in paths.items()}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
+        return
+    from rich.console import Console
+
+    print_table(result, Console())
+    if out is not None:
+        stderr.print(f"report: {out / 'exam.md'}")

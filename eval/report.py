@@ -1,8 +1,12 @@
 """The verdict on a specialist: its metrics stage by stage against the base, as JSON, Markdown and a plot.
 
-`compare` is a pure function over metric dicts, so the rule that gates registration (lower
-held-out perplexity AND higher multiple-choice accuracy than the base) can be tested without a
-model. matplotlib is imported only when the plot is drawn.
+`compare` is a pure function over metric dicts, so the rule that gates registration can be
+tested without a model. The rule is statistical (`eval.gate`): on the required metrics
+(perplexity and multiple-choice accuracy by default) the final stage is refused only when a
+paired test finds it significantly worse than the base, and accepted with a warning when it is
+not significantly better. Metric dicts may carry per-item `outcomes` (see
+`eval.specialist.evaluate_loaded`); without them a metric is reported as untested.
+matplotlib is imported only when the plot is drawn.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import io
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
+from typing import Any
+
+from pydantic import BaseModel, Field
 
 from atelier.home import atomic_write_bytes, atomic_write_text
+from eval.gate import GateConfig, paired_test, verdict
 
 # metric -> (better direction, label). "lower"/"higher" are judged; None is context only.
 METRICS: dict[str, tuple[str | None, str]] = {
@@ -24,18 +31,27 @@ METRICS: dict[str, tuple[str | None, str]] = {
     "rouge_l": ("higher", "ROUGE-L of greedy answers"),
     "preference_accuracy": ("higher", "chosen ranked above rejected"),
 }
-REQUIRED = ("perplexity", "mcq_accuracy")  # the specialist must beat the base on both
+REQUIRED = ("perplexity", "mcq_accuracy")  # GateConfig.required's default
+OUTCOMES = "outcomes"  # the per-item key of a metrics dict; never stored in Report.stages
 COUNTS = ("perplexity_tokens", "perplexity_windows", "mcq_items", "generation_items", "preference_items")
 ARROWS = {"lower": "↓", "higher": "↑", None: ""}
 
 
 class Report(BaseModel):
-    """Metrics per stage (`base` first, then pipeline order), the final stage and the verdict."""
+    """Metrics per stage (`base` first, then pipeline order), the final stage and the verdict.
+
+    `beats_base`: significantly better than the base on every required metric. `accepted`: the
+    gate lets it be registered (not significantly worse on any). Reports written before the
+    statistical gate have no `accepted` and no `gate`; readers treat `accepted` as `beats_base`.
+    """
 
     stages: dict[str, dict[str, int | float]]
     final_stage: str
     beats_base: bool
     reasons: list[str]
+    accepted: bool | None = None
+    warnings: list[str] = Field(default_factory=list)
+    gate: dict[str, Any] = Field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -52,8 +68,12 @@ def _judge(metric: str, base: dict, final: dict, final_stage: str) -> tuple[bool
     return better, f"{metric} ({label}, {ARROWS[direction]}): {final_stage} {f:.4g} vs base {b:.4g} — {word}"
 
 
-def compare(base: dict[str, float], stages: dict[str, dict[str, float]]) -> Report:
-    """Does the last stage beat the base? Required: lower perplexity AND higher MCQ accuracy.
+def _without_outcomes(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != OUTCOMES}
+
+
+def compare(base: dict[str, Any], stages: dict[str, dict[str, Any]], gate: GateConfig | None = None) -> Report:
+    """Is the last stage accepted against the base? The statistical rule of `eval.gate` on `gate.required`.
 
     `stages` is in pipeline order (e.g. dapt, sft, dpo); the last one is the specialist. Other
     metrics are reported as reasons but do not decide: generation metrics on a few dozen items
@@ -61,21 +81,34 @@ def compare(base: dict[str, float], stages: dict[str, dict[str, float]]) -> Repo
     """
     if not stages:
         raise ValueError("compare needs at least one trained stage besides the base")
+    gate = gate or GateConfig()
     final_stage = list(stages)[-1]
     final = stages[final_stage]
-    beats, reasons = True, []
+    reasons = []
     for metric, (direction, _) in METRICS.items():
         if direction is None:
             continue
-        better, sentence = _judge(metric, base, final, final_stage)
-        if metric in REQUIRED:
-            beats = beats and bool(better)
-            sentence += " (required)"
-        reasons.append(sentence)
-    verdict = "beats" if beats else "does not beat"
-    reasons.insert(0, f"{final_stage} {verdict} the base: it needs lower perplexity and higher mcq_accuracy")
-    return Report(stages={"base": dict(base), **{k: dict(v) for k, v in stages.items()}},
-                  final_stage=final_stage, beats_base=beats, reasons=reasons)
+        _, sentence = _judge(metric, base, final, final_stage)
+        reasons.append(sentence + (" (required)" if metric in gate.required else ""))
+    tests = {}
+    for metric in gate.required:
+        direction = METRICS.get(metric, ("higher", ""))[0] or "higher"
+        tests[metric] = paired_test(metric, direction, (base.get(OUTCOMES) or {}).get(metric),
+                                    (final.get(OUTCOMES) or {}).get(metric), gate,
+                                    base_value=base.get(metric), specialist_value=final.get(metric))
+    decision = verdict(tests, list(gate.required))
+    needs = " and ".join(gate.required)
+    if not decision.accepted:
+        head = f"{final_stage} is refused: significantly worse than the base, or not measured, on {needs}"
+    elif decision.significant:
+        head = f"{final_stage} beats the base: significantly better on {needs}"
+    else:
+        head = f"{final_stage} is accepted with a warning: not significantly better than the base on {needs}"
+    reasons = [head, *[f"{t.sentence()} (gate)" for t in tests.values()], *reasons]
+    return Report(stages={"base": _without_outcomes(base), **{k: _without_outcomes(v) for k, v in stages.items()}},
+                  final_stage=final_stage, beats_base=decision.significant, reasons=reasons,
+                  accepted=decision.accepted, warnings=decision.warnings + decision.reasons,
+                  gate={"config": gate.model_dump(mode="json"), **decision.to_dict()})
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -95,16 +128,33 @@ def render_markdown(report: Report) -> str:
             for m, (d, _) in METRICS.items() if any(m in report.stages[s] for s in names)]
     counts = [f"| {c} | " + " | ".join(_cell(report.stages[s].get(c)) for s in names) + " |"
               for c in COUNTS if any(c in report.stages[s] for s in names)]
-    verdict = "**beats the base**" if report.beats_base else "**does not beat the base**"
+    accepted = report.beats_base if report.accepted is None else report.accepted
+    verdict = ("**beats the base**" if report.beats_base else
+               "**is accepted, but does not significantly beat the base**" if accepted else "**is refused**")
     lines = ["# Specialist evaluation on the held-out split\n",
-             f"Verdict: `{report.final_stage}` {verdict} (required: lower perplexity and higher mcq_accuracy).\n",
+             f"Verdict: `{report.final_stage}` {verdict}.\n",
              head + "\n".join(rows) + "\n",
              "↓ lower is better, ↑ higher is better, · context only.\n"]
+    if report.gate.get("tests"):
+        lines.append("## Gate: paired tests against the base\n\n| metric | base [CI] | specialist [CI] | delta [CI] "
+                     "| p | test | n | outcome |\n|---|---:|---:|---:|---:|---|---:|---|\n" + "\n".join(
+                         _test_row(t) for t in report.gate["tests"].values()) + "\n")
+    if report.warnings:
+        lines.append("## Warnings\n\n" + "\n".join(f"- {w}" for w in report.warnings) + "\n")
     if counts:
         lines.append("## Items used\n\n| count | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names) + "\n"
                      + "\n".join(counts) + "\n")
     lines.append("## Reasons\n\n" + "\n".join(f"- {r}" for r in report.reasons) + "\n")
     return "\n".join(lines)
+
+
+def _test_row(test: dict) -> str:
+    num = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
+    ci = lambda v: "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
+    return (f"| {test['metric']} | {num(test.get('base'))}{ci(test.get('base_ci'))} | "
+            f"{num(test.get('specialist'))}{ci(test.get('specialist_ci'))} | {num(test.get('delta'))}"
+            f"{ci(test.get('delta_ci'))} | {num(test.get('p_value'))} | {test.get('test') or '—'} | "
+            f"{test.get('n', 0)} | {test['outcome']} |")
 
 
 def render_plot(report: Report):
@@ -127,7 +177,9 @@ def render_plot(report: Report):
             ax.set_yscale("log")
         ax.set_title(f"{metric} {ARROWS[METRICS[metric][0]]}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{report.final_stage}: {'beats' if report.beats_base else 'does not beat'} the base")
+    word = "beats" if report.beats_base else ("accepted, not significantly better than" if report.accepted
+                                              else "does not beat")
+    fig.suptitle(f"{report.final_stage}: {word} the base")
     return fig
 
 

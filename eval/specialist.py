@@ -11,21 +11,22 @@ for its config keeps `atelier --help` light.
 from __future__ import annotations
 
 import random
-import re
-import string
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.jsonl import iter_jsonl
+from eval.answers import normalize_answer, token_f1  # noqa: F401  (re-exported)
+from eval.gate import GateConfig
 from eval.report import Report, compare, write_report  # noqa: F401  (re-exported: the whole API in one import)
+
+MCQNorm = Literal["bytes", "tokens", "none"]
 
 
 class SpecialistEvalConfig(StrictModel):
@@ -37,11 +38,20 @@ class SpecialistEvalConfig(StrictModel):
                             "is the model's context size, or this when that is larger (keeps CPU memory sane).")
     max_mcq_items: int = Field(100, ge=0, description="At most this many multiple-choice questions built from "
                                "held-out SFT pairs (sft/heldout.jsonl).")
+    mcq_normalization: MCQNorm = Field("bytes", description="How an option's log-likelihood is length-normalised "
+                                       "before the options are compared: bytes (sum of log p over the option's "
+                                       "UTF-8 length, lm-evaluation-harness's acc_norm, comparable across "
+                                       "tokenizers), tokens (mean per token) or none (plain sum).")
     mcq_options: int = Field(4, ge=2, le=10, description="Options per multiple-choice question: the reference "
                              "answer plus this many minus one distractors taken from other held-out answers.")
     max_generation_items: int = Field(40, ge=0, description="At most this many held-out SFT questions answered by "
                                       "greedy generation for token F1 and ROUGE-L (generation is the slow part).")
-    max_new_tokens: int = Field(48, ge=1, le=2048, description="Longest generated answer, in tokens.")
+    max_new_tokens: int = Field(48, ge=1, le=2048, description="Longest generated answer on the held-out split, "
+                                "in tokens.")
+    exam_max_new_tokens: int = Field(32, ge=1, le=2048, description="Longest generated answer to an exam question "
+                                     "(`atelier eval specialist`), in tokens: exam answers are short facts.")
+    generation_batch_size: int = Field(16, ge=1, description="Prompts per batch when generating (decoding on a "
+                                       "CPU is bound by reading the weights, so larger batches cost little more).")
     max_preference_items: int = Field(100, ge=0, description="At most this many held-out DPO pairs "
                                       "(dpo/heldout.jsonl) for preference accuracy.")
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass when scoring and generating; "
@@ -49,6 +59,12 @@ class SpecialistEvalConfig(StrictModel):
     seed: int = Field(0, description="Seed for sampling held-out items and drawing MCQ distractors.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
                         description="Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")
+    rag_passages: int = Field(3, ge=1, le=20, description="Passages retrieved per question for `--rag` "
+                              "(search alone, and in the specialist's prompt).")
+    rag_passage_chars: int = Field(400, ge=50, description="Each passage is cut to this many characters, as the "
+                                   "orchestrator's search route quotes it (long prompts make --rag slow on a CPU).")
+    gate: GateConfig = Field(default_factory=GateConfig, description="The statistical registration gate: "
+                             "significance level, interval coverage, bootstrap size and required metrics.")
 
 
 @dataclass
@@ -213,7 +229,8 @@ def perplexity(model, tokenizer, texts: list[str], config: SpecialistEvalConfig)
     scores = score_continuations(model, pairs, per_batch, tokenizer.pad_token_id, window)
     tokens = sum(n for _, n in scores)
     nll = -sum(lp for lp, _ in scores) / tokens
-    return {"perplexity": math.exp(min(nll, 700.0)), "perplexity_tokens": tokens, "perplexity_windows": len(pairs)}
+    return {"perplexity": math.exp(min(nll, 700.0)), "perplexity_tokens": tokens, "perplexity_windows": len(pairs),
+            "outcomes": {"perplexity": [[-lp, n] for lp, n in scores]}}
 
 
 def qa_items(rows: list[dict[str, Any]]) -> list[QAItem]:
@@ -257,52 +274,40 @@ def build_mcq(items: list[QAItem], index: int, options: int, seed: int) -> list[
     return chosen
 
 
-def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
-    """Share of questions whose reference answer has the highest mean per-token log-likelihood.
+def option_score(logprob: float, tokens: int, text: str, normalization: MCQNorm) -> float:
+    """An option's log-likelihood, length-normalised as configured (see `mcq_normalization`)."""
+    if normalization == "bytes":
+        return logprob / max(len(text.encode("utf-8")), 1)
+    if normalization == "tokens":
+        return logprob / max(tokens, 1)
+    return logprob
 
-    Mean (not sum) so that long options are not penalised for their length; chance is the mean
-    of 1/options over the questions (fewer options when the pool lacks distinct distractors).
+
+def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
+    """Share of questions whose reference answer has the highest length-normalised log-likelihood.
+
+    Normalised (by default per byte, as lm-evaluation-harness's acc_norm) so that long options
+    are not penalised for their length; chance is the mean of 1/options over the questions
+    (fewer options when the pool lacks distinct distractors).
     """
+    from eval.scoring import score_options
+
     picked = _sample(list(range(len(items))), config.max_mcq_items, config.seed)
     questions = [(i, build_mcq(items, i, config.mcq_options, config.seed)) for i in picked]
     questions = [(i, opts) for i, opts in questions if len(opts) >= 2]
     if not questions:
         return {}
-    pairs, owners = [], []
-    for q, (i, opts) in enumerate(questions):
-        context = _chat_ids(tokenizer, items[i].prompt)
-        for o, option in enumerate(opts):
-            pairs.append((context, _text_ids(tokenizer, option)))
-            owners.append((q, o))
-    scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id,
-                                 _context_size(model, config))
-    best: dict[int, tuple[float, int]] = {}
-    for (q, o), (lp, n) in zip(owners, scores):
-        mean = lp / max(n, 1)
-        if q not in best or mean > best[q][0]:
-            best[q] = (mean, o)
-    correct = sum(1 for q in best if best[q][1] == 0)
+    prompts = [_chat_ids(tokenizer, items[i].prompt) for i, _ in questions]
+    options = [[_text_ids(tokenizer, o) for o in opts] for _, opts in questions]
+    scores = score_options(model, prompts, options, config.batch_size, tokenizer.pad_token_id,
+                           _context_size(model, config))
+    outcomes = []
+    for (_, opts), per_option in zip(questions, scores):
+        normed = [option_score(lp, n, text, config.mcq_normalization) for (lp, n), text in zip(per_option, opts)]
+        outcomes.append(int(max(range(len(opts)), key=lambda o: normed[o]) == 0))
     chance = sum(1 / len(opts) for _, opts in questions) / len(questions)
-    return {"mcq_accuracy": correct / len(questions), "mcq_chance": chance, "mcq_items": len(questions)}
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """SQuAD-style token F1 between two answers (1.0 when both normalise to nothing)."""
-    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return {"mcq_accuracy": sum(outcomes) / len(questions), "mcq_chance": chance, "mcq_items": len(questions),
+            "outcomes": {"mcq_accuracy": outcomes}}
 
 
 def _eos_ids(model, tokenizer) -> list[int]:
@@ -312,23 +317,29 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted({i for i in [*ids, tokenizer.eos_token_id] if i is not None})
 
 
-def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], config: SpecialistEvalConfig) -> list[str]:
-    """Greedy answers, batched with left padding; only the new tokens are decoded."""
+def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], config: SpecialistEvalConfig,
+                     max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers, batched by prompt length with left padding; only the new tokens are decoded."""
     import torch
     from transformers import GenerationConfig
 
-    settings = GenerationConfig(max_new_tokens=config.max_new_tokens, do_sample=False,
+    max_new_tokens = max_new_tokens or config.max_new_tokens
+    settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
     device = next(model.parameters()).device
-    limit = max(1, _context_size(model, config) - config.max_new_tokens)
-    answers = []
+    limit = max(1, _context_size(model, config) - max_new_tokens)
+    seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
+    answers: list[str] = [""] * len(seqs)
+    step = config.generation_batch_size
     with torch.inference_mode():
-        for start in range(0, len(prompts), config.batch_size):
-            seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts[start:start + config.batch_size]]
-            ids, mask = left_pad(seqs, tokenizer.pad_token_id)
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            ids, mask = left_pad([seqs[i] for i in chunk], tokenizer.pad_token_id)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings)
-            answers += tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+            for i, text in zip(chunk, tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)):
+                answers[i] = text.strip()
+    return answers
 
 
 def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
@@ -342,7 +353,8 @@ def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistE
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     f1 = [token_f1(a, i.answer) for a, i in zip(answers, picked)]
     rouge = [scorer.score(i.answer, a)["rougeL"].fmeasure for a, i in zip(answers, picked)]
-    return {"token_f1": sum(f1) / len(f1), "rouge_l": sum(rouge) / len(rouge), "generation_items": len(picked)}
+    return {"token_f1": sum(f1) / len(f1), "rouge_l": sum(rouge) / len(rouge), "generation_items": len(picked),
+            "outcomes": {"token_f1": f1}}
 
 
 def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: SpecialistEvalConfig) -> dict[str, float]:
@@ -360,12 +372,18 @@ def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: Sp
             pairs.append((context, _text_ids(tokenizer, str(reply))))
     scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id, _context_size(model, config))
     means = [lp / max(n, 1) for lp, n in scores]
-    wins = sum(1 for k in range(0, len(means), 2) if means[k] > means[k + 1])
-    return {"preference_accuracy": wins / len(rows), "preference_items": len(rows)}
+    wins = [int(means[k] > means[k + 1]) for k in range(0, len(means), 2)]
+    return {"preference_accuracy": sum(wins) / len(rows), "preference_items": len(rows),
+            "outcomes": {"preference_accuracy": wins}}
 
 
-def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConfig | None = None) -> dict[str, float]:
-    """All held-out metrics for an already loaded model; metrics whose split is empty are left out."""
+def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConfig | None = None) -> dict[str, Any]:
+    """All held-out metrics for an already loaded model; metrics whose split is empty are left out.
+
+    Besides the scores, `outcomes` holds the per-item results the paired gate tests compare
+    (`eval.report.compare` strips it from the report): per window (NLL, tokens) for perplexity,
+    0/1 per question for MCQ and preference, token F1 per generated answer.
+    """
     config, data_dir, started = config or SpecialistEvalConfig(), Path(data_dir), time.perf_counter()
     model.eval()  # a model handed over by a trainer is still in training mode (dropout on)
     if tokenizer.pad_token_id is None:
@@ -376,12 +394,15 @@ def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConf
     if not texts and not items and not prefs:
         raise AtelierError(f"no held-out data under {data_dir} (dapt/, sft/, dpo/heldout.jsonl); "
                            "generate the training data first")
-    metrics: dict[str, float] = {}
-    metrics |= perplexity(model, tokenizer, _sample(texts, config.max_perplexity_texts, config.seed), config)
-    metrics |= mcq_accuracy(model, tokenizer, items, config)
-    metrics |= generation_scores(model, tokenizer, items, config)
-    metrics |= preference_accuracy(model, tokenizer, prefs, config)
+    metrics: dict[str, Any] = {}
+    outcomes: dict[str, list] = {}
+    for part in (perplexity(model, tokenizer, _sample(texts, config.max_perplexity_texts, config.seed), config),
+                 mcq_accuracy(model, tokenizer, items, config), generation_scores(model, tokenizer, items, config),
+                 preference_accuracy(model, tokenizer, prefs, config)):
+        outcomes |= part.pop("outcomes", {})
+        metrics |= part
     metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
+    metrics["outcomes"] = outcomes
     return metrics
 
 
@@ -391,3 +412,9 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | Sequence[Path] | None, d
     config = config or SpecialistEvalConfig()
     model, tokenizer = load_for_eval(Path(model_dir), adapter_dir, config.device)
     return evaluate_loaded(model, tokenizer, data_dir, config)
+
+
+# ----------------------------------------------------------------------------- on an exam, side by side
+# (in eval/side_by_side.py; re-exported so that `eval.specialist` is the whole Python API)
+
+from eval.side_by_side import evaluate_specialist, exam_gate, specialist_systems  # noqa: E402,F401

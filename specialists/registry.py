@@ -60,7 +60,10 @@ class SpecialistRecord(StrictModel):
     eval_report: dict[str, Any] = Field(default_factory=dict, description="eval.report.Report.to_dict() vs the base.")
     route_exemplars: list[str] = Field(default_factory=list, description="Sample training instructions for the router.")
     served_by: str | None = Field(None, description="External server that serves it, e.g. 'ollama:NAME'.")
-    forced: bool = Field(False, description="Registered with --force although it did not beat its base.")
+    exam_report: dict[str, Any] = Field(default_factory=dict, description="eval.exam_eval.summarise() of base and "
+                                        "specialist on the user's exam (`specialist add --exam`); empty without one.")
+    exam_sha256: str | None = Field(None, description="SHA-256 of the exam file the exam_report was measured on.")
+    forced: bool = Field(False, description="Registered with --force although the gate refused it.")
     created_at: str = Field(description="ISO 8601 time of registration (UTC).")
     run_dir: str | None = Field(None, description="The training run folder it came from.")
 
@@ -159,17 +162,34 @@ def check_adapter_files(record: SpecialistRecord) -> Path:
     return folder
 
 
-def _check_beats_base(name: str, eval_report: dict[str, Any]) -> None:
-    """Refuse a specialist whose evaluation does not show it beating its base on held-out data."""
-    if eval_report.get("beats_base") is True:
-        return
+def gate_refusal(eval_report: dict[str, Any], exam_report: dict[str, Any] | None = None) -> str | None:
+    """Why the gate refuses a specialist (None when it may be registered).
+
+    Reports written by the statistical gate carry `accepted` (refused only when significantly
+    worse than the base on a required metric); older ones only `beats_base`. An exam result is
+    refused when its `gate` is not accepted.
+    """
     if not eval_report:
-        raise AtelierError(f"specialist {name!r} has no evaluation against its base; evaluate it first, "
+        return "it has no evaluation against its base; evaluate it first"
+    accepted = eval_report.get("accepted", eval_report.get("beats_base"))
+    if accepted is not True:
+        gate = eval_report.get("gate") or {}
+        reasons = gate.get("reasons") or [r for r in eval_report.get("reasons", []) if "(required)" in r] \
+            or eval_report.get("reasons", [])
+        return f"on the held-out split: {'; '.join(reasons) or 'no reasons recorded'}"
+    exam_gate = (exam_report or {}).get("gate")
+    if exam_report and (not exam_gate or exam_gate.get("accepted") is not True):
+        reasons = (exam_gate or {}).get("reasons") or ["the exam result has no gate verdict (no base/specialist pair)"]
+        return f"on the exam {exam_report.get('exam', '')}: {'; '.join(reasons)}"
+    return None
+
+
+def _check_beats_base(name: str, eval_report: dict[str, Any], exam_report: dict[str, Any] | None = None) -> None:
+    """Refuse a specialist that the evaluation gate (held-out split, and the exam when given) refuses."""
+    why = gate_refusal(eval_report, exam_report)
+    if why is not None:
+        raise AtelierError(f"specialist {name!r} is refused {why}. Improve the data or training, "
                            "or pass --force to register it anyway")
-    required = [r for r in eval_report.get("reasons", []) if "(required)" in r] or eval_report.get("reasons", [])
-    raise AtelierError(f"specialist {name!r} does not beat its base on the held-out split: "
-                       f"{'; '.join(required) or 'no reasons recorded'}. Improve the data or training, "
-                       "or pass --force to register it anyway")
 
 
 # ----------------------------------------------------------------------------- file plumbing
@@ -268,7 +288,8 @@ class Registry:
                  adapter_dir: Path | None = None, model_dir: Path | None = None, description: str | None = None,
                  data_manifest_hashes: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                  route_exemplars: list[str] | None = None, served_by: str | None = None,
-                 run_dir: Path | str | None = None, force: bool = False) -> SpecialistRecord:
+                 run_dir: Path | str | None = None, force: bool = False, exam_report: dict[str, Any] | None = None,
+                 exam_sha256: str | None = None) -> SpecialistRecord:
         """Add a new version of `name` and make it active. Exactly one of adapter_dir / model_dir.
 
         Order matters: name, evaluation gate and artifacts are all checked before the first
@@ -278,7 +299,7 @@ class Registry:
         if (adapter_dir is None) == (model_dir is None):
             raise AtelierError("give exactly one of an adapter folder (LoRA) or a full model folder to register")
         if not force:
-            _check_beats_base(name, eval_report)
+            _check_beats_base(name, eval_report, exam_report)
         sha = validate_adapter(adapter_dir) if adapter_dir else validate_full_model(model_dir)
         artifact, source = ("adapter", adapter_dir) if adapter_dir else ("model", model_dir)
         keywords = list(keywords or [])
@@ -288,7 +309,8 @@ class Registry:
             name=name, description=description or _describe(name, keywords), keywords=keywords, base_model=base_model,
             full_model=model_dir is not None, data_manifest_hashes=dict(data_manifest_hashes or {}),
             config=dict(config or {}), eval_report=dict(eval_report), route_exemplars=list(route_exemplars or []),
-            served_by=served_by, forced=force and eval_report.get("beats_base") is not True,
+            exam_report=dict(exam_report or {}), exam_sha256=exam_sha256 or (exam_report or {}).get("exam_sha256"),
+            served_by=served_by, forced=force and gate_refusal(eval_report, exam_report) is not None,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             run_dir=str(Path(run_dir).resolve()) if run_dir else None,
             **({"adapter_path": artifact, "adapter_sha256": sha} if adapter_dir else

@@ -195,17 +195,58 @@ def test_missing_held_out_data_is_a_clear_error(world, tmp_path):
     metrics = evaluate_loaded(model, tokenizer, only_text)
     assert "perplexity" in metrics and "mcq_accuracy" not in metrics
     report = compare(metrics, {"sft": metrics})
-    assert not report.beats_base and any("mcq_accuracy: not measured" in r for r in report.reasons)
+    assert not report.beats_base and not report.accepted
+    assert any("mcq_accuracy: not measured" in r for r in report.reasons)
 
 
-def test_compare_requires_lower_perplexity_and_higher_mcq():
+def _metrics(right: int, n: int, nll_per_token: float, windows: int = 20, order: int = 0) -> dict:
+    """Metrics with per-item outcomes: `right` of `n` MCQ items right (the first ones, rotated by
+    `order`), and `windows` perplexity windows of 100 tokens at about `nll_per_token` each."""
+    mcq = [int(i < right) for i in range(n)]
+    mcq = mcq[order:] + mcq[:order]
+    wins = [[nll_per_token * 100 * (1 + 0.05 * ((i % 5) - 2)), 100] for i in range(windows)]
+    return {"perplexity": math.exp(nll_per_token), "mcq_accuracy": right / n, "token_f1": 0.1,
+            "outcomes": {"mcq_accuracy": mcq, "perplexity": wins}}
+
+
+def test_compare_is_a_statistical_gate():
+    base = _metrics(25, 100, math.log(400))
+    # much better on both: significant, accepted
+    good = compare(base, {"dapt": base, "dpo": _metrics(60, 100, math.log(40))})
+    assert good.beats_base and good.accepted and not good.warnings and good.final_stage == "dpo"
+    assert "outcomes" not in good.stages["base"] and "outcomes" not in good.stages["dpo"]
+    tests = good.gate["tests"]
+    assert tests["mcq_accuracy"]["test"] == "mcnemar-exact" and tests["mcq_accuracy"]["p_value"] < 1e-6
+    assert tests["perplexity"]["outcome"] == "better" and tests["perplexity"]["delta"] < 0
+    # the issue's case: 0.28 vs 0.29 on 100 items while perplexity fell 4189 -> 522: noise, so accepted with a warning
+    scifact = compare(_metrics(29, 100, math.log(4189)), {"sft": _metrics(28, 100, math.log(522))})
+    assert scifact.accepted and not scifact.beats_base
+    assert any("mcq_accuracy" in w and "not significantly" in w for w in scifact.warnings)
+    assert "accepted with a warning" in scifact.reasons[0]
+    # significantly worse on a required metric: refused, however good the other one is
+    worse = compare(base, {"sft": _metrics(5, 100, math.log(40))})
+    assert not worse.accepted and not worse.beats_base
+    assert any("mcq_accuracy" in r and "significantly worse" in r for r in worse.gate["reasons"])
+    worse_ppl = compare(base, {"sft": _metrics(60, 100, math.log(900))})
+    assert not worse_ppl.accepted and worse_ppl.gate["tests"]["perplexity"]["outcome"] == "worse"
+    # the level is the config's: at alpha 1e-9 a clear loss on 100 items is no longer "significant"
+    from eval.gate import GateConfig
+
+    lenient = compare(base, {"sft": _metrics(15, 100, math.log(300))}, GateConfig(alpha=1e-9))
+    assert lenient.accepted and compare(base, {"sft": _metrics(15, 100, math.log(300))}).accepted is False
+
+
+def test_compare_without_outcomes_falls_back_to_the_point_values():
     base = {"perplexity": 100.0, "mcq_accuracy": 0.25, "token_f1": 0.1}
     good = {"perplexity": 40.0, "mcq_accuracy": 0.5, "token_f1": 0.05}
-    assert compare(base, {"dapt": base, "dpo": good}).beats_base
-    assert not compare(base, {"dpo": {**good, "mcq_accuracy": 0.25}}).beats_base
-    assert not compare(base, {"dpo": {**good, "perplexity": 100.5}}).beats_base
-    worse = compare(base, {"dpo": good})
-    assert any("token_f1" in r and "worse" in r for r in worse.reasons)
+    report = compare(base, {"dapt": base, "dpo": good})
+    assert report.accepted and not report.beats_base
+    assert any("not tested" in w for w in report.warnings)
+    assert not compare(base, {"dpo": {**good, "mcq_accuracy": 0.25}}).accepted
+    assert not compare(base, {"dpo": {**good, "perplexity": 100.5}}).accepted
+    assert any("token_f1" in r and "worse" in r for r in report.reasons)
+    missing = compare(base, {"dpo": {"perplexity": 40.0}})
+    assert not missing.accepted and any("mcq_accuracy: not measured" in r for r in missing.gate["reasons"])
 
 
 def test_report_files_agree(tmp_path):
@@ -220,12 +261,14 @@ def test_report_files_agree(tmp_path):
     assert not list((tmp_path / "eval").glob(".*.tmp")), "no temporary files left behind"
 
     saved = json.loads(paths["json"].read_text())
-    assert saved == report.to_dict() and saved["beats_base"] is True and saved["final_stage"] == "dpo"
+    assert saved == report.to_dict() and saved["accepted"] is True and saved["final_stage"] == "dpo"
+    assert saved["beats_base"] is False, "no per-item outcomes: better, but not shown to be significant"
     markdown = paths["md"].read_text()
     assert markdown == render_markdown(report)
     assert "| metric | better | base | dapt | sft | dpo |" in markdown
     assert "| perplexity | ↓ | 380.2 | 90.5 | 60 | 61 |" in markdown
-    assert "| mcq_accuracy | ↑ | 0.25 | 0.25 | 0.75 | 0.8 |" in markdown and "beats the base" in markdown
+    assert "| mcq_accuracy | ↑ | 0.25 | 0.25 | 0.75 | 0.8 |" in markdown and "is accepted, but does not significantly beat" in markdown
+    assert "## Gate: paired tests against the base" in markdown and "untested" in markdown
 
     figure = render_plot(report)
     plotted = [m for m, (d, _) in METRICS.items() if d]

@@ -12,8 +12,19 @@ from eval.report import compare
 from specialists import registry as registry_module
 from specialists.registry import MIN_WEIGHTS_BYTES, Registry, sha256_file
 
-BEATS = compare({"perplexity": 400.0, "mcq_accuracy": 0.25}, {"sft": {"perplexity": 40.0, "mcq_accuracy": 0.6}})
-LOSES = compare({"perplexity": 400.0, "mcq_accuracy": 0.25}, {"sft": {"perplexity": 450.0, "mcq_accuracy": 0.2}})
+
+
+def _metrics(ppl: float, right: int, n: int = 40) -> dict:
+    """Metrics with per-item outcomes (the first `right` MCQ items right), as the evaluation writes them."""
+    import math
+
+    return {"perplexity": ppl, "mcq_accuracy": right / n,
+            "outcomes": {"mcq_accuracy": [int(i < right) for i in range(n)],
+                         "perplexity": [[math.log(ppl) * (90 + i), 90 + i] for i in range(10)]}}
+
+
+BEATS = compare(_metrics(400.0, 10), {"sft": _metrics(40.0, 24)})
+LOSES = compare(_metrics(400.0, 10), {"sft": _metrics(450.0, 2)})
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +84,8 @@ def test_refuses_a_specialist_that_does_not_beat_its_base(registry, artifacts):
     with pytest.raises(AtelierError) as caught:
         _register(registry, artifacts / "adapter", report=LOSES)
     message = str(caught.value)
-    assert "does not beat its base" in message and "perplexity" in message and "mcq_accuracy" in message
+    assert "is refused on the held-out split" in message and "significantly worse" in message
+    assert "perplexity" in message and "mcq_accuracy" in message
     assert "--force" in message
     assert registry.names() == [] and not (registry.root / "pumps").exists()
     with pytest.raises(AtelierError, match="no evaluation"):
@@ -191,3 +203,38 @@ def test_names_are_validated(registry, artifacts, name):
     with pytest.raises(AtelierError, match="lowercase letters, digits"):
         _register(registry, artifacts / "adapter", name=name)
     assert registry.names() == []
+
+
+def test_noise_is_accepted_with_a_warning_and_the_exam_gate_can_refuse(registry, artifacts):
+    noise = compare(_metrics(400.0, 12), {"sft": _metrics(300.0, 11)})
+    record = _register(registry, artifacts / "adapter", report=noise)
+    assert not record.forced and record.eval_report["accepted"] and not record.eval_report["beats_base"]
+    assert record.exam_report == {} and record.exam_sha256 is None
+    exam = {"exam": "my-exam.jsonl", "exam_sha256": "f" * 64,
+            "gate": {"accepted": False, "significant": False, "reasons": ["mcq_accuracy: significantly worse"],
+                     "warnings": [], "tests": {}}}
+    with pytest.raises(AtelierError, match="refused on the exam my-exam.jsonl: mcq_accuracy: significantly worse"):
+        _register(registry, artifacts / "adapter", report=BEATS, exam_report=exam)
+    assert registry.versions("pumps") == [1]
+    forced = _register(registry, artifacts / "adapter", report=BEATS, exam_report=exam, force=True)
+    assert forced.forced and forced.exam_sha256 == "f" * 64 and forced.exam_report["exam"] == "my-exam.jsonl"
+    passed = {**exam, "gate": {**exam["gate"], "accepted": True, "reasons": []}}
+    assert not _register(registry, artifacts / "adapter", report=BEATS, exam_report=passed).forced
+
+
+def test_records_written_before_the_statistical_gate_still_load(registry, artifacts):
+    record = _register(registry, artifacts / "adapter")
+    path = registry.root / "pumps" / "v1" / "record.json"
+    old = json.loads(path.read_text())
+    for key in ("exam_report", "exam_sha256"):
+        old.pop(key)
+    old["eval_report"] = {"stages": {"base": {"perplexity": 400.0}, "sft": {"perplexity": 40.0}}, "final_stage": "sft",
+                          "beats_base": True, "reasons": ["sft beats the base"]}
+    path.write_text(json.dumps(old))
+    loaded = registry.get("pumps")
+    assert loaded.exam_report == {} and loaded.adapter_sha256 == record.adapter_sha256
+    from eval.report import Report
+
+    assert Report.model_validate(loaded.eval_report).accepted is None  # readers fall back to beats_base
+    assert registry_module.gate_refusal(loaded.eval_report) is None
+    assert "no reasons" not in (registry_module.gate_refusal({**loaded.eval_report, "beats_base": False}) or "")
