@@ -65,7 +65,10 @@ def build_specialist(console) -> None:
         result = run_pipeline("demo", DOCS, config, force=True, hooks=display.hooks())
     final = result.report["stages"][result.report["final_stage"]]
     base = result.report["stages"]["base"]
-    verdict = "beats its base" if result.report["beats_base"] else "does not beat its base yet (registered anyway)"
+    report = result.report
+    verdict = ("beats its base" if report["beats_base"] else
+               "is not significantly better than its base yet" if report.get("accepted") else
+               "does not beat its base yet (registered anyway)")
     console.print(f"specialist 'demo' v{result.record.version} {verdict}: held-out perplexity "
                   f"{base['perplexity']:.1f} -> {final['perplexity']:.1f}, multiple-choice accuracy "
                   f"{base['mcq_accuracy']:.2f} -> {final['mcq_accuracy']:.2f}")

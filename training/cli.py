@@ -19,6 +19,7 @@ def add(
     lora: Optional[str] = typer.Option(None, "--finetune", help="lora (default), qlora (CUDA + bitsandbytes) or full."),
     budget: Optional[float] = typer.Option(None, "--budget", help="Time budget of the whole run, in minutes: stages are sized from the throughput measured on the real model. Default: the full recipe."),
     evaluate_stages: bool = typer.Option(False, "--evaluate-stages", help="Evaluate every stage, not only the base and the final specialist."),
+    exam: Optional[Path] = typer.Option(None, "--exam", help="Your own exam (JSONL of question/answer[/options/correct]): base and specialist are scored on it too, and the gate applies to it."),
     force: bool = typer.Option(False, "--force", help="Register even if the specialist does not beat its base."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a fresh run instead of continuing/reusing the last one."),
 ) -> None:
@@ -38,7 +39,7 @@ def add(
     from training.pipeline import run_pipeline
 
     with _Display() as display:
-        result = run_pipeline(name, docs, config, force=force, new_run=new_run, hooks=display.hooks())
+        result = run_pipeline(name, docs, config, force=force, new_run=new_run, hooks=display.hooks(), exam=exam)
     _summary(result)
 
 
@@ -115,7 +116,16 @@ def _summary(result) -> None:
     for metric in metrics:
         table.add_row(metric, *(f"{report['stages'][s].get(metric, float('nan')):.3f}" for s in report["stages"]))
     console.print(table)
-    verdict = "beats its base" if report["beats_base"] else "does NOT beat its base"
+    if result.exam_report:
+        from eval.exam_report import print_table
+
+        print_table(result.exam_report, console)
+    if report["beats_base"]:
+        verdict = "beats its base (significantly, on every required metric)"
+    elif report.get("accepted", report["beats_base"]):
+        verdict = "is accepted: not significantly worse than its base, but not significantly better either"
+    else:
+        verdict = "does NOT beat its base"
     total = sum(v for k, v in result.timings.items())
     record = result.record
     console.print(f"{result.name} {verdict}; registered as v{record.version}" + (" (forced)" if record.forced else "")

@@ -59,6 +59,7 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     record: Any = None  # the SpecialistRecord when registered
     data_counts: dict[str, int] = field(default_factory=dict)
+    exam_report: dict[str, Any] | None = None  # base vs specialist on the user's exam (--exam)
 
 
 def _digest(*parts: Any) -> str:
@@ -185,7 +186,7 @@ def route_exemplars(data_dir: Path, count: int, seed: int) -> list[str]:
 
 
 def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: bool = False,
-                 new_run: bool = False, hooks: PipelineHooks | None = None) -> PipelineResult:
+                 new_run: bool = False, hooks: PipelineHooks | None = None, exam: Path | None = None) -> PipelineResult:
     """The whole recipe for one specialist; see the module docstring."""
     from eval.report import compare, write_report
     from specialists.registry import Registry, validate_name
@@ -250,6 +251,10 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
         config = config.model_copy(update={s: getattr(config, s).model_copy(
             update={"max_steps": p.max_steps, "eval_heldout": False}) for s, p in plans.items()})
 
+    if exam is not None:
+        from eval.exam import read_exam
+
+        read_exam(Path(exam))  # a bad exam file fails here, before any training
     model, adapter = base, None
     for position, stage in enumerate(config.stages):
         started = time.perf_counter()
@@ -271,9 +276,22 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
             note += f"; {_brief(metrics[stage])}"
         hooks.done(stage, result.timings[stage], note)
 
-    report = compare(metrics["base"], {s: metrics[s] for s in config.stages if s in metrics})
+    report = compare(metrics["base"], {s: metrics[s] for s in config.stages if s in metrics}, config.eval.gate)
     write_report(report, eval_dir)
     result.report = report.to_dict()
+
+    exam_report = None
+    if exam is not None:
+        from eval.specialist import exam_gate
+
+        hooks.step("exam", f"base and specialist on {exam}")
+        started = time.perf_counter()
+        exam_report = exam_gate(base, model, adapter, Path(exam), config.eval)
+        atomic_write_text(eval_dir / "exam.json", json.dumps(exam_report, indent=2, default=str) + "\n")
+        result.timings["exam"] = time.perf_counter() - started
+        verdict = (exam_report.get("gate") or {}).get("accepted")
+        hooks.done("exam", result.timings["exam"], "passes" if verdict else "refused by the exam gate")
+    result.exam_report = exam_report
 
     hooks.step("register", name)
     started = time.perf_counter()
@@ -291,7 +309,8 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
             data_manifest_hashes={"data": manifest.content_hash,
                                   **{path: f.sha256 for path, f in manifest.files.items()}},
             config=config.model_dump(mode="json"), route_exemplars=route_exemplars(
-                data_dir, config.route_exemplars, config.seed), run_dir=run_dir, force=force)
+                data_dir, config.route_exemplars, config.seed), run_dir=run_dir, force=force,
+            exam_report=exam_report)
     except AtelierError as exc:
         raise AtelierError(f"{exc} (report: {eval_dir / 'eval.md'})") from None
     else:

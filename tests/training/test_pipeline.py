@@ -18,9 +18,9 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
 ATELIER = [sys.executable, "-m", "atelier.cli"]
+EXAM = Path(__file__).resolve().parents[2] / "bench" / "exams" / "hx-pumps.jsonl"
 SMALL = """
 base: scratch:tiny
-evaluate_stages: true
 dapt: {max_steps: 40, save_steps: 20, logging_steps: 10}
 sft: {max_steps: 30, save_steps: 10, logging_steps: 5}
 dpo: {max_steps: 10, save_steps: 5, logging_steps: 5}
@@ -45,13 +45,18 @@ def small_config(tmp_path) -> Path:
 
 def test_add_builds_evaluates_and_registers_then_reuses_everything(tmp_path, atelier_home, small_config):
     out = _run(atelier_home, "specialist", "add", "pumps", "--docs", str(DOCS), "--config", str(small_config),
-               "--force")
+               "--force", "--exam", str(EXAM))
     record = json.loads(_run(atelier_home, "specialist", "show", "pumps", "--json").stdout)
+    assert record["exam_report"]["items"] == 80 and record["exam_sha256"] == record["exam_report"]["exam_sha256"]
+    assert set(record["exam_report"]["systems"]) == {"base", "specialist"} and "gate" in record["exam_report"]
     assert record["version"] == 1 and record["base_model"].startswith(str(atelier_home / "bases"))
     assert Path(record["adapter_path"], "adapter_model.safetensors").stat().st_size > 1024
     stages = record["eval_report"]["stages"]
-    assert list(stages) == ["base", "dapt", "sft", "dpo"]
-    assert stages["dapt"]["perplexity"] < stages["base"]["perplexity"] / 2  # DAPT learns the domain's text
+    assert list(stages) == ["base", "dpo"]  # intermediate stages are evaluated only with --evaluate-stages
+    assert stages["dpo"]["perplexity"] < stages["base"]["perplexity"] / 2  # DAPT learned the domain's text
+    [dapt] = Path(record["run_dir"]).glob("dapt-*/result.json")
+    metrics = json.loads(dapt.read_text())["metrics"]  # a scratch base scores its stages on the held-out split
+    assert metrics["heldout_perplexity"] < metrics["heldout_perplexity_before"] / 2
     assert len(record["route_exemplars"]) > 10 and record["keywords"]
     run_dir = Path(record["run_dir"])
     for name in ("eval/eval.json", "eval/eval.md", "eval/eval.png", "data/manifest.json", "summary.json"):
