@@ -178,7 +178,8 @@ def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
                    "ttft_s": statistics.median(x["ttft_s"] for x in r)} for label, r in runs.items()}
     runtime.unload()
     return {"specialist": "SmolLM2-135M-Instruct + LoRA r16 all-linear (random B)", "threads": 1,
-            "llamacpp_q4_1_plus_gguf_adapter": out["llamacpp"], "transformers_runtime_fp32_plus_peft": out["transformers"],
+            "llamacpp_q4_1_plus_gguf_adapter": out["llamacpp"],
+            "transformers_runtime_fp32_plus_peft": out["transformers"],
             "decode_speedup": round(out["llamacpp"]["decode_tok_s"] / out["transformers"]["decode_tok_s"], 2),
             "ttft_speedup": round(out["transformers"]["ttft_s"] / out["llamacpp"]["ttft_s"], 2),
             "target_decode_speedup": 4.0, "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],

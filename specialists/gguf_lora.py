@@ -50,7 +50,8 @@ def write_lora_gguf(adapter_dir: Path, base_config: Any, path: Path, *, name: st
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-        raise AtelierError(f"the adapter in {adapter_dir} is {'DoRA' if config.get('use_dora') else config['peft_type']}, "
+        kind = "DoRA" if config.get("use_dora") else config["peft_type"]
+        raise AtelierError(f"the adapter in {adapter_dir} is {kind}, "
                            f"not a plain LoRA, which llama.cpp's adapters cannot express: {ADAPTER_HINT}")
     if config.get("modules_to_save"):
         raise AtelierError(f"the adapter in {adapter_dir} trains whole modules ({config['modules_to_save']}), which a "

@@ -354,7 +354,8 @@ class _translate_errors:
             raise _http_error(self.what, exc.status_code, exc.body if exc.body is not None else exc.message,
                               self.model) from None
         if openai is not None and isinstance(exc, openai.APIError):
-            raise AtelierError(f"{self.what} reported an error mid-stream: {exc.message}; see the server's log") from None
+            raise AtelierError(f"{self.what} reported an error mid-stream: {exc.message}; "
+                               "see the server's log") from None
         if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
             raise AtelierError(f"no server reachable at {redact(self.url)} ({self.what}); {self.start}") from None
         if isinstance(exc, httpx.TimeoutException):

@@ -169,7 +169,8 @@ def test_gguf_reads_back_with_llama_metadata_and_llama_cpp_runs_it(registry, mod
     result = export_specialist("pumps", "gguf", quantize=quantize, out=tmp_path / "gguf", registry=registry)
 
     path = tmp_path / "gguf" / f"pumps-v1-{quantize}.gguf"
-    assert result.files == sorted([path.name, f"base-{quantize}.gguf", "pumps-v1-lora.gguf", "README.md"]) + ["export.json"]
+    written = [path.name, f"base-{quantize}.gguf", "pumps-v1-lora.gguf", "README.md"]
+    assert result.files == sorted(written) + ["export.json"]
     reader = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
