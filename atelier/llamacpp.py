@@ -136,10 +136,11 @@ def _caps(address: str) -> TemplateCaps:
 
 
 @contextmanager
-def private_server(gguf: str | Path, *, n_ctx: int = 512, threads: int = 1,
-                   exact: bool = True) -> Iterator[EmbeddedServer]:
-    """A llama.cpp server of its own for one GGUF file, stopped on leaving (e.g. to check an export)."""
-    server = _start(Path(gguf).resolve(), n_ctx, (), threads, exact)
+def private_server(gguf: str | Path, *, n_ctx: int = 512, threads: int = 1, exact: bool = True,
+                   adapters: tuple[str | Path, ...] = ()) -> Iterator[EmbeddedServer]:
+    """A llama.cpp server of its own for one GGUF file (and GGUF LoRA adapters, at scale 0 until a
+    request's `lora` field picks them), stopped on leaving (e.g. to check an export)."""
+    server = _start(Path(gguf).resolve(), n_ctx, tuple(Path(a).resolve() for a in adapters), threads, exact)
     try:
         yield server
     finally:

@@ -2,6 +2,11 @@
 
 1. decode tokens/s and time to first token of SmolLM2-135M-Instruct: llama.cpp (embedded, Q4_1 GGUF)
    vs the transformers runtime (the same GGUF loaded as fp32), same prompts, greedy;
+1b. the same for one *specialist* (base + LoRA adapter, r 16 on every linear layer as `specialist add`
+   trains it, random non-zero B): served by llama.cpp (original Q4_1 GGUF + the adapter as a GGUF LoRA
+   adapter, chosen per request) vs the transformers runtime (specialists/runtime.py, fp32 base +
+   PEFT adapter), both through SpecialistRuntime.stream, one thread; plus the export parity check of
+   llama.cpp with / without the adapter against transformers base+adapter / base;
 2. p50/p95 latency of `Orchestrator.ask` on the demo's three questions, router-only vs SmolLM2;
    with SmolLM2 also: does every answer keep the route's output, and end within its bounds;
 3. "does the model help?": share of exam answers whose first two lines contain the answer,
@@ -10,8 +15,9 @@
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python bench/serving_bench.py \
         --exam bench/exams/hx-pumps.jsonl [--model-questions 15]
 
-Needs an index of examples/docs in ATELIER_HOME (`atelier index examples/docs`). Writes
-bench/results/serving.json.
+Needs an index of examples/docs in ATELIER_HOME (`atelier index examples/docs`) for the latency and
+exam phases; the specialist phase converts SmolLM2 into ATELIER_HOME/bases once (or give --bases-home,
+e.g. the tests' .pytest_cache/d/atelier-bases). Writes bench/results/serving.json.
 """
 
 from __future__ import annotations
@@ -97,6 +103,89 @@ def transformers_speed() -> dict:
             "ttft_s": statistics.median(r["ttft_s"] for r in runs)}
 
 
+def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
+    """One specialist, llama.cpp (base GGUF + GGUF LoRA adapter) vs the transformers runtime."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from specialists.export_parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
+    from specialists.generation import GenerationParams
+    from specialists.gguf_lora import write_lora_gguf
+    from specialists.registry import Registry
+    from specialists.runtime import SpecialistRuntime
+    from training.models import resolve_base
+
+    torch.set_num_threads(1)
+    saved = os.environ.get("ATELIER_HOME")
+    if bases_home:
+        os.environ["ATELIER_HOME"] = str(bases_home)
+    try:
+        base_dir = Path(resolve_base("smollm2-135m", work_dir=Path(tempfile.mkdtemp()), corpus_texts=None, seed=0))
+    finally:
+        if bases_home:
+            os.environ.pop("ATELIER_HOME", None) if saved is None else os.environ.__setitem__("ATELIER_HOME", saved)
+    gguf = Path(json.loads((base_dir / "atelier-base.json").read_text())["gguf"])
+    root = Path(tempfile.mkdtemp(prefix="serving-bench-"))
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.1)
+    model.save_pretrained(root / "adapter")
+    lora = write_lora_gguf(root / "adapter", base.config, root / "adapter.gguf", name="bench-lora")
+    model.eval()
+    conversations = [[{"role": "user", "content": t}] for t in BUILTIN_PROMPTS]
+    probes = reference_probes(model, tokenizer, conversations)
+    with model.disable_adapter():
+        base_probes = reference_probes(model, tokenizer, conversations)
+    parity = {"with_adapter": check_parity_in_llamacpp(probes, gguf, "quantized", "specialist", tokenizer,
+                                                       adapter=lora).model_dump(),
+              "adapter_off_vs_base": check_parity_in_llamacpp(base_probes, gguf, "quantized", "base",
+                                                              tokenizer).model_dump()}
+    del model, base
+    (root / "export").mkdir()
+    (root / "export" / "export.json").write_text(json.dumps({"llamacpp": {"base": str(gguf), "adapter": str(lora)}}))
+    registry = Registry(root / "home")
+    registry.register("spec-transformers", base_model=str(base_dir), adapter_dir=root / "adapter", eval_report={},
+                      force=True)
+    registry.register("spec-llamacpp", base_model=str(base_dir), adapter_dir=root / "adapter", eval_report={},
+                      force=True, served_by=f"llamacpp:{root / 'export'}")
+    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=4096)
+    params = GenerationParams(max_tokens=NEW_TOKENS)
+    names = {"llamacpp": "spec-llamacpp", "transformers": "spec-transformers"}
+    for name in names.values():
+        runtime.generate(name, [{"role": "user", "content": "Hi"}], GenerationParams(max_tokens=2))  # load / start
+    runs: dict[str, list] = {label: [] for label in names}
+    load_before = os.getloadavg()[0]
+    for _ in range(repeats):  # interleaved, so a busy neighbour slows both alike
+        for prompt in PROMPTS:
+            for label, name in names.items():
+                start = time.perf_counter()
+                stream = runtime.stream(name, [{"role": "user", "content": prompt}], params)
+                first = None
+                for _ in stream:
+                    if first is None:
+                        first = time.perf_counter()
+                end, tokens = time.perf_counter(), stream.generation.usage.completion_tokens
+                runs[label].append({"ttft_s": round(first - start, 4), "tokens": tokens,
+                                    "decode_tok_s": round((tokens - 1) / (end - first), 2)})
+    out = {label: {"runs": r, "decode_tok_s": statistics.median(x["decode_tok_s"] for x in r),
+                   "ttft_s": statistics.median(x["ttft_s"] for x in r)} for label, r in runs.items()}
+    runtime.unload()
+    return {"specialist": "SmolLM2-135M-Instruct + LoRA r16 all-linear (random B)", "threads": 1,
+            "llamacpp_q4_1_plus_gguf_adapter": out["llamacpp"],
+            "transformers_runtime_fp32_plus_peft": out["transformers"],
+            "decode_speedup": round(out["llamacpp"]["decode_tok_s"] / out["transformers"]["decode_tok_s"], 2),
+            "ttft_speedup": round(out["transformers"]["ttft_s"] / out["llamacpp"]["ttft_s"], 2),
+            "target_decode_speedup": 4.0, "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "cpu_cores": os.cpu_count(), "parity": parity}
+
+
 def ask_latency(model: str | None, repeats: int) -> dict:
     from agents.orchestrator import Orchestrator, OrchestratorConfig
 
@@ -164,7 +253,8 @@ def main() -> None:
     parser.add_argument("--exam", type=Path, default=ROOT / "bench" / "exams" / "hx-pumps.jsonl")
     parser.add_argument("--model-questions", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "latency", "exam"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["speed", "specialist", "latency", "exam"])
+    parser.add_argument("--bases-home", type=Path, default=None, help="where converted bases are (default ATELIER_HOME)")
     args = parser.parse_args()
     out = ROOT / "bench" / "results" / "serving.json"
     results: dict = json.loads(out.read_text()) if out.is_file() else {}
@@ -173,6 +263,9 @@ def main() -> None:
         results["speed"] = {"llamacpp_q4_1": llama, "transformers_fp32": hf,
                             "decode_speedup": round(llama["decode_tok_s"] / hf["decode_tok_s"], 2)}
         print(json.dumps(results["speed"], indent=1))
+    if "specialist" not in args.skip:
+        results["specialist_speed"] = specialist_speed(args.bases_home, args.repeats)
+        print(json.dumps(results["specialist_speed"], indent=1))
     if "latency" not in args.skip:
         results["ask_latency"] = {"router_only": ask_latency(None, args.repeats),
                                   "smollm2": ask_latency("llamacpp:smollm2-135m", args.repeats)}

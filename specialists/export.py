@@ -1,7 +1,11 @@
 """`atelier specialist export NAME --to merged|gguf|ollama|vllm`: ship a specialist where users run models.
 
     merged   the LoRA adapter merged into its base: safetensors, tokenizer, chat template, model card
-    gguf     that merged model as one GGUF file for llama.cpp (f32, f16, q8_0; see gguf_export.py)
+    gguf     that merged model as one GGUF file for llama.cpp (f32, f16, q8_0; see gguf_export.py), and
+             for an adapter specialist its LoRA adapter as a GGUF LoRA adapter (gguf_lora.py) beside a
+             base GGUF: the original GGUF file when the base was converted from one, else the base
+             exported at the same precision. With --serve, registered back as `served_by:
+             llamacpp:OUT_DIR`, so llama.cpp in this process serves it (base + adapter, chosen per request)
     ollama   a Modelfile: FROM an Ollama library base + ADAPTER when Ollama knows the base, else FROM
              a GGUF (Llama) or the merged folder, with the chat template translated to Go syntax;
              created in a reachable Ollama server and registered back as `served_by: ollama:NAME`
@@ -77,6 +81,7 @@ TARGETS = ("merged", "gguf", "ollama", "vllm")
 QUANTIZE = {"merged": ("f32", "f16"), "gguf": ("f32", "f16", "q8_0", "q4_k_m"),
             "ollama": ("f32", "f16", "q8_0", "q4_k_m"), "vllm": ()}
 MANIFEST = "export.json"  # written last into every export folder; marks folders an export may replace
+BASE_MARKER = "atelier-base.json"  # training.models writes it into every base it converts (GGUF source, SHA-256)
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 
@@ -91,6 +96,7 @@ class ExportResult(StrictModel):
     quantize: str | None
     parity: ParityReport
     commands: list[str]
+    adapter_parity: ParityReport | None = None  # gguf: the base GGUF + GGUF LoRA adapter in llama.cpp
     served_by: str | None = None
     seconds: float
 
@@ -104,6 +110,7 @@ class Staged:
     card: dict[str, Any] = field(default_factory=dict)  # library_name / tags for the model card
     ollama: OllamaPlan | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    adapter_parity: ParityReport | None = None
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -111,16 +118,20 @@ class Staged:
 
 def export_specialist(name: str, to: str, *, out: Path | None = None, quantize: str | None = None,
                       version: int | None = None, registry: Registry | None = None,
-                      create: bool | None = None) -> ExportResult:
+                      create: bool | None = None, serve: bool = False) -> ExportResult:
     """Export specialist `name` (active version unless `version`) to `to`; see the module docstring.
 
     create: ollama only: create the model in the Ollama server and register `served_by`
             (None: when a server answers at OLLAMA_HOST or 127.0.0.1:11434).
+    serve:  gguf only: register a version served by llama.cpp from this export (`served_by: llamacpp:OUT_DIR`).
     """
     started = time.perf_counter()
     registry = registry or Registry()
     record = registry.get(name, version)
     _check_options(record, to, quantize)
+    if serve and to != "gguf":
+        raise AtelierError(f"--serve registers a specialist served by llama.cpp and applies to --to gguf, not --to {to}"
+                           + ("; for Ollama use --create" if to == "ollama" else ""))
     out_dir = Path(out) if out else atelier_home() / "exports" / f"{name}-v{record.version}-{to}"
     _check_replaceable(out_dir)
     model, tokenizer = load_specialist(record)
@@ -131,7 +142,7 @@ def export_specialist(name: str, to: str, *, out: Path | None = None, quantize: 
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]
         result = ExportResult(name=name, version=record.version, target=to, out_dir=str(out_dir), files=files,
                               quantize=quantize, parity=staged.parity, commands=staged.commands,
-                              seconds=round(time.perf_counter() - started, 2))
+                              adapter_parity=staged.adapter_parity, seconds=round(time.perf_counter() - started, 2))
         atomic_write_text(tmp / MANIFEST, json.dumps({**result.model_dump(mode="json"), **staged.details},
                                                      indent=2, default=str) + "\n")
     if staged.ollama is not None and (served_by := _maybe_create_in_ollama(registry, record, out_dir, staged.ollama,
@@ -139,8 +150,24 @@ def export_specialist(name: str, to: str, *, out: Path | None = None, quantize: 
         result.served_by = served_by
         manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
         atomic_write_text(out_dir / MANIFEST, json.dumps({**manifest, "served_by": served_by}, indent=2) + "\n")
+    if serve:
+        result.served_by = f"llamacpp:{out_dir.resolve()}"
+        register_served(registry, record, result.served_by)
+        manifest = json.loads((out_dir / MANIFEST).read_text(encoding="utf-8"))
+        atomic_write_text(out_dir / MANIFEST, json.dumps({**manifest, "served_by": result.served_by}, indent=2) + "\n")
     result.seconds = round(time.perf_counter() - started, 2)
     return result
+
+
+def register_served(registry: Registry, record: SpecialistRecord, served_by: str) -> SpecialistRecord:
+    """A new version of `record`, the same in every respect but served by `served_by`."""
+    return registry.register(record.name, base_model=record.base_model, eval_report=record.eval_report,
+                             keywords=record.keywords, description=record.description,
+                             adapter_dir=None if record.full_model else Path(record.adapter_path or ""),
+                             model_dir=Path(record.model_path or "") if record.full_model else None,
+                             data_manifest_hashes=record.data_manifest_hashes, config=record.config,
+                             route_exemplars=record.route_exemplars, served_by=served_by, run_dir=record.run_dir,
+                             force=record.forced)
 
 
 def _check_options(record: SpecialistRecord, to: str, quantize: str | None) -> None:
@@ -186,11 +213,14 @@ def write_merged(record, model, tokenizer, probes, folder: Path, quantize: str |
                   card={"library_name": "transformers", "tags": ["merged"]})
 
 
-def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path) -> Staged:
-    """One GGUF file of the merged model, read back with GGUFReader and run in llama.cpp itself."""
+def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path,
+                      *, with_adapter: bool = True) -> Staged:
+    """One GGUF file of the merged model, read back with GGUFReader and run in llama.cpp itself; for an
+    adapter specialist also (with_adapter) the adapter as a GGUF LoRA adapter, run in llama.cpp on its base GGUF."""
     from specialists import gguf_export
 
     quantize = quantize or "f16"
+    adapter_dir = None if record.full_model or not with_adapter else check_adapter_files(record)
     merged = _merge(model)
     path = folder / f"{record.name}-v{record.version}-{quantize}.gguf"
     gguf_export.write_gguf(merged, tokenizer, path, quantize, name=f"{record.name}-v{record.version}")
@@ -198,8 +228,60 @@ def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: 
     gguf_export.check_tokenizer(path, {p.text: p.prompt_ids for p in probes})
     parity = check_parity_in_llamacpp(probes, path, quantize, "GGUF file", tokenizer)
     final = out_dir / path.name
-    return Staged(parity, [f"llama-cli -m {final} -cnv", f"llama-server -m {final} --port 8080 --jinja"],
-                  card={"tags": ["gguf", "llama.cpp"]}, details={"gguf": gf.summary()})
+    commands = [f"llama-cli -m {final} -cnv", f"llama-server -m {final} --port 8080 --jinja"]
+    details: dict[str, Any] = {"gguf": gf.summary()}
+    adapter_parity = None
+    if adapter_dir is not None:
+        from specialists.gguf_lora import write_lora_gguf
+
+        lora = folder / f"{record.name}-v{record.version}-lora.gguf"
+        write_lora_gguf(adapter_dir, merged.config, lora, name=f"{record.name}-v{record.version}-lora")
+        base, base_precision, staged_base = base_gguf(record, tokenizer, folder, quantize)
+        adapter_parity = check_parity_in_llamacpp(probes, base, base_precision, "base GGUF + GGUF LoRA adapter",
+                                                  tokenizer, adapter=lora)
+        base_final = out_dir / base.name if staged_base else base
+        details["llamacpp"] = {"base": str(base_final), "adapter": str(out_dir / lora.name),
+                               "base_precision": base_precision}
+        commands.append(f"llama-server -m {base_final} --lora-init-without-apply --lora {out_dir / lora.name} "
+                        "--port 8080 --jinja   # then per request: \"lora\": [{\"id\": 0, \"scale\": 1.0}]")
+    return Staged(parity, commands, card={"tags": ["gguf", "llama.cpp"]}, details=details,
+                  adapter_parity=adapter_parity)
+
+
+def base_gguf(record: SpecialistRecord, tokenizer, folder: Path, quantize: str) -> tuple[Path, str, bool]:
+    """(base GGUF, its precision, whether it was written into `folder`): the GGUF file the base was
+    converted from (its atelier-base.json marker names it and its SHA-256), else the base exported."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from specialists import gguf_export
+
+    original = _original_gguf(Path(record.base_model))
+    if original is not None:
+        return original, gguf_export.file_precision(original), False
+    path = folder / f"base-{quantize}.gguf"
+    base = AutoModelForCausalLM.from_pretrained(record.base_model, dtype=torch.float32, use_safetensors=True,
+                                                local_files_only=True).eval()
+    gguf_export.write_gguf(base, tokenizer, path, quantize, name=f"{Path(record.base_model).name}-base")
+    return path, quantize, True
+
+
+def _original_gguf(base: Path) -> Path | None:
+    """The GGUF a converted base came from, when its marker names it and the file still has that SHA-256."""
+    from specialists.registry import sha256_file
+
+    marker = base / BASE_MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    source = Path(info.get("gguf") or "")
+    if info.get("kind") != "gguf" or not source.is_file():
+        return None
+    if sha256_file(source) != info.get("gguf_sha256"):
+        log.warning("%s changed since %s was converted from it; exporting the base instead", source, base)
+        return None
+    return source
 
 
 def write_vllm(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path) -> Staged:
@@ -345,18 +427,24 @@ def export_command(
     version: int | None = typer.Option(None, "--version", min=1, help="Export this version, not the active one."),
     create: bool | None = typer.Option(None, "--create/--no-create", help="ollama: create the model in Ollama and "
                                        "register served_by (default: when a server answers at OLLAMA_HOST or 127.0.0.1:11434)."),
+    serve: bool = typer.Option(False, "--serve", help="gguf: register a version served by llama.cpp in-process from "
+                               "this export (base GGUF + GGUF LoRA adapter): served_by llamacpp:OUT_DIR."),
 ) -> None:
     """Export a specialist as merged weights, GGUF, an Ollama Modelfile or a vLLM LoRA adapter, parity-checked."""
     result = export_specialist(name, to, out=Path(out) if out else None, quantize=quantize, version=version,
-                               create=create)
+                               create=create, serve=serve)
     parity = result.parity
     typer.echo(f"exported {result.name} v{result.version} to {result.target} in {result.seconds:.1f} s: {result.out_dir}")
     for path in result.files:
         typer.echo(f"  {path}")
     typer.echo(f"parity: {parity.prompts} prompts, {parity.tokens} greedy tokens matched; max logit drift "
                f"{parity.max_drift_sigma:.2g}σ ({parity.precision})")
+    if (adapter := result.adapter_parity) is not None:
+        typer.echo(f"adapter parity: {adapter.prompts} prompts, {adapter.tokens} greedy tokens matched; max drift "
+                   f"{adapter.max_drift_sigma:.2g}σ (base {adapter.precision}, GGUF LoRA adapter in llama.cpp)")
     if result.served_by:
-        typer.echo(f"created in Ollama; {result.name} is now served_by {result.served_by}")
+        where = "created in Ollama" if result.served_by.startswith("ollama:") else "registered for llama.cpp"
+        typer.echo(f"{where}; {result.name} is now served_by {result.served_by}")
     typer.echo("next:" if not result.served_by else "try:")
     for command in result.commands:
         typer.echo(f"  {command}")

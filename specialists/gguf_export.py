@@ -189,6 +189,19 @@ def _pre_tokenizer(pre: dict) -> str:
 # ----------------------------------------------------------------------------- reading back
 
 
+def file_precision(path: Path) -> str:
+    """A GGUF model's precision as the parity tolerances name it: f32, f16, bf16, q8_0, or "quantized"
+    (4-6-bit files such as Q4_1 or Q4_K_M, whose matmuls llama.cpp runs on 8-bit activations)."""
+    from gguf import GGUFReader, LlamaFileType
+
+    field = GGUFReader(str(path)).fields.get("general.file_type")
+    if field is None:
+        return "quantized"
+    kind = LlamaFileType(int(field.parts[field.data[0]][0])).name
+    return {"ALL_F32": "f32", "MOSTLY_F16": "f16", "MOSTLY_BF16": "bf16", "MOSTLY_Q8_0": "q8_0"}.get(kind, "quantized")
+
+
+
 class GgufFile:
     """A GGUF file opened with gguf.GGUFReader: metadata values and tensors by name."""
 

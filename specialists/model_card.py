@@ -60,6 +60,14 @@ def model_card(record: SpecialistRecord, target: str, staged: Staged) -> str:
                           f"adapter on its base for {parity.prompts} held-out prompts ({parity.tokens} tokens); "
                           f"largest logit difference {parity.max_drift_sigma:.2g}σ.")],
     }
+    if (adapter := staged.adapter_parity) is not None:
+        files = staged.details.get("llamacpp", {})
+        sections["Export check"].append("")
+        sections["Export check"].append(
+            f"The GGUF LoRA adapter on its base GGUF ({adapter.precision}, `{files.get('base', '—')}`), run in "
+            f"llama.cpp with the adapter turned on per request, gave the same greedy continuations for "
+            f"{adapter.prompts} prompts ({adapter.tokens} tokens); largest log-probability difference "
+            f"{adapter.max_drift_sigma:.2g}σ.")
     lines = ["---", data.to_yaml(), "---", "", f"# {record.name} v{record.version}", "",
              f"{record.description}. An Atelier specialist built on `{base}`, exported {EXPORTED_AS[target]}."]
     for title, body in sections.items():

@@ -89,7 +89,8 @@ def write_ollama(record, model, tokenizer, probes, folder: Path, quantize: str |
         template, system = ollama_template(tokenizer, record.name)
         if getattr(model.config, "model_type", None) == "llama":  # our GGUF; Ollama makes q4_K_M from its f16
             ours, later = (quantize, None) if quantize in ("f32", "f16", "q8_0") else ("f16", quantize and "q4_K_M")
-            staged = export.write_gguf_target(record, model, tokenizer, probes, folder, ours, out_dir)
+            staged = export.write_gguf_target(record, model, tokenizer, probes, folder, ours, out_dir,
+                                                  with_adapter=False)
             files = [p.name for p in folder.glob("*.gguf")]
             source = f"./{files[0]}"
         else:  # Ollama converts (and quantizes) safetensors of the architectures it knows

@@ -6,8 +6,9 @@ A request names a specialist; the runtime reads its active registry record and
   attaches the adapter with PEFT's multi-adapter API (`load_adapter(adapter_name=...)`) and
   selects it with `set_adapter` for this request only;
 * for a full-model specialist (`record.full_model`), loads that model as a base of its own;
-* for a specialist with `served_by`, calls the external server (see `specialists/served.py`),
-  through the same `generate` / `stream` contract.
+* for a specialist with `served_by`, calls its model server (see `specialists/served.py`): llama.cpp
+  in this process (`llamacpp:EXPORT_DIR`: base GGUF + GGUF LoRA adapter, the adapter chosen per
+  request), Ollama or any OpenAI-compatible server, through the same `generate` / `stream` contract.
 
 Generating one answer (request and result types, stop strings, streams, the decode loop) lives
 in `specialists/generation.py`; those names are re-exported here.

@@ -1,8 +1,9 @@
 """The teacher: a larger chat model that writes training data, asked each question only once.
 
-A teacher is named `provider:model`: `ollama:gemma2:27b` (a local Ollama server, through
-langchain-ollama's ChatOllama), `openai:MODEL` (any OpenAI-compatible server: OpenAI,
-vLLM, llama.cpp, LM Studio, Ollama's `/v1`) or `llamacpp:smollm2-135m` / `llamacpp:PATH.gguf`
+A teacher is named `provider:model` (the model-server layer's names, atelier.servers):
+`ollama:gemma2:27b` (an Ollama server, through the official `ollama` client), `openai:MODEL`
+(any OpenAI-compatible server: OpenAI, vLLM, llama.cpp, LM Studio, Ollama's `/v1`, through the
+official `openai` SDK) or `llamacpp:smollm2-135m` / `llamacpp:PATH.gguf`
 (llama.cpp started in-process by atelier.servers). A parser with a `json_schema` attribute
 gets structured output: the schema as `response_format` for OpenAI-compatible servers and
 llama.cpp (which turns it into a grammar), as `format` for Ollama. Both backends honour one small contract (`send`, `probe`), so adding a
@@ -15,7 +16,8 @@ What the rest of the pipeline relies on:
   crash, never asks the same question twice; it also sees the same answers, so its
   rejection counts are the same.
 * **Transient failures are retried, others are not.** Connection errors, timeouts, 429
-  and 5xx are retried with exponential backoff; any other HTTP error fails that one item
+  and 5xx (the SDKs' exception types, sorted by `_openai_errors` and OllamaBackend.send) are
+  retried with exponential backoff by the teacher's own loop (the SDK's retries are off); any other HTTP error fails that one item
   (counted), except 401/403/404, which mean the teacher is misconfigured and stop the run.
 * **Bounded load.** Requests run in a thread pool of `concurrency` workers, never more.
 * **Bad output is data, not a crash.** `complete_many` hands each answer to a parser;
@@ -50,8 +52,6 @@ from atelier.errors import AtelierError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-OLLAMA_DEFAULT_URL = "http://127.0.0.1:11434"
-OPENAI_DEFAULT_URL = "https://api.openai.com/v1"
 
 
 class TeacherConfig(StrictModel):
@@ -108,88 +108,100 @@ def _status_error(status: int) -> Exception:
     return RequestFailed(f"http_{status}" if status > 0 else "error", fatal=status in (401, 403, 404))
 
 
+def _openai_errors(exc: Exception) -> Exception:
+    """The openai SDK's exception as the teacher's split: transient (retry) or not (count, or stop the run)."""
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        return TransientError(f"{type(exc).__name__}: {exc}")
+    if isinstance(exc, openai.APIStatusError):
+        return _status_error(exc.status_code)
+    return RequestFailed("bad_response")
+
+
 class OpenAIBackend:
-    """POST {base_url}/chat/completions, the OpenAI-compatible chat API."""
+    """The OpenAI-compatible chat API through the official openai SDK (its own retries off: the
+    teacher's loop retries transient failures, with the cache and counts around it)."""
 
-    def __init__(self, model: str, config: TeacherConfig, url: str | None = None):
-        import httpx
+    def __init__(self, model: str, config: TeacherConfig, url: str | None = None, label: str | None = None):
+        from atelier.servers import OPENAI_DEFAULT_URL, Endpoint, openai_client, with_scheme
 
-        self.model, self.config = model, config
-        self.url = (url or config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL).rstrip("/")
-        key = os.environ.get(config.api_key_env, "")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._client = httpx.Client(base_url=self.url, headers=headers, timeout=config.timeout_s)
+        self.model, self.config, self.label = model, config, label or f"openai:{model}"
+        self.url = with_scheme(url or config.base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_DEFAULT_URL)
+        key = os.environ.get(config.api_key_env) or None
+        self._client = openai_client(Endpoint(self.label, "openai", model, self.url, key), timeout=config.timeout_s,
+                                     max_retries=0)
 
     def send(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
-        import httpx
+        import openai
 
-        body = {"model": self.model, "messages": messages, "temperature": self.config.temperature,
-                "max_tokens": self.config.max_tokens, "stream": False}
+        extra: dict[str, Any] = {}
         if schema is not None:  # llama.cpp turns the schema into a grammar; OpenAI and vLLM honour it too
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
+            extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
         try:
-            response = self._client.post("/chat/completions", json=body)
-        except httpx.TransportError as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from None
-        if response.status_code != 200:
-            raise _status_error(response.status_code)
+            reply = self._client.chat.completions.create(model=self.model, messages=messages, stream=False,
+                                                         temperature=self.config.temperature,
+                                                         max_tokens=self.config.max_tokens, **extra)
+        except openai.OpenAIError as exc:
+            raise _openai_errors(exc) from None
         try:
-            return str(response.json()["choices"][0]["message"]["content"] or "")
-        except (ValueError, KeyError, IndexError, TypeError):
+            return str(reply.choices[0].message.content or "")
+        except (AttributeError, IndexError, TypeError):
             raise RequestFailed("bad_response") from None
 
     def probe(self) -> None:
-        import httpx
+        import openai
 
         try:
-            response = self._client.get("/models", timeout=min(10.0, self.config.timeout_s))
-        except httpx.TransportError:
-            raise AtelierError(f"teacher openai:{self.model} not reachable at {self.url}; start the server, or set "
+            self._client.with_options(timeout=min(10.0, self.config.timeout_s)).models.list()
+        except openai.APIConnectionError:
+            raise AtelierError(f"teacher {self.label} not reachable at {self.url}; start the server, or set "
                                f"OPENAI_BASE_URL / the teacher's base_url, or run without --teacher") from None
-        if response.status_code in (401, 403):
-            raise AtelierError(f"teacher openai:{self.model} at {self.url} refused the API key (HTTP "
-                               f"{response.status_code}); set {self.config.api_key_env} or run without --teacher")
+        except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403):
+                raise AtelierError(f"teacher {self.label} at {self.url} refused the API key (HTTP "
+                                   f"{exc.status_code}); set {self.config.api_key_env} or run without --teacher"
+                                   ) from None  # other statuses: some servers have no /models; the chat call will tell
 
 
 class OllamaBackend:
-    """Ollama's /api/chat through langchain-ollama's ChatOllama, with num_ctx always set."""
+    """Ollama's /api/chat through the official ollama client, with num_ctx always set and the
+    schema as Ollama's `format` (its structured output)."""
 
     def __init__(self, model: str, config: TeacherConfig):
-        from langchain_ollama import ChatOllama
+        from atelier.servers import Endpoint, ollama_client, ollama_host
 
         self.model, self.config = model, config
-        self.url = (config.base_url or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_URL).rstrip("/")
-        if "://" not in self.url:
-            self.url = f"http://{self.url}"
-        self._chat = ChatOllama(model=model, base_url=self.url, num_ctx=config.num_ctx,
-                                temperature=config.temperature, num_predict=config.max_tokens,
-                                client_kwargs={"timeout": config.timeout_s})
+        self.url = ollama_host(config.base_url)
+        self._client = ollama_client(Endpoint(f"ollama:{model}", "ollama", model, self.url), timeout=config.timeout_s)
 
     def send(self, messages: list[dict[str, str]], schema: dict | None = None) -> str:
         import httpx
         from ollama import ResponseError
 
-        chat = self._chat if schema is None else self._chat.bind(format=schema)  # Ollama's structured output
+        options = {"num_ctx": self.config.num_ctx, "temperature": self.config.temperature,
+                   "num_predict": self.config.max_tokens}
         try:
-            reply = chat.invoke([(m["role"], m["content"]) for m in messages], stream=False)
+            reply = self._client.chat(self.model, messages=messages, stream=False, options=options, format=schema)
         except (ConnectionError, httpx.TransportError) as exc:
             raise TransientError(f"{type(exc).__name__}: {exc}") from None
         except ResponseError as exc:
             raise _status_error(exc.status_code) from None
         except (ValueError, KeyError, TypeError):
             raise RequestFailed("bad_response") from None
-        return reply.content if isinstance(reply.content, str) else json.dumps(reply.content)
+        return str(reply.message.content or "")
 
     def probe(self) -> None:
         import httpx
+        from ollama import ResponseError
 
         try:
-            tags = httpx.get(f"{self.url}/api/tags", timeout=min(10.0, self.config.timeout_s)).json()
-        except (httpx.TransportError, ValueError):
+            tags = self._client.list()
+        except (ConnectionError, httpx.TransportError, ResponseError, ValueError):
             raise AtelierError(f"teacher ollama:{self.model} not reachable at {self.url}; start it with `ollama serve`"
                                f" and `ollama pull {self.model}`, or set OLLAMA_HOST, or run without --teacher"
                                ) from None
-        names = {m.get("name") for m in tags.get("models", []) if isinstance(m, dict)}
+        names = {m.model for m in tags.models}
         if self.model not in names and f"{self.model}:latest" not in names:
             raise AtelierError(f"teacher model {self.model} is not pulled on the Ollama server at {self.url}; run "
                                f"`ollama pull {self.model}`, or choose another --teacher, or run without --teacher")
@@ -200,7 +212,7 @@ def _llamacpp_backend(model: str, config: TeacherConfig) -> OpenAIBackend:
     from atelier.servers import ServerConfig, endpoint
 
     ep = endpoint(ServerConfig(name=f"llamacpp:{model}", num_ctx=max(config.num_ctx, 2048)))
-    return OpenAIBackend(ep.model, config, url=ep.base_url)
+    return OpenAIBackend(ep.model, config, url=ep.base_url, label=ep.name)
 
 
 _BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {

@@ -169,7 +169,8 @@ def test_gguf_reads_back_with_llama_metadata_and_llama_cpp_runs_it(registry, mod
     result = export_specialist("pumps", "gguf", quantize=quantize, out=tmp_path / "gguf", registry=registry)
 
     path = tmp_path / "gguf" / f"pumps-v1-{quantize}.gguf"
-    assert result.files == sorted([path.name, "README.md"]) + ["export.json"]
+    written = [path.name, f"base-{quantize}.gguf", "pumps-v1-lora.gguf", "README.md"]
+    assert result.files == sorted(written) + ["export.json"]
     reader = GGUFReader(str(path))
     meta = {k: f.contents() for k, f in reader.fields.items()}
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
@@ -205,6 +206,57 @@ def test_gguf_f32_in_llama_cpp_matches_transformers_which_proves_the_qk_permutat
     assert result.parity.max_drift_sigma < 0.01
     ids = prompt_ids(models.base)
     assert gguf_greedy(tmp_path / "gguf" / "pumps-v1-f32.gguf", ids) == greedy_tokens(models.base, models.adapter, ids)
+
+
+def test_the_adapter_as_a_gguf_lora_adapter_runs_in_llama_cpp_on_the_base_gguf(registry, models, tmp_path):
+    """The GGUF LoRA adapter has llama.cpp's metadata; on the exported base in llama.cpp, turned on per
+    request, it continues as the adapter on its base in transformers, and turned off as the bare base."""
+    from atelier.llamacpp import private_server
+    from specialists.export_parity import _llamacpp_greedy
+    from specialists.gguf_lora import read_adapter_metadata
+
+    result = export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry)
+    lora, base = tmp_path / "gguf" / "pumps-v1-lora.gguf", tmp_path / "gguf" / "base-f32.gguf"
+    meta = read_adapter_metadata(lora)
+    assert {k: meta[k] for k in ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha")} == {
+        "general.architecture": "llama", "general.type": "adapter", "adapter.type": "lora", "adapter.lora.alpha": 8.0}
+    tensors = meta["tensors"]
+    assert tensors["blk.0.attn_q.weight.lora_a"] == [64, 4] and tensors["blk.1.attn_q.weight.lora_b"] == [4, 64]
+    assert tensors["blk.0.ffn_up.weight.lora_b"] == [4, 128]  # ggml order: (rank, out) for B, (in, rank) for A
+    assert {n.removesuffix(".lora_a") for n in tensors if n.endswith(".lora_a")} == {
+        n.removesuffix(".lora_b") for n in tensors if n.endswith(".lora_b")}
+    assert result.adapter_parity.artefact == "base GGUF + GGUF LoRA adapter in llama.cpp"
+    assert result.adapter_parity.max_drift_sigma < 0.01 and result.adapter_parity.tokens > 0
+    manifest = json.loads((tmp_path / "gguf" / "export.json").read_text())
+    assert manifest["llamacpp"] == {"base": str(base), "adapter": str(lora), "base_precision": "f32"}
+
+    ids = prompt_ids(models.base)
+    with_adapter, bare = greedy_tokens(models.base, models.adapter, ids), greedy_tokens(models.base, None, ids)
+    assert with_adapter != bare  # the adapter matters, so the comparison below can fail
+    with private_server(base, n_ctx=256, adapters=(lora,)) as server:
+        address = server.url.removesuffix("/v1")
+        assert _llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 1.0}])[0] == with_adapter
+        assert _llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 0.0}])[0] == bare
+
+
+def test_a_gguf_export_with_serve_is_served_by_llama_cpp_through_the_runtime(registry, models, tmp_path):
+    from specialists.generation import GenerationParams
+    from specialists.runtime import SpecialistRuntime
+
+    result = export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry, serve=True)
+    assert result.served_by == f"llamacpp:{tmp_path / 'gguf'}"
+    record = registry.get("pumps")
+    assert (record.version, record.served_by) == (2, result.served_by)
+    with pytest.raises(AtelierError, match="--serve .* applies to --to gguf"):
+        export_specialist("pumps", "merged", out=tmp_path / "m", registry=registry, serve=True)
+
+    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=256)
+    served = runtime.generate("pumps", ASK, GenerationParams(max_tokens=8))
+    assert runtime.loaded() == {}  # llama.cpp answered, nothing was loaded in transformers
+    registry.rollback("pumps")  # v1: the same adapter, run by transformers
+    local = runtime.generate("pumps", ASK, GenerationParams(max_tokens=8))
+    assert (served.version, local.version) == (2, 1)
+    assert served.text == local.text and served.usage.completion_tokens == local.usage.completion_tokens == 8
 
 
 def test_transformers_gguf_reader_loads_our_file_as_the_same_model_and_tokenizer(registry, models, tmp_path):

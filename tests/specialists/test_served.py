@@ -40,7 +40,7 @@ def server():
             if self.path == "/api/show":
                 state.shows.append(body)
                 return send_error(self, 200, state.show) if state.show else send_error(self, 404, {"error": "no"})
-            state.requests.append(SimpleNamespace(path=self.path, body=body, headers=dict(self.headers)))
+            state.requests.append(SimpleNamespace(path=self.path, body=body, headers={k.lower(): v for k, v in self.headers.items()}))
             state.reply(self, body)
 
         def log_message(self, *args):
@@ -202,7 +202,7 @@ def test_openai_sse_stream(server):
     assert stream.generation.finish_reason == "length"
     assert (stream.generation.usage.prompt_tokens, stream.generation.usage.completion_tokens) == (9, 4)
     (request,) = server.requests
-    assert request.path == "/v1/chat/completions" and request.headers["Authorization"] == "Bearer sk-test"
+    assert request.path == "/v1/chat/completions" and request.headers["authorization"] == "Bearer sk-test"
     assert request.body == {"model": "pumps", "messages": ASK, "stream": True, "max_tokens": 3, "temperature": 0.0,
                             "top_p": 1.0, "stream_options": {"include_usage": True}, "stop": ["###"], "seed": 1}
 

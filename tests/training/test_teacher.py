@@ -50,7 +50,7 @@ class ChatServer:
                 if self.path.endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]})
                 elif self.path == "/api/tags":
-                    self._send(200, {"models": [{"name": m} for m in server.models]})
+                    self._send(200, {"models": [{"name": m, "model": m} for m in server.models]})  # as Ollama answers
                 else:
                     self._send(404, {"error": "not found"})
 
