@@ -170,13 +170,19 @@ def keep_base(model: Path, run_dir: Path) -> Path:
 
 
 def route_exemplars(data_dir: Path, count: int, seed: int) -> list[str]:
-    """A sample of the specialist's training instructions: what the router matches requests against."""
+    """A sample of the specialist's training instructions: what the router matches requests against.
+
+    The templated fact look-ups (`fact_*` kinds: "What is the torque for the impeller nut?") are
+    left out: they are the questions search answers best, with the passage cited, and as
+    exemplars they pulled document look-ups away from the search route."""
     path = data_dir / "sft" / "train.jsonl"
     if count <= 0 or not path.exists():
         return []
     questions = []
     for line in path.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
+        if str(row.get("kind", "")).startswith("fact_"):
+            continue
         first = next((m["content"] for m in row.get("messages", []) if m.get("role") == "user"), None)
         if first:
             questions.append(first)
