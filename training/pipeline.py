@@ -335,7 +335,7 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
     tokenizer and chat template (as SFT will render them), non-empty data for every stage,
     and a training micro-batch that fits in memory at each stage's sequence length."""
     from training.models import load_tokenizer, uses_scratch_recipe
-    from training.recipe import micro_batch
+    from training.recipe import micro_batch, training_length
     from training.sft import check_chat_template
 
     try:
@@ -351,9 +351,8 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
                                f"for this stage: add documents, or leave {stage} out of --stages")
     if not uses_scratch_recipe(base):
         for stage in config.stages:
-            stage_config = getattr(config, stage)
-            length = stage_config.seq_len * (2 if stage == "dpo" else 1)
-            micro_batch(base, length, full=config.lora.method == "full")
+            micro_batch(base, training_length(stage, getattr(config, stage).seq_len),
+                        full=config.lora.method == "full")
 
 
 def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:

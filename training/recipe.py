@@ -73,7 +73,7 @@ def resolve_stage(stage: str, config, *, scratch: bool, full: bool, base: Path |
         if scratch or base is None:
             update["batch_size"] = defaults.get("batch_size", EFFECTIVE_BATCH)
         else:
-            micro = micro_batch(base, config.seq_len * (2 if stage == "dpo" else 1), full=full)
+            micro = micro_batch(base, training_length(stage, config.seq_len), full=full)
             update["batch_size"] = micro
             if config.grad_accumulation == 1:
                 update["grad_accumulation"] = max(1, EFFECTIVE_BATCH // micro)
@@ -81,6 +81,11 @@ def resolve_stage(stage: str, config, *, scratch: bool, full: bool, base: Path |
 
 
 # ---------------------------------------------------------------- memory
+
+
+def training_length(stage: str, seq_len: int) -> int:
+    """Tokens one training row of `stage` holds: DPO scores chosen and rejected, each up to seq_len."""
+    return seq_len * (2 if stage == "dpo" else 1)
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ def test_packed_rows_train_only_answers_and_keep_conversations_apart(dapt_result
     assert len(starts) >= 2  # position ids restart at each conversation
     pieces = [tokenizer.decode([t for t, lab in zip(ids[a:b].tolist(), labels[a:b], strict=True) if lab != -100])
               for a, b in zip(starts, starts[1:] + [len(positions)], strict=True)]
-    assert pieces and all(piece.endswith("<|im_end|>") or len(piece) > 0 for piece in pieces)
+    assert all(piece.endswith("<|im_end|>\n") for piece in pieces[:-1])  # each answer trained with its end of turn
     assert all(piece.removesuffix("\n").removesuffix("<|im_end|>") in answers for piece in pieces[:-1])
 
 
