@@ -23,6 +23,12 @@ def _orchestrator(config_file: Optional[Path], model: Optional[str], index: Opti
     return Orchestrator(config)
 
 
+def _new_thread() -> str:
+    import uuid
+
+    return f"cli-{uuid.uuid4().hex[:12]}"
+
+
 def _route_line(event: dict) -> str:
     return f"[dim]→ {event['route']} (confidence {event['confidence']:.2f})[/dim]"
 
@@ -38,7 +44,8 @@ def _sources(console, sources: list[dict]) -> None:
 def ask(
     question: str = typer.Argument(..., help="The question."),
     as_json: bool = typer.Option(False, "--json", help="Print answer, route, confidence and sources as JSON."),
-    thread: str = typer.Option("default", "--thread", help="Conversation id (memory across calls)."),
+    thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation (memory across calls); "
+                                         "default: a new conversation for each question."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     index: Optional[str] = typer.Option(None, "--index", help="Search index name (default: default)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with an OrchestratorConfig."),
@@ -49,7 +56,7 @@ def ask(
 
     orchestrator = _orchestrator(config_file, model, index)
     try:
-        answer = orchestrator.ask(question, thread_id=thread)
+        answer = orchestrator.ask(question, thread_id=thread or _new_thread())
     finally:
         orchestrator.close()
     if as_json:
@@ -63,7 +70,8 @@ def ask(
 
 
 def chat(
-    thread: str = typer.Option("default", "--thread", help="Conversation id; reuse it to continue a conversation."),
+    thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation; default: a new one "
+                                         "(its id is shown at the start)."),
     model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
     index: Optional[str] = typer.Option(None, "--index", help="Search index name (default: default)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with an OrchestratorConfig."),
@@ -74,6 +82,7 @@ def chat(
 
     console = Console()
     orchestrator = _orchestrator(config_file, model, index)
+    thread = thread or _new_thread()
     mode = "router-only (no orchestrator model)" if orchestrator.router_only else f"model {model}"
     console.print(f"[bold]Atelier chat[/bold] — thread {thread!r}, {mode}. /reset forgets, /exit leaves.")
     try:

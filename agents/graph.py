@@ -35,6 +35,7 @@ from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
+from agents.fence import wrap_data
 from agents.tools import ToolSpec
 
 log = logging.getLogger(__name__)
@@ -150,22 +151,26 @@ def make_nodes(services: Services) -> dict[str, Callable]:
             answer = router_only_answer(state, services)
             if not state["route"].startswith("specialist:"):  # a specialist's tokens were streamed already
                 _emit({"type": "token", "text": answer})
-            return {"messages": [AIMessage(answer)], "route_output": answer}
+            return {"messages": [answer_message(answer, written_chars=0)], "route_output": answer}
         from agents.llm import bounded_stream
 
-        prompt = [SystemMessage(SYSTEM_PROMPT), *state["messages"][:-1],
+        prompt = [SystemMessage(SYSTEM_PROMPT), *replay(state["messages"][:-1]),
                   HumanMessage(last_question(state) + quote_observations(state.get("observations", [])))]
         written = bounded_stream(services.model.stream(prompt), time_limit_s=services.time_limit_s)
         kept = route_output(state, services)
         tail = ("\n\n" if written.text.strip() and kept else "") + kept
         if tail:
             _emit({"type": "token", "text": tail})
-        return {"messages": [AIMessage(written.text + tail)], "route_output": kept, "finish": written.finish}
+        return {"messages": [answer_message(written.text + tail, written_chars=len(written.text))],
+                "route_output": kept, "finish": written.finish}
 
     def agent(state: AgentState) -> dict:
         model = services.model.bind_tools(agent_tools(services))
-        history = [SystemMessage(SYSTEM_PROMPT), *state["messages"]]
-        return {"messages": [model.invoke(history)], "steps": state.get("steps", 0) + 1}
+        history = [SystemMessage(SYSTEM_PROMPT), *replay(state["messages"])]
+        reply = model.invoke(history)
+        marked = reply.model_copy(update={"additional_kwargs": {**reply.additional_kwargs,
+                                                               WRITTEN: len(reply.text or "")}})
+        return {"messages": [marked], "steps": state.get("steps", 0) + 1}
 
     def act(state: AgentState) -> dict:
         call_results, observations, sources = [], list(state.get("observations", [])), list(state.get("sources", []))
@@ -227,10 +232,32 @@ def _search(services: Services, query: str, first: int = 1) -> tuple[list[dict],
     return observations, sources
 
 
-def wrap_data(name: str, content: str) -> str:
-    """Quote untrusted content so the model reads it as data: a closing tag inside it is defused."""
-    safe = content.replace("</data>", "<\\/data>").replace("<data", "<\\data")
-    return f'<data source="{name}">\n{safe}\n</data>'
+WRITTEN = "atelier_written_chars"  # on an answer in memory: how many leading characters the model wrote
+
+
+def answer_message(text: str, written_chars: int) -> AIMessage:
+    """An answer for memory: the first `written_chars` are the model's words, the rest the route's output."""
+    return AIMessage(text, additional_kwargs={WRITTEN: written_chars})
+
+
+def replay(messages: list[AnyMessage]) -> list[AnyMessage]:
+    """The conversation as the model sees it again: what routes returned in earlier turns stays fenced.
+
+    An answer's route output (quoted passages, a specialist's or tool's words) goes back inside a
+    <data> block; only the model's own words are replayed as its turn. An answer in memory without
+    the mark (written before the fence kept it) is fenced whole.
+    """
+    replayed: list[AnyMessage] = []
+    for message in messages:
+        if isinstance(message, AIMessage) and not message.tool_calls:
+            text = message.text or ""
+            written = message.additional_kwargs.get(WRITTEN)
+            own, quoted = (text[:written], text[written:]) if isinstance(written, int) else ("", text)
+            if quoted.strip():
+                own = (own.rstrip() + "\n\n" if own.strip() else "") + wrap_data("earlier route output", quoted.strip())
+            message = AIMessage(own, id=message.id)
+        replayed.append(message)
+    return replayed
 
 
 def quote_observations(observations: list[dict]) -> str:

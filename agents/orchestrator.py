@@ -8,6 +8,7 @@ and answers with `ask` or, event by event, with `stream`.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from atelier.config import StrictModel
 from atelier.home import atelier_home
 from retrieval.config import RetrievalConfig
 from specialists.runtime import GenerationParams
+
+log = logging.getLogger(__name__)
 
 
 class OrchestratorConfig(StrictModel):
@@ -73,7 +76,7 @@ class Orchestrator:
             runtime=SpecialistRuntime(self.registry, max_bases=self.config.max_bases),
             searcher=_open_searcher(self.config.retrieval), model=model.chat if model else None,
             search_k=self.config.search_k, max_steps=self.config.max_steps,
-            specialists=self.registry.names(), generation=lambda: self.config.generation,
+            specialists=self._specialists(), generation=lambda: self.config.generation,
             model_name=self.model_name, model_tools=model.tools if model else True,
             time_limit_s=self.config.model.time_limit_s, encoder=self._encoder)
         self._db = None
@@ -83,14 +86,30 @@ class Orchestrator:
         self.graph = build_graph(self.services, checkpointer=checkpointer)
 
     def _sqlite_checkpointer(self):
+        """Memory in ATELIER_HOME/memory.sqlite; a file that cannot be opened costs memory, not the answer."""
+        from langgraph.checkpoint.memory import InMemorySaver
         from langgraph.checkpoint.sqlite import SqliteSaver
 
-        self._db = sqlite3.connect(atelier_home() / "memory.sqlite", check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: durable across a process crash,
-        self._db.execute("PRAGMA synchronous=NORMAL")  # and a checkpoint costs no fsync
-        saver = SqliteSaver(self._db)
-        saver.setup()
-        return saver
+        path = atelier_home() / "memory.sqlite"
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: durable across a process crash,
+            self._db.execute("PRAGMA synchronous=NORMAL")  # and a checkpoint costs no fsync
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            saver = SqliteSaver(self._db)
+            saver.setup()
+            return saver
+        except sqlite3.Error as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            log.warning("conversation memory %s cannot be read (%s): answering without memory across requests. "
+                        "Move the file aside (or delete it) to start a new memory; `atelier doctor` checks it", path, exc)
+            return InMemorySaver()
+
+    def _specialists(self) -> list[str]:
+        """Specialists whose active record reads; a broken one is skipped (with one warning), not fatal."""
+        return [record.name for record in self.registry.list()]
 
     def _encoder(self):
         from retrieval.embeddings import get_encoder
@@ -103,7 +122,7 @@ class Orchestrator:
 
     def stream(self, question: str, thread_id: str = "default") -> Iterator[dict]:
         """Events of one request: {"type": "route"}, {"type": "token"}*, then {"type": "done", ...}."""
-        self.services.specialists = self.registry.names()
+        self.services.specialists = self._specialists()
         config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * self.config.max_steps + 10}
         final: dict = {}
         # durability="exit": one checkpoint per request instead of one per node; a turn cut short by a

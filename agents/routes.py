@@ -25,10 +25,10 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from pydantic import Field
 
@@ -40,6 +40,7 @@ from retrieval.embedded import read_generation, read_summary
 from specialists.registry import Registry, SpecialistRecord
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SEARCH, DIRECT = "search", "direct"
 CACHE_FORMAT = 1
@@ -161,13 +162,29 @@ def index_generation(index: str | None) -> str | None:
 
     The counter moves with every committed batch, so it is the index's version.
     """
-    generation = read_generation(_index_path(index)) if index is not None else None
+    generation = _readable(read_generation, index)
     return None if generation is None else str(generation)
+
+
+_WARNED: set[str] = set()
+
+
+def _readable(read: Callable[[Path], _T | None], index: str | None) -> _T | None:
+    """`read(path of index)`; an index that cannot be read counts as none (no search route), with one warning."""
+    if index is None:
+        return None
+    try:
+        return read(_index_path(index))
+    except AtelierError as exc:
+        if str(exc) not in _WARNED:
+            _WARNED.add(str(exc))
+            log.warning("search route left out: %s", exc)
+        return None
 
 
 def read_index(index: str | None) -> IndexSummary | None:
     """Titles and chunk texts of the embedded index, or None when it does not exist or is empty."""
-    summary = read_summary(_index_path(index)) if index is not None else None
+    summary = _readable(read_summary, index)
     if summary is None:
         return None
     titles = list(dict.fromkeys(title for _, title in summary.documents))
@@ -180,7 +197,13 @@ def read_index(index: str | None) -> IndexSummary | None:
 
 def registry_versions(registry: Registry) -> dict[str, int]:
     """name -> active version of every specialist (reads the `current` files only)."""
-    return {name: registry.current_version(name) for name in registry.names()}
+    versions = {}
+    for name in registry.names():
+        try:
+            versions[name] = registry.current_version(name)
+        except AtelierError:  # reported (once) when the records are read for the routes
+            continue
+    return versions
 
 
 def fingerprint(versions: dict[str, int], tools: Sequence[ToolSpec], generation: str | None,

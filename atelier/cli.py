@@ -34,7 +34,10 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what happens (to stderr)."),
 ) -> None:
+    from atelier import redact
+
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    redact.install()  # no user:password of a server URL in any log line
 
 
 def _assemble() -> None:
@@ -46,6 +49,9 @@ def _assemble() -> None:
     from specialists.export import register_export
     from training.cli import register as register_training
 
+    from atelier.doctor import doctor
+
+    app.command("doctor")(doctor)
     register_retrieval(app)
     register_agents(app)
     register_serve(app)
@@ -64,7 +70,9 @@ def main() -> None:
     try:
         app()
     except AtelierError as exc:
-        typer.secho(f"error: {exc}", err=True, fg="red")
+        from atelier.redact import scrub
+
+        typer.secho(f"error: {scrub(str(exc))}", err=True, fg="red")
         sys.exit(1)
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

@@ -22,12 +22,12 @@ import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from atelier.redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ def with_scheme(url: str) -> str:
 def ollama_host(url: str | None = None) -> str:
     """The Ollama server URL: `url`, else $OLLAMA_HOST (host:port or a URL), else 127.0.0.1:11434."""
     return with_scheme(url or os.environ.get("OLLAMA_HOST") or OLLAMA_DEFAULT_URL)
-
-
-def redact(url: str) -> str:
-    """The URL without user:password and query string, fit for a log line."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 class ServerConfig(StrictModel):
@@ -134,22 +125,22 @@ def probe(ep: Endpoint, timeout: float = 5.0) -> str | None:
     import httpx
 
     url = ep.base_url + ("/api/tags" if ep.wire == "ollama" else "/models")
-    log.info("checking model server %s at %s", ep.name, redact(url))
+    log.info("checking model server %s at %s", ep.name, redact_url(url))
     headers = {"Authorization": f"Bearer {ep.api_key}"} if ep.api_key else {}
     try:
         response = httpx.get(url, headers=headers, timeout=timeout)
     except httpx.HTTPError as exc:
-        return f"{redact(url)} not reachable ({type(exc).__name__})"
+        return f"{redact_url(url)} not reachable ({type(exc).__name__})"
     if response.status_code in (401, 403):
-        return f"{redact(url)} refused the API key (HTTP {response.status_code})"
-    return None if response.status_code < 500 else f"{redact(url)} answered HTTP {response.status_code}"
+        return f"{redact_url(url)} refused the API key (HTTP {response.status_code})"
+    return None if response.status_code < 500 else f"{redact_url(url)} answered HTTP {response.status_code}"
 
 
 def openai_client(ep: Endpoint, *, timeout: float = 120.0, max_retries: int = 2):
     """The official openai SDK client for an OpenAI-compatible endpoint (llama.cpp included)."""
     import openai
 
-    log.info("openai client for %s at %s", ep.name, redact(ep.base_url))
+    log.info("openai client for %s at %s", ep.name, redact_url(ep.base_url))
     return openai.OpenAI(base_url=ep.base_url, api_key=ep.api_key or "not-needed", timeout=timeout,
                          max_retries=max_retries)
 
@@ -157,7 +148,7 @@ def openai_client(ep: Endpoint, *, timeout: float = 120.0, max_retries: int = 2)
 def ollama_client(ep: Endpoint, *, timeout: float = 120.0):
     import ollama
 
-    log.info("ollama client for %s at %s", ep.name, redact(ep.base_url))
+    log.info("ollama client for %s at %s", ep.name, redact_url(ep.base_url))
     return ollama.Client(host=ep.base_url, timeout=timeout)
 
 

@@ -37,10 +37,11 @@ import numpy as np
 
 from atelier.errors import AtelierError
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
-from retrieval.elastic_config import _MAX_CANDIDATES, ElasticsearchConfig, connect, display_url
+from atelier.redact import redact_url
+from retrieval.elastic_config import _MAX_CANDIDATES, ElasticsearchConfig, connect
 from retrieval.types import DocumentEntry, Hit, Mode
 
-__all__ = ["BulkReport", "ElasticsearchConfig", "ElasticsearchIndex", "connect", "display_url"]
+__all__ = ["BulkReport", "ElasticsearchConfig", "ElasticsearchIndex", "connect"]
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -118,7 +119,7 @@ class ElasticsearchIndex:
         self.fusion = fusion
         self.chunks_index = config.index
         self.docs_index = f"{config.index}-docs"
-        self.url = display_url(config.url)
+        self.url = redact_url(config.url)
         self._server_rrf = config.server_rrf
         self.client = client if client is not None else connect(config)
         self._open(create)

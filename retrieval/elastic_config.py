@@ -9,12 +9,12 @@ import logging
 import os
 import re
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, SecretStr, field_validator
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from atelier.redact import redact_url
 
 if TYPE_CHECKING:
     from elasticsearch import Elasticsearch
@@ -80,14 +80,6 @@ class ElasticsearchConfig(StrictModel):
         return index
 
 
-def display_url(url: str) -> str:
-    """The URL without any user:password part, safe for logs and stats."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
 def connect(config: ElasticsearchConfig) -> Elasticsearch:
     """An Elasticsearch client for `config` (TLS, API key or basic auth); connects lazily."""
     from elasticsearch import Elasticsearch
@@ -106,9 +98,9 @@ def connect(config: ElasticsearchConfig) -> Elasticsearch:
         tls = {"verify_certs": config.verify_certs, "ssl_show_warn": config.verify_certs}
         if config.ca_certs:
             tls["ca_certs"] = config.ca_certs
-    log.info("using Elasticsearch at %s", display_url(config.url))
+    log.info("using Elasticsearch at %s", redact_url(config.url))
     try:
         return Elasticsearch(config.url, request_timeout=config.request_timeout, max_retries=config.max_retries,
                              **auth, **tls)
     except ValueError as exc:
-        raise AtelierError(f"cannot configure the Elasticsearch client for {display_url(config.url)}: {exc}") from None
+        raise AtelierError(f"cannot configure the Elasticsearch client for {redact_url(config.url)}: {exc}") from None

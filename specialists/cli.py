@@ -41,11 +41,13 @@ def _metric_cell(before: float | None, after: float | None) -> str:
 def list_specialists(as_json: bool = typer.Option(False, "--json", help="Print the active records as JSON.")) -> None:
     """Registered specialists with their active version, base model and key held-out metrics."""
     registry = _registry()
-    records = registry.list()
+    records, problems = registry.scan()
+    for problem in problems:
+        typer.echo(f"warning: {problem}", err=True)
     if as_json:
         typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
-    if not records:
+    if not records and not problems:
         typer.echo("no specialists registered yet; add one with `atelier specialist add NAME --docs DIR`")
         return
     from rich.console import Console

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ from pydantic import Field
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug left 40 bytes
@@ -72,7 +75,7 @@ class SpecialistRecord(StrictModel):
 
 
 def validate_name(name: str) -> str:
-    if not NAME_PATTERN.match(name or ""):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise AtelierError(f"invalid specialist name {name!r}: use 1-64 lowercase letters, digits, '-' or '_', "
                            "starting with a letter or digit (e.g. 'pump-manuals')")
     return name
@@ -243,6 +246,7 @@ class Registry:
 
     def __init__(self, home: Path | None = None):
         self.root = Path(home if home is not None else atelier_home()) / "specialists"
+        self._warned: set[str] = set()
 
     # --- reading
 
@@ -254,8 +258,22 @@ class Registry:
                       if p.is_dir() and not p.name.startswith(".") and (p / "current").is_file())
 
     def list(self) -> list[SpecialistRecord]:
-        """The active version of every specialist, by name."""
-        return [self.get(name) for name in self.names()]
+        """The active version of every specialist, by name; one that cannot be read is left out with a warning."""
+        records, problems = self.scan()
+        for problem in set(problems) - self._warned:  # once per process and problem, not once per request
+            log.warning("%s", problem)
+            self._warned.add(problem)
+        return records
+
+    def scan(self) -> tuple[list[SpecialistRecord], list[str]]:
+        """The readable active records, and one message (file and fix) for each specialist that is not."""
+        records, problems = [], []
+        for name in self.names():
+            try:
+                records.append(self.get(name))
+            except AtelierError as exc:
+                problems.append(f"specialist {name!r} skipped: {exc}")
+        return records, problems
 
     def versions(self, name: str) -> list[int]:
         """Every complete version of `name`, oldest first."""
@@ -263,7 +281,10 @@ class Registry:
         return sorted(v for v in (_version_of(p) for p in folder.iterdir()) if v is not None)
 
     def current_version(self, name: str) -> int:
-        text = (self._folder(name) / "current").read_text(encoding="utf-8").strip()
+        try:
+            text = (self._folder(name) / "current").read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            text = f"unreadable: {exc}"
         if not text.isdigit():
             raise AtelierError(f"{self._folder(name) / 'current'} is corrupt ({text!r}); "
                                f"write a version number from {self.versions(name)} into it")
@@ -277,7 +298,17 @@ class Registry:
         if not path.is_file():
             raise AtelierError(f"specialist {name!r} has no version {version}; versions: "
                                f"{', '.join(map(str, self.versions(name))) or 'none'}")
-        record = SpecialistRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        try:
+            record = SpecialistRecord.model_validate_json(path.read_bytes())
+        except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            older = [v for v in self.versions(name) if v != version]
+            fix = (f"`atelier specialist rollback {name}` to v{older[-1]}, or " if older and version ==
+                   self.current_version(name) else "")
+            raise AtelierError(f"{path} cannot be read ({_first_line(exc)}); {fix}register the specialist again "
+                               "with `atelier specialist add` (`atelier doctor` checks every record)") from None
+        if record.name != name or record.version != version:
+            raise AtelierError(f"{path} describes {record.name!r} v{record.version}, not {name!r} v{version}; "
+                               "it was copied or edited by hand: restore it or register the specialist again")
         return record.model_copy(update={
             key: str(path.parent / value) for key in ("adapter_path", "model_path")
             if (value := getattr(record, key)) and not Path(value).is_absolute()})
@@ -373,6 +404,16 @@ class Registry:
             hint = f"known: {', '.join(known)}" if known else "none registered yet; add one with `atelier specialist add`"
             raise AtelierError(f"no specialist named {name!r} ({hint})")
         return folder
+
+
+def _first_line(exc: Exception) -> str:
+    """What went wrong, in one line and without the file's contents (pydantic quotes the input)."""
+    if callable(getattr(exc, "errors", None)):
+        first = exc.errors()[0]
+        where = ".".join(map(str, first.get("loc", ()))) or "record"
+        return f"{where}: {first.get('msg', 'invalid')}"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
 def _describe(name: str, keywords: list[str]) -> str:

@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 from atelier.errors import AtelierError
-from atelier.servers import Endpoint, ollama_client, openai_client, parse_model, redact, with_scheme
+from atelier.redact import redact_url
+from atelier.servers import Endpoint, ollama_client, openai_client, parse_model, with_scheme
 from specialists.generation import (
     FinishReason,
     Generation,
@@ -153,7 +154,7 @@ class OllamaBackend(_Contract):
 
     def producer(self, messages: list[dict], params: GenerationParams) -> Producer:
         def produce(emit, cancelled: threading.Event) -> tuple[FinishReason, Usage]:
-            log.info("calling Ollama at %s (model %s)", redact(self.url), self.model)
+            log.info("calling Ollama at %s (model %s)", redact_url(self.url), self.model)
             stops, finish, usage, chunks = StopFilter(params.stop), "length", Usage(), 0
             with self._errors():
                 parts = self._client.chat(self.model, messages=messages, stream=True, options=self.options(params))
@@ -227,7 +228,7 @@ class OpenAICompatibleBackend(_Contract):
 
     def producer(self, messages: list[dict], params: GenerationParams) -> Producer:
         def produce(emit, cancelled: threading.Event) -> tuple[FinishReason, Usage]:
-            log.info("calling OpenAI-compatible server at %s (model %s)", redact(self.url), self.model)
+            log.info("calling OpenAI-compatible server at %s (model %s)", redact_url(self.url), self.model)
             stops, finish, usage = StopFilter(params.stop), "length", Usage()
             with self._errors():
                 chunks = self._client.chat.completions.create(**self.request(messages, params))
@@ -349,7 +350,7 @@ class _translate_errors:
             raise AtelierError(f"{self.what} did not answer within {self.timeout:g} s; check the server's load "
                                "or raise the timeout") from None
         if openai is not None and isinstance(exc, openai.APIConnectionError):
-            raise AtelierError(f"no server reachable at {redact(self.url)} ({self.what}); {self.start}") from None
+            raise AtelierError(f"no server reachable at {redact_url(self.url)} ({self.what}); {self.start}") from None
         if openai is not None and isinstance(exc, openai.APIStatusError):
             raise _http_error(self.what, exc.status_code, exc.body if exc.body is not None else exc.message,
                               self.model) from None
@@ -357,7 +358,7 @@ class _translate_errors:
             raise AtelierError(f"{self.what} reported an error mid-stream: {exc.message}; "
                                "see the server's log") from None
         if isinstance(exc, (ConnectionError, httpx.ConnectError, httpx.ConnectTimeout)):
-            raise AtelierError(f"no server reachable at {redact(self.url)} ({self.what}); {self.start}") from None
+            raise AtelierError(f"no server reachable at {redact_url(self.url)} ({self.what}); {self.start}") from None
         if isinstance(exc, httpx.TimeoutException):
             raise AtelierError(f"{self.what} did not answer within {self.timeout:g} s; check the server's load "
                                "or raise the timeout") from None

@@ -49,6 +49,7 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from atelier.redact import redact_url
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -155,11 +156,11 @@ class OpenAIBackend:
         try:
             self._client.with_options(timeout=min(10.0, self.config.timeout_s)).models.list()
         except openai.APIConnectionError:
-            raise AtelierError(f"teacher {self.label} not reachable at {self.url}; start the server, or set "
+            raise AtelierError(f"teacher {self.label} not reachable at {redact_url(self.url)}; start the server, or set "
                                f"OPENAI_BASE_URL / the teacher's base_url, or run without --teacher") from None
         except openai.APIStatusError as exc:
             if exc.status_code in (401, 403):
-                raise AtelierError(f"teacher {self.label} at {self.url} refused the API key (HTTP "
+                raise AtelierError(f"teacher {self.label} at {redact_url(self.url)} refused the API key (HTTP "
                                    f"{exc.status_code}); set {self.config.api_key_env} or run without --teacher"
                                    ) from None  # other statuses: some servers have no /models; the chat call will tell
 
@@ -198,12 +199,12 @@ class OllamaBackend:
         try:
             tags = self._client.list()
         except (ConnectionError, httpx.TransportError, ResponseError, ValueError):
-            raise AtelierError(f"teacher ollama:{self.model} not reachable at {self.url}; start it with `ollama serve`"
+            raise AtelierError(f"teacher ollama:{self.model} not reachable at {redact_url(self.url)}; start it with `ollama serve`"
                                f" and `ollama pull {self.model}`, or set OLLAMA_HOST, or run without --teacher"
                                ) from None
         names = {m.model for m in tags.models}
         if self.model not in names and f"{self.model}:latest" not in names:
-            raise AtelierError(f"teacher model {self.model} is not pulled on the Ollama server at {self.url}; run "
+            raise AtelierError(f"teacher model {self.model} is not pulled on the Ollama server at {redact_url(self.url)}; run "
                                f"`ollama pull {self.model}`, or choose another --teacher, or run without --teacher")
 
 
@@ -295,7 +296,7 @@ class Teacher:
 
     def check(self) -> None:
         """Raise an AtelierError unless the teacher's server answers (no generation is run)."""
-        log.info("checking teacher %s at %s", self.name, self.backend.url)
+        log.info("checking teacher %s at %s", self.name, redact_url(self.backend.url))
         self.backend.probe()
 
     def _count(self, what: str) -> None:
@@ -359,7 +360,7 @@ class Teacher:
                     if exc.fatal:
                         for other in futures:
                             other.cancel()
-                        raise AtelierError(f"teacher {self.name} at {self.backend.url} answered {exc.reason}; check "
+                        raise AtelierError(f"teacher {self.name} at {redact_url(self.backend.url)} answered {exc.reason}; check "
                                            f"the model name and API key, or run without --teacher") from None
                     batch.rejected[f"teacher_{exc.reason}"] += 1
                 done += 1

@@ -9,7 +9,8 @@ from langchain_core.messages import HumanMessage
 
 from agents.llm import ModelConfig, bounded_stream, load_chat_model, looping
 from atelier.errors import AtelierError
-from atelier.servers import ServerConfig, endpoint, ollama_host, parse_model, probe, redact
+from atelier.redact import redact_url
+from atelier.servers import ServerConfig, endpoint, ollama_host, parse_model, probe
 from tests.conftest import SMOLLM2
 
 
@@ -28,7 +29,7 @@ def test_ollama_host_and_redaction(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "gpu-box:11434")
     assert ollama_host() == "http://gpu-box:11434"
     assert ollama_host("https://x/") == "https://x"
-    assert redact("https://user:secret@host:8000/v1?key=abc") == "https://host:8000/v1"
+    assert redact_url("https://user:secret@host:8000/v1?key=abc") == "https://host:8000/v1"
 
 
 def test_unknown_gguf_names_the_fix(tmp_path):

@@ -116,3 +116,41 @@ def test_routing_by_constrained_output_never_crashes(with_model):
     assert services.model_tools is False
     for question in ("what is 17 * 23?", "what is the HX-65 impeller nut torque?", "hello there"):
         assert choose_route(services, question, fallback="direct") in available_routes(services)
+
+
+def test_a_broken_record_and_a_corrupt_memory_degrade_instead_of_failing(home, tmp_path, monkeypatch, caplog):
+    """Probe of the hardening issue: a garbled record.json or memory.sqlite gave tracebacks on `ask`."""
+    import shutil
+
+    damaged = tmp_path / "home"
+    shutil.copytree(home, damaged, ignore=shutil.ignore_patterns("memory.sqlite*"))
+    (damaged / "specialists" / "valves" / "v1" / "record.json").write_text('{"name": "valves", "vers')
+    (damaged / "memory.sqlite").write_bytes(b"\x00garbage" * 512)
+    monkeypatch.setenv("ATELIER_HOME", str(damaged))
+    with caplog.at_level("WARNING"):
+        orchestrator = Orchestrator(OrchestratorConfig())
+        try:
+            assert orchestrator.ask("what is 17 * 23?").text == "391"
+            search = orchestrator.ask("what is the tightening torque of the HX-65 impeller nut?")
+            assert search.route == "search" and "80 N·m" in search.text
+            assert orchestrator.ask("Which valve actuator fits a DN80 butterfly valve?").route != "specialist:valves"
+        finally:
+            orchestrator.close()
+    logged = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "memory.sqlite cannot be read" in logged and "record.json cannot be read" in logged
+
+
+def test_one_shot_ask_starts_a_new_thread_unless_told(orchestrator, home):
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    runner = CliRunner()
+    first = json.loads(runner.invoke(app, ["ask", "what is 6 * 7", "--json"]).stdout)
+    second = json.loads(runner.invoke(app, ["ask", "what is 6 * 7", "--json"]).stdout)
+    assert first["thread_id"] != second["thread_id"] and first["thread_id"].startswith("cli-")
+    runner.invoke(app, ["ask", "what is 2 + 2", "--thread", "kept"])
+    runner.invoke(app, ["ask", "what is 3 + 3", "--thread", "kept"])
+    remembered = orchestrator.graph.get_state({"configurable": {"thread_id": "kept"}}).values["messages"]
+    assert [m.text for m in remembered] == ["what is 2 + 2", "4", "what is 3 + 3", "6"]
+    assert not orchestrator.graph.get_state({"configurable": {"thread_id": first["thread_id"]}}).values.get("messages", [])[2:]

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 from atelier.errors import AtelierError
-from retrieval.elastic import BulkReport, ElasticsearchConfig, ElasticsearchIndex, display_url
+from atelier.redact import redact_url
+from retrieval.elastic import BulkReport, ElasticsearchConfig, ElasticsearchIndex
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from retrieval.types import Chunk, DocumentEntry, Hit, Mode
 
@@ -242,7 +243,7 @@ def test_config_rejects_bad_url_and_index_name(monkeypatch):
 
 
 def test_display_url_drops_credentials():
-    assert display_url("https://elastic:changeme@es.local:9200") == "https://es.local:9200"
+    assert redact_url("https://elastic:changeme@es.local:9200") == "https://es.local:9200"
 
 
 # -- opening ----------------------------------------------------------------------------------

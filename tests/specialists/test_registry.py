@@ -198,7 +198,7 @@ def test_full_models_are_registered_with_their_weights(registry, artifacts):
         registry.register("x", base_model="b", eval_report=BEATS.to_dict())
 
 
-@pytest.mark.parametrize("name", ["Pumps", "bad name", "../up", "", "-lead", "x" * 65, "ünï"])
+@pytest.mark.parametrize("name", ["Pumps", "bad name", "../up", "", "-lead", "x" * 65, "ünï", "pumps\n"])
 def test_names_are_validated(registry, artifacts, name):
     with pytest.raises(AtelierError, match="lowercase letters, digits"):
         _register(registry, artifacts / "adapter", name=name)
@@ -238,3 +238,63 @@ def test_records_written_before_the_statistical_gate_still_load(registry, artifa
     assert Report.model_validate(loaded.eval_report).accepted is None  # readers fall back to beats_base
     assert registry_module.gate_refusal(loaded.eval_report) is None
     assert "no reasons" not in (registry_module.gate_refusal({**loaded.eval_report, "beats_base": False}) or "")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbled", "wrong-name", "current"])
+def test_a_corrupt_record_is_skipped_with_a_warning_and_the_rest_keeps_working(registry, artifacts, damage, caplog):
+    """Probe of the hardening issue: one damaged record.json took `specialist list`, the router and the API down."""
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    _register(registry, artifacts / "adapter", name="pumps")
+    _register(registry, artifacts / "adapter", name="valves")
+    path = registry.root / "pumps" / "v1" / "record.json"
+    secret = path.read_text()
+    if damage == "truncated":
+        path.write_text(secret[: len(secret) // 2])
+    elif damage == "empty":
+        path.write_text("")
+    elif damage == "garbled":
+        path.write_bytes(b"\xff\xfe\x00garbage" * 10)
+    elif damage == "wrong-name":
+        path.write_text(secret.replace('"name": "pumps"', '"name": "valves"'))
+    else:
+        (registry.root / "pumps" / "current").write_bytes(b"\xff\x00")
+    with caplog.at_level("WARNING", logger="specialists.registry"):
+        assert [r.name for r in registry.list()] == ["valves"]
+        assert [r.name for r in registry.list()] == ["valves"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "'pumps'" in warnings[0]  # once, naming the specialist ...
+    assert ("current" if damage == "current" else "record.json") in warnings[0]  # ... and the file
+    assert "base_model" not in warnings[0] and "tiny-llama" not in warnings[0]  # never the contents
+    with pytest.raises(AtelierError, match="register the specialist again|write a version number"):
+        registry.get("pumps")
+
+    listed = CliRunner().invoke(app, ["specialist", "list", "--json"])
+    assert listed.exit_code == 0 and [r["name"] for r in json.loads(listed.stdout)] == ["valves"]
+    checked = CliRunner().invoke(app, ["doctor", "--json"])
+    assert checked.exit_code == 1
+    report = json.loads(checked.stdout)
+    problems = [f for f in report["findings"] if not f["ok"]]
+    assert len(problems) == 1 and "pumps" in problems[0]["path"]
+    assert [f["message"] for f in report["findings"] if f["ok"]] == ["valves v1 (active): record and weights ok"]
+
+
+def test_doctor_finds_tampered_weights_and_damaged_databases(registry, artifacts, atelier_home):
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    record = _register(registry, artifacts / "adapter")
+    healthy = CliRunner().invoke(app, ["doctor"])
+    assert healthy.exit_code == 0 and "0 problem(s)" in healthy.stdout
+    weights = registry.root / "pumps" / "v1" / "adapter" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    (atelier_home / "memory.sqlite").write_bytes(b"not a database" * 100)
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "2 problem(s)" in result.stdout
+    assert "does not match the SHA-256" in result.stdout and "memory.sqlite" in result.stdout
+    assert record.adapter_sha256 not in result.stdout
