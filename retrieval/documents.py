@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import re
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -82,11 +81,10 @@ def skip_summary(skipped: Sequence[Skipped], names: int = 3) -> str:
     by_kind: dict[SkipKind, list[str]] = {}
     for skip in skipped:
         by_kind.setdefault(skip.kind, []).append(skip.path)
-    counts = Counter({kind: len(paths) for kind, paths in by_kind.items()})
     parts = []
-    for kind, count in counts.most_common():
-        shown = ", ".join(by_kind[kind][:names]) + (", ..." if count > names else "")
-        parts.append(f"{count} {kind.value} ({shown})")
+    for kind, paths in sorted(by_kind.items(), key=lambda item: (-len(item[1]), item[0].value)):
+        shown = ", ".join(paths[:names]) + (", ..." if len(paths) > names else "")
+        parts.append(f"{len(paths)} {kind.value} ({shown})")
     return f"skipped {len(skipped)}: " + "; ".join(parts)
 
 
