@@ -127,8 +127,10 @@ def _title_from_name(path: Path) -> str:
 
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-# Control characters no text file is made of (tab, newlines, form feed and vertical tab are text).
-_CONTROLS = dict.fromkeys([c for c in range(0x20) if chr(c) not in "\t\n\r\f\v"] + list(range(0x7F, 0xA0)))
+# Control bytes no text file is made of (tab, newlines, form feed and vertical tab are text);
+# in latin-1 the C1 range 0x80-0x9f is control characters too.
+_C0 = bytes(c for c in range(0x20) if chr(c) not in "\t\n\r\f\v") + b"\x7f"
+_C1 = bytes(range(0x80, 0xA0))
 _MAX_CONTROL_SHARE = 0.10  # random bytes decoded as latin-1 are ~23% controls; real text well under 1%
 
 
@@ -136,7 +138,7 @@ def _decode(raw: bytes, name: str) -> str:
     """The text of a file's bytes: UTF-8 (or UTF-16/32 with a byte-order mark), else latin-1.
 
     latin-1 decodes any bytes at all, so binary content is refused first: NUL bytes in the
-    first 8 KB (git's test), or a text made of more than 10% control characters.
+    first 8 KB (git's test), or more than 10% control bytes (counted on the bytes: fast).
     """
     for bom, codec in _BOMS:
         if raw.startswith(bom):
@@ -145,12 +147,12 @@ def _decode(raw: bytes, name: str) -> str:
     if b"\x00" in raw[:8192]:
         raise NotLoaded(SkipKind.binary, f"{advice} (it has NUL bytes)")
     try:
-        text = raw.decode("utf-8-sig")
+        text, controls = raw.decode("utf-8-sig"), _C0
     except UnicodeDecodeError:
-        text = raw.decode("latin-1")
-    controls = len(text) - len(text.translate(_CONTROLS))
-    if controls > _MAX_CONTROL_SHARE * len(text):
-        raise NotLoaded(SkipKind.binary, f"{advice} ({controls / len(text):.0%} control characters)")
+        text, controls = raw.decode("latin-1"), _C0 + _C1
+    share = (len(raw) - len(raw.translate(None, controls))) / max(len(raw), 1)
+    if share > _MAX_CONTROL_SHARE:
+        raise NotLoaded(SkipKind.binary, f"{advice} ({share:.0%} control characters)")
     return text
 
 
