@@ -155,6 +155,37 @@ def test_a_long_document_spreads_over_batches_and_a_crash_loses_at_most_one(tmp_
     assert again.unchanged == 2 and sum(calls) == 5
 
 
+class _WholeDocuments:
+    """The embedded index seen as a backend that takes whole documents only (as Elasticsearch does)."""
+
+    def __init__(self, store):
+        self.store, self.upserts = store, []
+
+    def document_hashes(self, root=None):
+        return self.store.document_hashes(root)
+
+    def upsert(self, entries):
+        entries = list(entries)
+        self.upserts.append([len(e.chunks) for e in entries])
+        self.store.upsert(entries)
+
+    def delete(self, doc_ids):
+        return self.store.delete(doc_ids)
+
+
+def test_a_backend_without_partial_documents_still_embeds_a_batch_at_a_time(tmp_path, encoder):
+    calls, progress = [], []
+
+    def encode(texts):
+        calls.append(len(texts))
+        return encoder.encode(texts)
+
+    backend = _WholeDocuments(EmbeddedIndex(tmp_path / "i.sqlite", dim=encoder.dim, model_name="m"))
+    report = index_documents([LONG], backend, encode, chunking=SMALL, model="m", batch_chunks=3,
+                             progress=progress.append)
+    assert calls == progress == [3, 3, 3, 1] and backend.upserts == [[10]] and report.added == ["manual.md"]
+
+
 def test_a_second_index_run_on_the_same_index_is_refused(tmp_path, atelier_home):
     """Probe #13: two `atelier index` runs on one index at once both embedded everything and
     misreported the counts. The test holds the writer lock the way a running indexer does."""
