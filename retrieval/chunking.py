@@ -128,10 +128,10 @@ def _pack(spans: list[_Span], config: ChunkConfig) -> list[tuple[int, int]]:
 
 def _paragraph_end(spans: list[_Span], first: int) -> int:
     end = spans[first].end
-    for span in spans[first + 1:]:
-        if span.opens_paragraph:
+    for k in range(first + 1, len(spans)):  # by index: slicing the tail made chunking quadratic in a document's length
+        if spans[k].opens_paragraph:
             break
-        end = span.end
+        end = spans[k].end
     return end
 
 

@@ -28,41 +28,60 @@ def index(
     config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
     prune: bool = typer.Option(True, help="Remove documents indexed from FOLDER that no longer exist there."),
     delete: list[str] = typer.Option([], "--delete", help="Remove this document id from the index (repeatable)."),
+    follow_symlinks: Optional[bool] = typer.Option(
+        None, "--follow-symlinks/--no-follow-symlinks",
+        help="Also load what symlinks lead to outside FOLDER (default: skip and report them)."),
+    max_file_mb: Optional[float] = typer.Option(
+        None, "--max-file-mb", help="Skip (and report) documents bigger than this many MB (default 20)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index a folder of documents (incremental: unchanged documents are skipped)."""
-    from atelier.progress import stderr
-    from retrieval.config import index_with_progress, open_backend
+    from retrieval.config import index_lock, index_with_progress, open_backend
     from retrieval.documents import load_folder
     from retrieval.embeddings import get_encoder
 
     if folder is None and not delete:
         raise AtelierError("give a folder to index (`atelier index DIR`) or --delete ID")
-    config = _config(config_file, backend=backend, index=index_name, **{"embedding.model": model})
-    if folder is None:  # deletions only: no need for the encoder
-        store = open_backend(config, dim=None, create=False) if config.backend.value == "embedded" else \
-            open_backend(config, dim=get_encoder(config.embedding).dim)
-        removed = store.delete(delete)
-        typer.echo(f"removed {removed} of {len(delete)} document(s) from index {config.index!r}")
-        return
-    loaded = load_folder(folder)
-    for path, reason in loaded.skipped:
-        stderr.print(f"[yellow]skipped[/yellow] {path}: {reason}")
-    if not loaded.documents:
-        raise AtelierError(f"no readable documents in {folder}; add .txt, .md, .html, .pdf or .jsonl files")
-    encoder = get_encoder(config.embedding)
-    store = open_backend(config, dim=encoder.dim)
-    try:
-        if delete:
-            store.delete(delete)
-        report = index_with_progress(loaded.documents, store, encoder, config, root=str(folder.resolve()),
-                                     prune=prune, show=not quiet)
-        report.skipped = loaded.skipped
-        stats = store.stats()
-    finally:
-        store.close()
+    config = _config(config_file, backend=backend, index=index_name, **{
+        "embedding.model": model, "documents.follow_symlinks": follow_symlinks, "documents.max_file_mb": max_file_mb})
+    with index_lock(config):
+        if folder is None:  # deletions only: no need for the encoder
+            store = open_backend(config, dim=None, create=False) if config.backend.value == "embedded" else \
+                open_backend(config, dim=get_encoder(config.embedding).dim)
+            removed = store.delete(delete)
+            typer.echo(f"removed {removed} of {len(delete)} document(s) from index {config.index!r}")
+            return
+        loaded = load_folder(folder, config.documents)
+        _print_skipped(loaded.skipped)
+        if not loaded.documents:
+            raise AtelierError(f"no readable documents in {folder}; add .txt, .md, .html, .pdf or .jsonl files")
+        encoder = get_encoder(config.embedding)
+        store = open_backend(config, dim=encoder.dim)
+        try:
+            if delete:
+                store.delete(delete)
+            report = index_with_progress(loaded.documents, store, encoder, config, root=str(folder.resolve()),
+                                         prune=prune, show=not quiet)
+            report.skipped = loaded.skipped
+            stats = store.stats()
+        finally:
+            store.close()
     typer.echo(f"index {config.index!r} ({stats['backend']}): {report.summary()}; "
                f"now {stats['documents']} documents, {stats['chunks']} chunks")
+    if report.skipped:
+        typer.echo(report.skip_summary())
+
+
+def _print_skipped(skipped, limit: int = 20) -> None:
+    """One stderr line per skipped file, up to `limit` (the summary line counts them all)."""
+    from rich.markup import escape
+
+    from atelier.progress import stderr
+
+    for skip in skipped[:limit]:
+        stderr.print(f"[yellow]skipped[/yellow] {escape(skip.path)}: {escape(skip.reason)}", soft_wrap=True)
+    if len(skipped) > limit:
+        stderr.print(f"[yellow]skipped[/yellow] {len(skipped) - limit} more (counted in the summary)")
 
 
 def search(

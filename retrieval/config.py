@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
 from retrieval.chunking import ChunkConfig
+from retrieval.documents import DocumentsConfig
 from retrieval.elastic import ElasticsearchConfig
 from retrieval.embeddings import EmbeddingConfig, Encoder, get_encoder
 from retrieval.fusion import FusionConfig
@@ -26,7 +29,8 @@ class BackendName(str, Enum):
 class RetrievalConfig(StrictModel):
     backend: BackendName = Field(BackendName.embedded, description="Where the index lives: embedded (SQLite under ATELIER_HOME) or elasticsearch.")
     index: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Index name (lower case), so one home can hold several indexes.")
-    batch_chunks: int = Field(1024, ge=1, description="Chunks embedded and committed per transaction while indexing (a killed run loses at most one batch).")
+    batch_chunks: int = Field(1024, ge=1, description="Chunks embedded and committed per transaction while indexing (a killed run loses at most one batch; a longer document spans several).")
+    documents: DocumentsConfig = Field(default_factory=DocumentsConfig, description="Which files of the folder are loaded: symlinks, the size cap.")
     chunking: ChunkConfig = Field(default_factory=ChunkConfig, description="How documents are cut into chunks.")
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig, description="The sentence-embedding model for the dense leg.")
     fusion: FusionConfig = Field(default_factory=FusionConfig, description="How hybrid search fuses BM25 and dense results.")
@@ -35,6 +39,38 @@ class RetrievalConfig(StrictModel):
 
 def embedded_path(index: str) -> Path:
     return atelier_home() / "indexes" / index / "index.sqlite"
+
+
+def index_lock_path(config: RetrievalConfig) -> Path:
+    """The lock file that one writer of the configured index holds (under ATELIER_HOME)."""
+    if config.backend is BackendName.elasticsearch:
+        name = config.elasticsearch.index if config.index == "default" else config.index
+        return atelier_home() / "indexes" / f"elasticsearch-{name}.lock"
+    return embedded_path(config.index).with_name("index.lock")
+
+
+@contextmanager
+def index_lock(config: RetrievalConfig) -> Iterator[None]:
+    """Hold the configured index's writer lock; refuse at once if another process holds it.
+
+    Two `atelier index` runs on one index would both embed everything and misreport what they
+    did. The lock is an OS file lock, so a killed holder releases it; with Elasticsearch it
+    only guards writers on this machine.
+    """
+    from filelock import FileLock, Timeout
+
+    path = index_lock_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path, blocking=False)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise AtelierError(f"index {config.index!r} is being written by another `atelier index` (it holds {path}); "
+                           "wait for that run to finish, or pass another --index name") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def open_backend(config: RetrievalConfig, *, dim: int | None, create: bool = True) -> SearchBackend:

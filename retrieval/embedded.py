@@ -1,12 +1,15 @@
 """The embedded search backend: one SQLite file holding chunks, their BM25 terms and vectors.
 
 SQLite is the durable store (see docs/retrieval.md for the measurements that chose it):
-each batch of documents commits in one transaction, so a killed indexer leaves a
-consistent index and a re-run completes it, skipping what is already there. Searching
-runs on in-memory structures built from those rows — a bm25s index over the stored terms
-(Lucene BM25, k1=1.2, b=0.75) and a float32 matrix for exact dot-product search in numpy —
-rebuilt only when the index's generation counter moves. SQLite's own FTS5 matched bm25s's
-quality but took 3-10 ms a query on SciFact where bm25s takes 0.2 ms.
+each batch of chunks commits in one transaction, so a killed indexer leaves a
+consistent index and a re-run completes it, skipping what is already there. A long
+document may span several batches: until its last chunk lands, its record is marked
+unfinished (never equal to a real content hash) and a re-run resumes it at its first
+missing chunk. Searching runs on in-memory structures built from those rows — a bm25s
+index over the stored terms (Lucene BM25, k1=1.2, b=0.75) and a float32 matrix for exact
+dot-product search in numpy — rebuilt only when the index's generation counter moves.
+SQLite's own FTS5 matched bm25s's quality but took 3-10 ms a query on SciFact where bm25s
+takes 0.2 ms.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ from retrieval.text import analyze
 from retrieval.types import DocumentEntry, Hit, Mode
 
 SCHEMA_VERSION = "2"
+UNFINISHED = "unfinished:"  # prefixes the content hash of a document whose later chunks are still to come
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,6 +63,8 @@ def _migrate(db: sqlite3.Connection, schema: str) -> None:
 
 class EmbeddedIndex:
     """A hybrid index in one SQLite file (`path`), safe to share between threads."""
+
+    commits_partial_documents = True  # the indexer may spread one document's chunks over several upserts
 
     def __init__(self, path: Path, *, dim: int | None, model_name: str, fusion: FusionConfig | None = None):
         """Open or create the index at `path`; `dim=None` opens an existing index with the dim it was built with."""
@@ -126,11 +132,28 @@ class EmbeddedIndex:
                 sql, args = sql + " WHERE root = ?", (root,)
             return dict(self._db.execute(sql, args).fetchall())
 
-    def upsert(self, entries: Iterable[DocumentEntry]) -> None:
-        """Add or replace documents in one transaction: all of them land, or none."""
+    def unfinished_documents(self) -> dict[str, tuple[str, int]]:
+        """doc_id -> (content hash it is being indexed at, chunks committed) for documents cut short."""
+        with self._lock:
+            rows = self._db.execute("SELECT doc_id, content_hash, n_chunks FROM documents WHERE content_hash LIKE ?",
+                                    (UNFINISHED + "%",)).fetchall()
+        return {doc_id: (digest.removeprefix(UNFINISHED), n) for doc_id, digest, n in rows}
+
+    def upsert(self, entries: Iterable[DocumentEntry], *, unfinished: Collection[str] = ()) -> None:
+        """Add or replace documents in one transaction: all of them land, or none.
+
+        An entry whose first chunk is not chunk 0 continues a document that an earlier call
+        left unfinished at that chunk, with the same content hash; its chunks are appended.
+        The doc_ids in `unfinished` have more chunks to come: their records are marked so
+        (`document_hashes` never matches them; `unfinished_documents` says where to resume).
+        """
         entries = list(entries)
         with self._lock, self._transaction():
-            self._delete_chunks([e.doc_id for e in entries])
+            fresh = {e.doc_id for e in entries if not e.chunks or e.chunks[0].index == 0}
+            self._delete_chunks(sorted(fresh))
+            for entry in entries:
+                if entry.doc_id not in fresh:
+                    self._check_continues(entry)
             now = time.time()
             terms = iter(analyze([chunk.search_text() for entry in entries for chunk in entry.chunks]))
             for entry in entries:
@@ -142,9 +165,18 @@ class EmbeddedIndex:
                     "VALUES (?,?,?,?,?,?,?,?,?)",
                     [(entry.doc_id, chunk.index, chunk.title, chunk.source, chunk.text, chunk.start, chunk.end,
                       vector.tobytes(), " ".join(next(terms))) for chunk, vector in zip(entry.chunks, vectors)])
+                done = entry.chunks[-1].index + 1 if entry.chunks else 0
+                digest = UNFINISHED + entry.content_hash if entry.doc_id in unfinished else entry.content_hash
                 self._db.execute("INSERT OR REPLACE INTO documents VALUES (?,?,?,?,?,?,?)",
-                                 (entry.doc_id, entry.content_hash, entry.title, entry.source, entry.root,
-                                  len(entry.chunks), now))
+                                 (entry.doc_id, digest, entry.title, entry.source, entry.root, done, now))
+
+    def _check_continues(self, entry: DocumentEntry) -> None:
+        first = entry.chunks[0].index
+        row = self._db.execute("SELECT content_hash, n_chunks FROM documents WHERE doc_id = ?",
+                               (entry.doc_id,)).fetchone()
+        if row != (UNFINISHED + entry.content_hash, first):
+            raise ValueError(f"{entry.doc_id}: chunks from #{first} continue no unfinished document "
+                             f"(stored: {row})")
 
     def delete(self, doc_ids: Iterable[str]) -> int:
         doc_ids = list(doc_ids)

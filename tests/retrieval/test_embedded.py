@@ -171,3 +171,22 @@ def test_read_summary_of_a_corrupt_file_says_to_rebuild(tmp_path):
         read_summary(path)
     with pytest.raises(AtelierError, match="rebuild it with `atelier index DIR`"):
         read_generation(path)
+
+
+def test_a_continuation_needs_the_unfinished_document_it_continues(index, encoder):
+    from retrieval.chunking import chunk_document
+    from retrieval.types import DocumentEntry
+
+    doc = Document("steps.md", "Steps", " ".join(f"Step {i} tightens bolt {i} to spec." for i in range(6)), "steps.md")
+    chunks = chunk_document(doc, ChunkConfig(max_chars=50, overlap_chars=0))
+    assert len(chunks) == 6
+    vectors = encoder.encode([c.text for c in chunks])
+    entry = DocumentEntry("steps.md", "h", "Steps", "steps.md", chunks[2:], vectors[2:])
+    with pytest.raises(ValueError, match="continue no unfinished document"):
+        index.upsert([entry])  # nothing stored to continue
+    index.upsert([DocumentEntry("steps.md", "h", "Steps", "steps.md", chunks[:2], vectors[:2])], unfinished={"steps.md"})
+    assert index.unfinished_documents() == {"steps.md": ("h", 2)}
+    assert index.document_hashes()["steps.md"] != "h"  # an unfinished document never counts as indexed
+    index.upsert([entry])
+    assert index.unfinished_documents() == {} and index.document_hashes()["steps.md"] == "h"
+    assert [t for t in index.chunk_texts() if t.startswith("Step")] == [c.text for c in chunks]
