@@ -163,7 +163,8 @@ def _megabytes(size: int) -> str:
 def _check_size(size: int, config: DocumentsConfig, what: str = "") -> None:
     if size > config.max_file_mb * 1e6:
         raise NotLoaded(SkipKind.too_large, f"{what}{_megabytes(size)}, over the {config.max_file_mb:g} MB cap; "
-                                            f"raise it with --max-file-mb {math.ceil(size / 1e6)}")
+                                            f"raise it with --max-file-mb {math.ceil(size / 1e6)} "
+                                            f"(documents.max_file_mb in a config file)")
 
 
 def _read_text(path: Path, config: DocumentsConfig) -> str:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from atelier.config import StrictModel
 from eval.specialist import SpecialistEvalConfig
 from retrieval.chunking import ChunkConfig
+from retrieval.documents import DocumentsConfig
 from training.dapt import DaptConfig
 from training.data import DataConfig
 from training.dpo import DpoConfig
@@ -41,6 +42,8 @@ class SpecialistConfig(StrictModel):
     route_exemplars: int = Field(40, ge=0, description="Training instructions kept in the registry record for the router.")
     chunking: ChunkConfig = Field(default_factory=lambda: ChunkConfig(max_chars=1200, overlap_chars=0),
                                   description="How documents are cut into the passages data is generated from.")
+    documents: DocumentsConfig = Field(default_factory=DocumentsConfig, description="Which files of --docs load: "
+                                       "symlinks leading outside it, the size cap (documents.max_file_mb).")
     data: DataConfig = Field(default_factory=DataConfig, description="Guided data generation and filters.")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="Adapter shape, or full fine-tuning.")
     dapt: DaptConfig = Field(default_factory=DaptConfig, description="Domain-adaptive pretraining stage.")

@@ -33,7 +33,7 @@ from typing import Any
 
 from atelier.errors import AtelierError
 from atelier.home import atelier_home, atomic_write_text
-from retrieval.documents import Document, load_folder
+from retrieval.documents import Document, DocumentsConfig, load_folder
 from training.config import SpecialistConfig
 
 DONE_FILE = "summary.json"
@@ -90,8 +90,8 @@ def model_identity(path: Path) -> list:
             for p in sorted(path.rglob("*")) if p.is_file() and "checkpoint" not in p.as_posix()]
 
 
-def load_documents(docs_dir: Path, hooks: PipelineHooks) -> list[Document]:
-    loaded = load_folder(docs_dir)
+def load_documents(docs_dir: Path, hooks: PipelineHooks, config: DocumentsConfig | None = None) -> list[Document]:
+    loaded = load_folder(docs_dir, config)
     for path, reason in loaded.skipped:
         hooks.skipped(path, reason)
     if not loaded.documents:
@@ -202,7 +202,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     run_started = time.perf_counter()
     validate_name(name)
     config.lora.check_available()
-    docs = load_documents(Path(docs_dir), hooks)
+    docs = load_documents(Path(docs_dir), hooks, config.documents)
     run_dir = choose_run(name, new_run=new_run)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     result = PipelineResult(name=name, run_dir=run_dir, report={})

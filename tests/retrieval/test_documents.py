@@ -128,7 +128,8 @@ def test_documents_over_the_size_cap_are_skipped_with_the_option_to_raise_it(tmp
     assert sorted(d.doc_id for d in report.documents) == ["ok", "small.txt"]
     skipped = {s.path: s for s in report.skipped}
     assert skipped["big.txt"].kind is SkipKind.too_large
-    assert skipped["big.txt"].reason == "2.8 KB, over the 0.002 MB cap; raise it with --max-file-mb 1"
+    assert skipped["big.txt"].reason == ("2.8 KB, over the 0.002 MB cap; raise it with --max-file-mb 1 "
+                                         "(documents.max_file_mb in a config file)")
     assert skipped["records.jsonl:2"].kind is SkipKind.too_large
     assert len(load_folder(tmp_path).documents) == 4  # the default cap (20 MB) takes them all
 
