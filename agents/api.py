@@ -307,7 +307,11 @@ def _routes(v1: APIRouter) -> None:
                      responses={200: {"model": ChatCompletion, "description": "A chat.completion, or with "
                                       "stream: true, text/event-stream of chat.completion.chunk objects."},
                                 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                                504: {"model": ErrorResponse}})
+                                504: {"model": ErrorResponse}},
+                     openapi_extra={"parameters": [{
+                         "name": THREAD_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                         "description": "The conversation to continue (one this key started); its memory is kept by "
+                                        "the server."}]})
     v1.add_api_route("/models", list_models, methods=["GET"], response_model=ModelList)
     v1.add_api_route("/specialists", list_specialists, methods=["GET"], response_model=SpecialistList)
     v1.add_api_route("/feedback", add_feedback, methods=["POST"], status_code=201,
