@@ -112,7 +112,7 @@ class ServeConfig(StrictModel):
                            "(like OLLAMA_MAX_QUEUE); one more gets 429 + Retry-After.")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Seconds sent in Retry-After when the queue is full.")
     key_requests_per_minute: int = Field(600, ge=0, le=1_000_000, description="Chat requests per minute per API "
-                                         "key (0: unlimited); past it 429 with Retry-After.")
+                                         "key (0: unlimited; none without keys); past it 429 with Retry-After.")
     key_tokens_per_minute: int = Field(200_000, ge=0, le=1_000_000_000, description="Prompt + completion tokens "
                                        "per minute per API key (0: unlimited); past it 429 with Retry-After.")
     request_timeout_s: float = Field(120.0, gt=0, le=86_400, description="A request still unanswered after this "
@@ -209,7 +209,8 @@ def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator 
     app.state.config, app.state.orchestrator, app.state.feedback = config, orchestrator, feedback
     app.state.started, app.state.keys = now(), keys
     app.state.admission = Admission(config.max_concurrency, config.max_queue, config.retry_after_s)
-    app.state.limits = RateLimits(config.key_requests_per_minute, config.key_tokens_per_minute)
+    per_key = (config.key_requests_per_minute, config.key_tokens_per_minute) if keys else (0, 0)  # no keys: one user
+    app.state.limits = RateLimits(*per_key)
     app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(RequestIds)
     _error_handlers(app)
