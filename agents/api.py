@@ -37,7 +37,6 @@ import asyncio
 import ipaddress
 import logging
 import time
-import unicodedata
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
@@ -73,6 +72,7 @@ from agents.api_stream import (  # noqa: F401  (re-exported: `from agents.api im
     sse,
     words,
 )
+from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
 from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, check_plain_key, load_keys, owner_of
 from agents.feedback import FeedbackStore, UnknownCompletion
 from agents.limits import Admission, BodyGuard, RateLimits
@@ -318,49 +318,6 @@ def _routes(v1: APIRouter) -> None:
     v1.add_api_route("/feedback", add_feedback, methods=["POST"], status_code=201,
                      responses={404: {"model": ErrorResponse}})
     v1.add_api_route("/feedback", list_feedback, methods=["GET"], response_model=FeedbackList)
-
-
-THREAD_HEADER = "X-Atelier-Thread"
-
-
-def thread_of(request: Request, body: ChatCompletionRequest) -> tuple[str, bool]:
-    """(thread id, whether the client chose it): X-Atelier-Thread header, else the OpenAI `user` field, else
-    metadata.thread_id, else a fresh id. Any printable text (emoji, CJK) will do; control characters: 400."""
-    candidates = [request.headers.get("x-atelier-thread"), body.user, (body.metadata or {}).get("thread_id")]
-    thread = next((c.strip() for c in candidates if isinstance(c, str) and c.strip()), None)
-    if thread is None:
-        return uuid.uuid4().hex, False
-    if len(thread) > 255:
-        raise ApiError(400, "thread id longer than 255 characters", param=THREAD_HEADER)
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in thread):
-        raise ApiError(400, "thread id contains control characters (such as NUL, CR or LF); use printable text",
-                       param=THREAD_HEADER, code="invalid_thread_id")
-    return thread, True
-
-
-def _has_history(orchestrator: Orchestrator, thread_id: str) -> bool:
-    """Whether the orchestrator's memory holds a conversation under `thread_id` (when it cannot tell: yes)."""
-    try:
-        state = orchestrator.graph.get_state({"configurable": {"thread_id": thread_id}})
-        return bool((state.values or {}).get("messages"))
-    except Exception:
-        log.warning("could not read the memory of thread %r; treating it as taken", thread_id, exc_info=True)
-        return True
-
-
-def claim_thread(state, owner: str, thread_id: str, chosen: bool) -> None:
-    """404 unless `owner` may use the thread: theirs already, or new (then it becomes theirs). A thread with
-    history but no owner (from `atelier chat`, or from before owners were kept) is open only without keys."""
-    store: FeedbackStore = state.feedback
-    known = store.thread_owner(thread_id) if chosen else None
-    if known is None:
-        unowned_ok = not chosen or owner == ANONYMOUS or not _has_history(state.orchestrator, thread_id)
-        allowed = store.claim_thread(thread_id, owner, unowned_ok=unowned_ok)
-    else:
-        allowed = known == owner
-    if not allowed:
-        raise ApiError(404, "no such thread for this API key; omit X-Atelier-Thread (and user, metadata.thread_id) "
-                       "to start a new one", param=THREAD_HEADER, code="thread_not_found")
 
 
 def _check_limits(body: ChatCompletionRequest, config: ServeConfig) -> None:
