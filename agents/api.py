@@ -14,20 +14,28 @@ on the completion (and on the first and last stream chunks), which standard clie
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
 events to the event loop through an asyncio queue (agents/api_stream.py, with the SSE chunks);
 the loop never blocks. A request holds one of `max_concurrency` slots until its worker finishes
-(even past its timeout, so abandoned work still counts); when none is free the answer is 429
-with Retry-After, never an unbounded queue.
+(even past its timeout, so abandoned work still counts); when none is free it waits its turn in a
+queue of at most `max_queue`, and only past that (or past its deadline) gets 429 with Retry-After.
+Each key also has requests and tokens per minute (agents/limits.py).
+
+Keys (agents/auth.py) are checked at start; each names an owner, and threads, exchanges and
+ratings belong to the owner that made them: another key gets 404. Nothing leaves with an absolute
+server path, and a client-given thread id goes into a header only percent-encoded when it is not
+plain ASCII (agents/api_redact.py). /docs and /redoc are off (they load scripts from a CDN);
+/openapi.json needs the key like /v1.
+
 Errors use OpenAI's shape {"error": {message, type, param, code}} with honest status codes:
 client mistakes are 4xx (the SDK retries 408/409/429/5xx, so those must mean "try again").
 `AtelierError`s are 400: they name a fix on the caller's side or the server's, and retrying
-without that fix cannot help.
+without that fix cannot help. Every response carries X-Request-Id; an unexpected exception is
+logged under it and answers a bare 500 naming it, never the exception's text.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import ipaddress
-import os
-import threading
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,9 +45,10 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
-from pydantic import Field
+from pydantic import Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from agents.api_redact import header_value, public_model_name, public_path
 from agents.api_schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -57,20 +66,24 @@ from agents.api_stream import (  # noqa: F401  (re-exported: `from agents.api im
     _stream,
     _usage,
     drain,
+    internal_error,
     orchestrator_events,
     specialist_events,
     sse,
     words,
 )
+from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
+from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, check_plain_key, load_keys, owner_of
 from agents.feedback import FeedbackStore, UnknownCompletion
+from agents.limits import Admission, BodyGuard, RateLimits
 from agents.orchestrator import Orchestrator, OrchestratorConfig
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-KEYS_ENV = "ATELIER_API_KEYS"
 ORCHESTRATOR_MODEL = "atelier"
 SPECIALIST_PREFIX = "specialist/"
+log = logging.getLogger(__name__)
 
 
 class ServeConfig(StrictModel):
@@ -78,26 +91,50 @@ class ServeConfig(StrictModel):
 
     host: str = Field("127.0.0.1", description="Interface to listen on; anything but loopback needs an API key.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys, besides those in "
-                                "ATELIER_API_KEYS (comma-separated); none: no authentication (loopback only).")
+    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys (each at least 16 "
+                                "printable ASCII characters), besides those in ATELIER_API_KEYS (comma-separated) "
+                                "and api_keys_file; none at all: no authentication (loopback only).")
+    api_keys_file: Path | None = Field(None, description="YAML mapping NAME: sha256:HEX of accepted keys, so the "
+                                       "server stores no key; `python -m agents.auth NAME` makes a key and its line.")
     orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig, description="The orchestrator "
                                              "behind model 'atelier' (its model, index, routes, specialists).")
-    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; bigger ones get 413.")
-    max_messages: int = Field(200, ge=1, description="Most messages in one chat request (400 above).")
-    max_message_chars: int = Field(32_000, ge=1, description="Longest message content in characters (400 above).")
-    max_tokens_cap: int = Field(1024, ge=1, description="Largest max_tokens a request may ask for (400 above).")
-    max_concurrency: int = Field(4, ge=1, description="Requests answered at once; one more gets 429 + Retry-After.")
-    retry_after_s: int = Field(1, ge=1, description="Seconds sent in Retry-After with a 429.")
-    request_timeout_s: float = Field(120.0, gt=0, description="A request still unanswered after this gets 504 "
-                                     "(a stream: an error event, then [DONE]).")
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000, description="Largest request body; bigger "
+                                "ones get 413.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="A request body still arriving after this "
+                                  "gets 408 and the connection is closed (slow clients cannot hold it).")
+    max_messages: int = Field(200, ge=1, le=100_000, description="Most messages in one chat request (400 above).")
+    max_message_chars: int = Field(32_000, ge=1, le=10_000_000, description="Longest message content in "
+                                   "characters (400 above).")
+    max_tokens_cap: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for "
+                                "(400 above).")
+    max_concurrency: int = Field(4, ge=1, le=1024, description="Requests answered at once; more wait in the queue.")
+    max_queue: int = Field(128, ge=0, le=100_000, description="Requests waiting for a free slot, served in order "
+                           "(like OLLAMA_MAX_QUEUE); one more gets 429 + Retry-After.")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Seconds sent in Retry-After when the queue is full.")
+    key_requests_per_minute: int = Field(600, ge=0, le=1_000_000, description="Chat requests per minute per API "
+                                         "key (0: unlimited; none without keys); past it 429 with Retry-After.")
+    key_tokens_per_minute: int = Field(200_000, ge=0, le=1_000_000_000, description="Prompt + completion tokens "
+                                       "per minute per API key (0: unlimited); past it 429 with Retry-After.")
+    request_timeout_s: float = Field(120.0, gt=0, le=86_400, description="A request still unanswered after this "
+                                     "(queue wait included) gets 504 (a stream: an error event, then [DONE]).")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_are_keys(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            try:
+                check_plain_key(key, f"api_keys[{i}]")
+            except AtelierError as exc:
+                raise ValueError(str(exc)) from None
+        return keys
 
 
 # ----------------------------------------------------------------------------- errors and security
 
 
-def api_keys(config: ServeConfig) -> list[str]:
-    from_env = [k.strip() for k in os.environ.get(KEYS_ENV, "").split(",") if k.strip()]
-    return [*config.api_keys, *from_env]
+def api_keys(config: ServeConfig) -> list[ApiKey]:
+    """Every accepted key (config, ATELIER_API_KEYS, api_keys_file); AtelierError for a bad one."""
+    return load_keys(config.api_keys, config.api_keys_file)
 
 
 def is_loopback(host: str) -> bool:
@@ -109,65 +146,43 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_exposure(config: ServeConfig) -> None:
-    """Refuse to listen beyond this machine without an API key."""
-    if not is_loopback(config.host) and not api_keys(config):
+def check_exposure(config: ServeConfig) -> list[ApiKey]:
+    """The accepted keys; refuse to listen beyond this machine without one."""
+    keys = api_keys(config)
+    if not is_loopback(config.host) and not keys:
         raise AtelierError(f"refusing to listen on {config.host} without an API key; set {KEYS_ENV}=KEY "
-                           "(or api_keys in the config), or listen on 127.0.0.1")
+                           "(or api_keys / api_keys_file in the config), or listen on 127.0.0.1")
+    return keys
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for bodies over `limit` bytes, by Content-Length or as they arrive."""
+class RequestIds:
+    """ASGI middleware: every response carries X-Request-Id; an exception no handler took is logged under that
+    id and answers a generic OpenAI-shaped 500 naming it (never the exception's text)."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app):
+        self.app = app
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = ApiError(413, f"request body larger than {self.limit} bytes; send less (max_body_bytes)",
-                           code="request_too_large").response()
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            return await too_big(scope, receive, send)
-        body, more = b"", scope["method"] in ("POST", "PUT", "PATCH")
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                return await too_big(scope, receive, send)
-        replayed = False
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
 
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
 
-        return await self.app(scope, replay, send)
-
-
-# ----------------------------------------------------------------------------- the concurrency limit
-
-
-class Slots:
-    """At most n requests at work; taking a slot never waits."""
-
-    def __init__(self, n: int, retry_after_s: int):
-        self._free = threading.BoundedSemaphore(n)
-        self.retry_after_s = retry_after_s
-
-    def take(self) -> None:
-        if not self._free.acquire(blocking=False):
-            raise ApiError(429, "too many requests in flight; retry after a moment", type="rate_limit_exceeded",
-                           code="server_busy", headers={"Retry-After": str(self.retry_after_s)})
-
-    def give_back(self) -> None:
-        self._free.release()
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", request_id)
+            if started:  # too late for an error response: the connection is closed
+                raise
+            await internal_error(request_id).response()(scope, receive, send_with_id)
 
 
 # ----------------------------------------------------------------------------- the app
@@ -177,7 +192,7 @@ def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator 
                feedback: FeedbackStore | None = None) -> FastAPI:
     """The API app. Pass an orchestrator to share one (it is then not closed with the app)."""
     config = config or ServeConfig()
-    check_exposure(config)
+    keys = check_exposure(config)
     owned = orchestrator is None
     orchestrator = orchestrator or Orchestrator(config.orchestrator)
     feedback = feedback or FeedbackStore()
@@ -189,40 +204,45 @@ def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator 
         if owned:
             orchestrator.close()
 
-    app = FastAPI(title="Atelier", version="1", lifespan=lifespan,
+    app = FastAPI(title="Atelier", version="1", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
                   description="OpenAI-compatible chat completions over Atelier's orchestrator and specialists.")
     app.state.config, app.state.orchestrator, app.state.feedback = config, orchestrator, feedback
-    app.state.started = now()
-    app.state.slots = Slots(config.max_concurrency, config.retry_after_s)
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.state.started, app.state.keys = now(), keys
+    app.state.admission = Admission(config.max_concurrency, config.max_queue, config.retry_after_s)
+    per_key = (config.key_requests_per_minute, config.key_tokens_per_minute) if keys else (0, 0)  # no keys: one user
+    app.state.limits = RateLimits(*per_key)
+    app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
+    app.add_middleware(RequestIds)
     _error_handlers(app)
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(_authenticator(api_keys(config)))],
+    authenticate = Depends(_authenticator(keys))
+    v1 = APIRouter(prefix="/v1", dependencies=[authenticate],
                    responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
                               429: {"model": ErrorResponse}})
     _routes(v1)
     app.include_router(v1)
     app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
+    app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), methods=["GET"],
+                      dependencies=[authenticate], include_in_schema=False)
     _web(app)
     return app
 
 
-def _authenticator(keys: list[str]):
-    encoded = [k.encode() for k in keys]
-
-    def authenticate(request: Request) -> None:
-        if not encoded:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip().encode(), k) for k in encoded):
+def _authenticator(keys: list[ApiKey]):
+    def authenticate(request: Request) -> str:
+        """The caller's owner name (ANONYMOUS without keys), also at request.state.owner; 401 without a valid key."""
+        owner = ANONYMOUS if not keys else owner_of(request.headers.get("authorization", ""), keys)
+        if owner is None:
             raise ApiError(401, "missing or invalid API key; send Authorization: Bearer KEY", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+        request.state.owner = owner
+        return owner
 
     return authenticate
 
 
 def _health(request: Request) -> dict:
     orchestrator = request.app.state.orchestrator
-    return {"status": "ok", "router_only": orchestrator.router_only, "model": orchestrator.model_name,
+    return {"status": "ok", "router_only": orchestrator.router_only, "model": public_model_name(orchestrator.model_name),
             "specialists": len(orchestrator.registry.names()),
             "index": orchestrator.services.searcher is not None}
 
@@ -236,10 +256,8 @@ def _error_handlers(app: FastAPI) -> None:
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                            for e in errors[:5])
-        return ApiError(400, message, param=".".join(loc) or None, code="invalid_value").response()
+        message = "; ".join(f"{_field(e.get('loc', ())) or 'body'}: {e.get('msg')}" for e in errors[:5])
+        return ApiError(400, message, param=_field(first.get("loc", ())) or None, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -247,8 +265,20 @@ def _error_handlers(app: FastAPI) -> None:
         return ApiError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()
 
     @app.exception_handler(Exception)
-    async def crash(_: Request, exc: Exception) -> JSONResponse:
-        return ApiError(500, f"internal error: {type(exc).__name__}", type="server_error").response()
+    async def crash(request: Request, exc: Exception) -> JSONResponse:  # RequestIds answers first; a fallback
+        request_id = getattr(request.state, "request_id", "") or uuid.uuid4().hex
+        log.error("request %s failed: %s", request_id, type(exc).__name__)
+        return internal_error(request_id).response()
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field(loc: tuple) -> str:
+    """A validation error's location as a dotted field path, without "body" and pydantic's union member tags
+    ("constrained-str", "list[ContentPart]")."""
+    return ".".join(str(p) for p in loc if p != "body" and not (
+        isinstance(p, str) and (p in _UNION_TAGS or "[" in p or "-" in p)))
 
 
 def _web(app: FastAPI) -> None:
@@ -278,21 +308,16 @@ def _routes(v1: APIRouter) -> None:
                      responses={200: {"model": ChatCompletion, "description": "A chat.completion, or with "
                                       "stream: true, text/event-stream of chat.completion.chunk objects."},
                                 404: {"model": ErrorResponse}, 413: {"model": ErrorResponse},
-                                504: {"model": ErrorResponse}})
+                                504: {"model": ErrorResponse}},
+                     openapi_extra={"parameters": [{
+                         "name": THREAD_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+                         "description": "The conversation to continue (one this key started); its memory is kept by "
+                                        "the server."}]})
     v1.add_api_route("/models", list_models, methods=["GET"], response_model=ModelList)
     v1.add_api_route("/specialists", list_specialists, methods=["GET"], response_model=SpecialistList)
     v1.add_api_route("/feedback", add_feedback, methods=["POST"], status_code=201,
                      responses={404: {"model": ErrorResponse}})
     v1.add_api_route("/feedback", list_feedback, methods=["GET"], response_model=FeedbackList)
-
-
-def thread_of(request: Request, body: ChatCompletionRequest) -> str:
-    """X-Atelier-Thread header, else the OpenAI `user` field, else metadata.thread_id, else a fresh id."""
-    candidates = [request.headers.get("x-atelier-thread"), body.user, (body.metadata or {}).get("thread_id")]
-    thread = next((c.strip() for c in candidates if isinstance(c, str) and c.strip()), None) or uuid.uuid4().hex
-    if len(thread) > 255:
-        raise ApiError(400, "thread id longer than 255 characters", param="X-Atelier-Thread")
-    return thread
 
 
 def _check_limits(body: ChatCompletionRequest, config: ServeConfig) -> None:
@@ -333,14 +358,20 @@ def _producer(body: ChatCompletionRequest, orchestrator: Orchestrator, thread_id
     return question, lambda: specialist_events(orchestrator, name, messages, params, thread_id)
 
 
-def _recorded(events: Callable[[], Iterator[dict]], store: FeedbackStore, completion_id: str, model: str,
-              question: str) -> Callable[[], Iterator[dict]]:
-    """The same events; the finished exchange is written to the feedback store (in the worker thread)."""
+def _recorded(events: Callable[[], Iterator[dict]], state, completion_id: str, model: str, question: str,
+              owner: str) -> Callable[[], Iterator[dict]]:
+    """The same events; the finished exchange is written to the feedback store and its tokens charged to the
+    key (in the worker thread)."""
     def produce() -> Iterator[dict]:
         for event in events():
             if event["type"] == "done":
                 answer = event["answer"]
-                store.record_exchange(completion_id, answer.thread_id, model, question, answer.text, answer.route)
+                state.limits.charge(owner, sum(event["usage"]))
+                try:
+                    state.feedback.record_exchange(completion_id, answer.thread_id, model, question, answer.text,
+                                                   answer.route, owner)
+                except Exception:
+                    log.warning("could not record exchange %s", completion_id, exc_info=True)
             yield event
 
     return produce
@@ -352,15 +383,24 @@ def _only_done(events: Callable[[], Iterator[dict]]) -> Callable[[], Iterator[di
 
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat completions; model 'atelier' answers the last user message from the thread's memory."""
-    state = request.app.state
+    state, owner, request_id = request.app.state, request.state.owner, request.state.request_id
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.request_timeout_s
     _check_limits(body, state.config)
-    thread_id = thread_of(request, body)
+    thread_id, chosen = thread_of(request, body)
     question, events = _producer(body, state.orchestrator, thread_id)
+    claim_thread(state, owner, thread_id, chosen)
+    state.limits.admit(owner)
+    try:
+        await state.admission.enter(deadline - loop.time())  # waits its turn; 429 when the queue is full
+    except ApiError:
+        state.limits.refund(owner)  # refused by the server, not by this key's budget
+        raise
     completion_id, created = new_completion_id(), now()
-    produce = _recorded(events, state.feedback, completion_id, body.model, question)
+    produce = _recorded(events, state, completion_id, body.model, question, owner)
     if not body.stream:  # only the last event crosses threads: each wake-up of the loop costs a GIL hand-over
         produce = _only_done(produce)
-    worker = Worker(produce, state.slots, state.config.request_timeout_s)
+    worker = Worker(produce, state.admission, deadline, request_id)
     try:
         if body.stream:
             return await _stream(worker, body, completion_id, created, thread_id)
@@ -375,7 +415,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                "finish_reason": done["finish_reason"]}],
                   "usage": _usage(done["usage"]), "atelier": _info(answer, thread_id)}
-    return JSONResponse(completion, headers={"X-Atelier-Route": answer.route, "X-Atelier-Thread": thread_id})
+    return JSONResponse(completion, headers={"X-Atelier-Route": header_value(answer.route),
+                                             THREAD_HEADER: header_value(thread_id)})
 
 
 def list_models(request: Request) -> dict:
@@ -405,7 +446,7 @@ def list_specialists(request: Request) -> dict:
         final = (report.get("stages") or {}).get(report.get("final_stage"), {})
         metrics = {k: float(v) for k, v in final.items() if k in METRICS and isinstance(v, int | float)}
         data.append({"name": record.name, "version": record.version, "description": record.description,
-                     "base_model": record.base_model, "keywords": record.keywords, "metrics": metrics,
+                     "base_model": public_path(record.base_model), "keywords": record.keywords, "metrics": metrics,
                      "beats_base": report.get("beats_base")})
     return {"object": "list", "data": data}
 
@@ -413,11 +454,12 @@ def list_specialists(request: Request) -> dict:
 def add_feedback(body: FeedbackRequest, request: Request) -> dict:
     """Rate an answer (by its completion id): stored with the question and answer for preference training."""
     try:
-        feedback_id = request.app.state.feedback.add(body.completion_id, body.rating, body.comment, body.thread_id)
+        feedback_id = request.app.state.feedback.add(body.completion_id, body.rating, body.comment, body.thread_id,
+                                                     owner=request.state.owner)
     except UnknownCompletion as exc:
         raise ApiError(404, str(exc), param="completion_id", code="completion_not_found") from None
     return {"id": feedback_id, "object": "feedback", "completion_id": body.completion_id, "rating": body.rating}
 
 
 def list_feedback(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict:
-    return {"object": "list", "data": request.app.state.feedback.list(limit)}
+    return {"object": "list", "data": request.app.state.feedback.list(limit, owner=request.state.owner)}

@@ -4,13 +4,41 @@ Requests ignore unknown fields (extra="ignore"): clients such as LibreChat and O
 parameters we do not use, and a strict server would force their users to drop them by hand.
 Responses are built as plain dicts (see `agents/api.py`); the models here document them in
 the OpenAPI schema.
+
+Every string a request carries is valid Unicode (`Text`: JSON may spell a lone UTF-16 surrogate,
+"\\ud800", which no tokenizer or database accepts: 400), and every number has bounds.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+INT64_MAX = 2**63 - 1
+
+
+def _valid_unicode(value: Any) -> Any:
+    """`value` (a string, or lists and dicts of them, walked without recursion) when it holds no lone
+    surrogate; ValueError otherwise."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")  # fails exactly on lone surrogates, at C speed
+            except UnicodeEncodeError:
+                raise ValueError("contains a lone UTF-16 surrogate (such as \\ud800), which is not valid Unicode; "
+                                 "send the text as UTF-8 or as surrogate pairs") from None
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class Lenient(BaseModel):
@@ -18,13 +46,15 @@ class Lenient(BaseModel):
 
 
 class ContentPart(Lenient):
-    type: str = Field(description="'text' parts are read; other kinds (images) are ignored.")
-    text: str | None = None
+    type: str = Field(max_length=64, description="'text' parts are read; other kinds (images) are ignored.")
+    text: Text | None = None
 
 
 class ChatMessage(Lenient):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = Field(None, description="Text, or OpenAI content parts.")
+
+    _content_is_unicode = field_validator("content")(lambda cls, value: _valid_unicode(value))
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -37,26 +67,30 @@ class StreamOptions(Lenient):
 
 
 class ChatCompletionRequest(Lenient):
-    model: str = Field(description="'atelier' (the orchestrator) or 'specialist/NAME' (one specialist directly).")
+    model: Text = Field(max_length=200, description="'atelier' (the orchestrator) or 'specialist/NAME' (one "
+                        "specialist directly).")
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (specialists); capped by the server.")
-    max_completion_tokens: int | None = Field(None, ge=1, description="Newer name of max_tokens; wins when both are set.")
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = Field(None, max_length=255, description="Used as the conversation (thread) id when no "
-                             "X-Atelier-Thread header is sent.")
-    metadata: dict[str, Any] | None = Field(None, description="metadata.thread_id is the last fallback for the thread id.")
+    max_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Most tokens to generate (specialists); "
+                                   "capped by the server (max_tokens_cap).")
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Newer name of max_tokens; "
+                                              "wins when both are set.")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: Annotated[str, Field(max_length=200)] | list[Annotated[str, Field(max_length=200)]] | None = None
+    seed: int | None = Field(None, ge=0, le=INT64_MAX, description="Sampling seed, 0 to 2**63 - 1.")
+    user: Text | None = Field(None, max_length=255, description="Used as the conversation (thread) id when no "
+                              "X-Atelier-Thread header is sent.")
+    metadata: Annotated[dict[str, Any], AfterValidator(_valid_unicode)] | None = Field(
+        None, description="metadata.thread_id is the last fallback for the thread id.")
 
     @field_validator("stop")
     @classmethod
     def _at_most_eight(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > 8:
             raise ValueError("at most 8 stop strings")
-        return value
+        return _valid_unicode(value)
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -138,10 +172,11 @@ class Health(BaseModel):
 
 
 class FeedbackRequest(Lenient):
-    thread_id: str | None = Field(None, max_length=255, description="Checked against the completion's thread when given.")
-    completion_id: str = Field(min_length=1, max_length=100, description="The `id` of the rated chat.completion.")
+    thread_id: Text | None = Field(None, max_length=255, description="Checked against the completion's thread "
+                                   "when given.")
+    completion_id: Text = Field(min_length=1, max_length=100, description="The `id` of the rated chat.completion.")
     rating: Literal["up", "down"]
-    comment: str | None = Field(None, max_length=4000)
+    comment: Text | None = Field(None, max_length=4000)
 
 
 class FeedbackItem(BaseModel):

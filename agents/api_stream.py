@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from agents.api_redact import header_value, public_answer, redact_paths
 from atelier.errors import AtelierError
 
 if TYPE_CHECKING:
-    from agents.api import Slots
     from agents.api_schemas import ChatCompletionRequest
+    from agents.limits import Admission
     from agents.orchestrator import Orchestrator
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -43,16 +47,30 @@ class ApiError(Exception):
 _END = object()
 
 
-class Worker:
-    """Runs a blocking event iterator in a thread; the event loop awaits its events with a deadline."""
+def internal_error(request_id: str) -> ApiError:
+    """What a client hears of an unexpected exception: nothing but the id to find it in the server log."""
+    return ApiError(500, f"internal error; the server log has the details under request id {request_id}",
+                    type="server_error", code="internal_error")
 
-    def __init__(self, produce: Callable[[], Iterator[dict]], slots: Slots, timeout_s: float):
+
+class Worker:
+    """Runs a blocking event iterator in a thread; the event loop awaits its events with a deadline.
+
+    The caller has entered `admission`; the worker leaves it when its thread ends (even past the
+    deadline, so abandoned work still holds its slot)."""
+
+    def __init__(self, produce: Callable[[], Iterator[dict]], admission: Admission, deadline: float,
+                 request_id: str = ""):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.deadline = self.loop.time() + timeout_s
-        slots.take()
-        threading.Thread(target=self._work, args=(produce, slots), name="atelier-api-request", daemon=True).start()
+        self.deadline, self.request_id = deadline, request_id
+        try:
+            threading.Thread(target=self._work, args=(produce, admission), name="atelier-api-request",
+                             daemon=True).start()
+        except BaseException:
+            admission.leave()
+            raise
 
     def _put(self, item: Any) -> None:
         try:
@@ -60,7 +78,7 @@ class Worker:
         except RuntimeError:  # the server stopped
             self.cancelled.set()
 
-    def _work(self, produce: Callable[[], Iterator[dict]], slots: Slots) -> None:
+    def _work(self, produce: Callable[[], Iterator[dict]], admission: Admission) -> None:
         events: Iterator[dict] | None = None
         try:
             events = produce()
@@ -69,14 +87,17 @@ class Worker:
                     break
                 self._put(event)
         except AtelierError as exc:
-            self._put(ApiError(400, str(exc), code="atelier_error"))
-        except Exception as exc:  # noqa: BLE001 (reported to the client, not swallowed)
-            self._put(ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+            self._put(ApiError(400, redact_paths(str(exc)), code="atelier_error"))
+        except Exception:  # logged with the request id; the client gets only the id
+            log.exception("request %s failed", self.request_id)
+            self._put(internal_error(self.request_id))
         finally:
-            if events is not None and hasattr(events, "close"):
-                events.close()
-            slots.give_back()
-            self._put(_END)
+            try:
+                if events is not None and hasattr(events, "close"):
+                    events.close()
+            finally:
+                admission.leave()
+                self._put(_END)
 
     async def next(self) -> dict | None:
         """The next event; None at the end. ApiError 504 past the deadline."""
@@ -98,10 +119,11 @@ def words(text: str) -> int:
 
 
 def orchestrator_events(orchestrator: Orchestrator, question: str, thread_id: str) -> Iterator[dict]:
+    """The orchestrator's route, token and done events; the answer as a client may see it (agents/api_redact.py)."""
     for event in orchestrator.stream(question, thread_id=thread_id):
         if event["type"] == "done":
-            answer = event["answer"]
-            yield {**event, "finish_reason": "stop", "usage": (words(question), words(answer.text))}
+            answer = public_answer(event["answer"])
+            yield {**event, "answer": answer, "finish_reason": "stop", "usage": (words(question), words(answer.text))}
         elif event["type"] in ("route", "token"):
             yield event
 
@@ -186,7 +208,7 @@ async def _stream(worker: Worker, body: ChatCompletionRequest, completion_id: st
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"X-Atelier-Route": route, "X-Atelier-Thread": thread_id,
+                             headers={"X-Atelier-Route": header_value(route), "X-Atelier-Thread": header_value(thread_id),
                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

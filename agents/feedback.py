@@ -1,17 +1,23 @@
 """Thumbs up / down on answers, kept with the exchange they rate, for later preference training.
 
-One SQLite file, ATELIER_HOME/feedback.sqlite, two tables:
+One SQLite file, ATELIER_HOME/feedback.sqlite, three tables:
 
-    exchanges  every answer the API gave: completion_id -> thread, model, question, answer, route
+    exchanges  every answer the API gave: completion_id -> thread, model, question, answer, route, owner
     feedback   ratings of those answers (several per answer allowed; the newest counts)
+    threads    which API key (owner, agents/auth.py) started each thread; only it may continue it
 
 The API records each exchange when it answers, so a rating can later be joined to the exact
-question and answer (DPO wants prompt, chosen, rejected). Schema changes are forward-only
+question and answer (DPO wants prompt, chosen, rejected). Exchanges, ratings and threads belong
+to the key that made them: another key sees none of them. Schema changes are forward-only
 migrations numbered by SQLite's `user_version`.
+
+A file SQLite cannot read (corrupt, not a database) does not stop the server: one warning names
+it and the fix, and the store runs in memory until restart.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -29,15 +35,34 @@ MIGRATIONS = [
            completion_id TEXT NOT NULL REFERENCES exchanges(completion_id),
            rating TEXT NOT NULL CHECK (rating IN ('up', 'down')), comment TEXT, created_at TEXT NOT NULL);
        CREATE INDEX feedback_completion ON feedback(completion_id);""",
+    """ALTER TABLE exchanges ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+       CREATE TABLE threads (thread_id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at TEXT NOT NULL);""",
 ]
+log = logging.getLogger(__name__)
 
 
 class UnknownCompletion(AtelierError):
-    """The rated completion id was never answered here (or belongs to another thread)."""
+    """The rated completion id was never answered here (or belongs to another thread or key)."""
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _connect(path: Path | str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: survives a process crash, no fsync
+        db.execute("PRAGMA synchronous=NORMAL")  # per answer
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            db.executescript(f"BEGIN; {script} PRAGMA user_version={number}; COMMIT;")
+        db.execute("SELECT 1 FROM exchanges LIMIT 1").fetchone()  # a damaged table shows here, not mid-request
+    except BaseException:
+        db.close()
+        raise
+    return db
 
 
 class FeedbackStore:
@@ -47,48 +72,71 @@ class FeedbackStore:
         self.path = Path(path) if path is not None else atelier_home() / "feedback.sqlite"
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
+        self.in_memory = False  # the file was unreadable: nothing is kept past a restart
         with self._lock:
             self._open()
 
     def _open(self) -> sqlite3.Connection:
         """The connection (call with the lock held); opened again after `close()` (an app restarted in-process)."""
         if self._conn is None:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: survives a process crash, no fsync
-            db.execute("PRAGMA synchronous=NORMAL")  # per answer
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                db.executescript(f"BEGIN; {script} PRAGMA user_version={number}; COMMIT;")
-            self._conn = db
+            try:
+                self._conn = _connect(self.path)
+            except sqlite3.DatabaseError as exc:
+                log.warning("%s is unreadable (%s): answers, ratings and thread owners are kept in memory until "
+                            "restart; move the file aside (mv %s %s.broken) and restart to start a fresh one",
+                            self.path, exc, self.path, self.path)
+                self.in_memory = True
+                self._conn = _connect(":memory:")
         return self._conn
 
-    def record_exchange(self, completion_id: str, thread_id: str, model: str, question: str, answer: str,
-                        route: str) -> None:
+    def claim_thread(self, thread_id: str, owner: str, *, unowned_ok: bool = True) -> bool:
+        """Whether `owner` may use `thread_id`: it owns it, or it is new and now theirs. A thread that exists
+        without an owner (`unowned_ok` False: it already has history) is nobody's to claim."""
         with self._lock:
-            self._open().execute("INSERT OR REPLACE INTO exchanges VALUES (?, ?, ?, ?, ?, ?, ?)",
-                             (completion_id, thread_id, model, question, answer, route, _now()))
+            db = self._open()
+            row = db.execute("SELECT owner FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+            if row is not None:
+                return row["owner"] == owner
+            if not unowned_ok:
+                return False
+            db.execute("INSERT OR IGNORE INTO threads VALUES (?, ?, ?)", (thread_id, owner, _now()))
+            row = db.execute("SELECT owner FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+            return row["owner"] == owner
 
-    def add(self, completion_id: str, rating: str, comment: str | None = None, thread_id: str | None = None) -> int:
-        """Store a rating of `completion_id`; its id. UnknownCompletion when that answer is not on record."""
+    def thread_owner(self, thread_id: str) -> str | None:
         with self._lock:
-            row = self._open().execute("SELECT thread_id FROM exchanges WHERE completion_id = ?",
-                                   (completion_id,)).fetchone()
-            if row is None or (thread_id is not None and row["thread_id"] != thread_id):
+            row = self._open().execute("SELECT owner FROM threads WHERE thread_id = ?", (thread_id,)).fetchone()
+        return None if row is None else row["owner"]
+
+    def record_exchange(self, completion_id: str, thread_id: str, model: str, question: str, answer: str,
+                        route: str, owner: str = "") -> None:
+        with self._lock:
+            self._open().execute("INSERT OR REPLACE INTO exchanges (completion_id, thread_id, model, question, "
+                                 "answer, route, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (completion_id, thread_id, model, question, answer, route, _now(), owner))
+
+    def add(self, completion_id: str, rating: str, comment: str | None = None, thread_id: str | None = None,
+            owner: str = "") -> int:
+        """Store a rating of `completion_id`; its id. UnknownCompletion when that answer is not on record
+        (for this owner, in this thread)."""
+        with self._lock:
+            row = self._open().execute("SELECT thread_id, owner FROM exchanges WHERE completion_id = ?",
+                                       (completion_id,)).fetchone()
+            if row is None or row["owner"] != owner or (thread_id is not None and row["thread_id"] != thread_id):
                 raise UnknownCompletion(f"no answer with completion_id {completion_id!r}"
                                         f"{'' if thread_id is None else f' in thread {thread_id!r}'}; rate the `id` "
                                         "of a chat.completion this server returned")
             cursor = self._open().execute("INSERT INTO feedback (completion_id, rating, comment, created_at) "
-                                      "VALUES (?, ?, ?, ?)", (completion_id, rating, comment, _now()))
+                                          "VALUES (?, ?, ?, ?)", (completion_id, rating, comment, _now()))
             return int(cursor.lastrowid)
 
-    def list(self, limit: int = 100) -> list[dict]:
-        """The newest ratings first, each with its exchange."""
+    def list(self, limit: int = 100, owner: str = "") -> list[dict]:
+        """The newest ratings of `owner`'s answers first, each with its exchange."""
         with self._lock:
             rows = self._open().execute(
                 "SELECT f.id, f.completion_id, e.thread_id, f.rating, f.comment, e.question, e.answer, e.route, "
-                "e.model, f.created_at FROM feedback f JOIN exchanges e USING (completion_id) "
-                "ORDER BY f.id DESC LIMIT ?", (limit,)).fetchall()
+                "e.model, f.created_at FROM feedback f JOIN exchanges e USING (completion_id) WHERE e.owner = ? "
+                "ORDER BY f.id DESC LIMIT ?", (owner, limit)).fetchall()
         return [dict(row) for row in rows]
 
     def close(self) -> None:

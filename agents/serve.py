@@ -23,16 +23,17 @@ def serve(
     """Serve the orchestrator and the specialists as an OpenAI-compatible API (/v1/chat/completions)."""
     import logging
 
-    from agents.api import ServeConfig, api_keys, check_exposure, create_app
+    from agents.api import ServeConfig, check_exposure, create_app
     from atelier.config import load_config
 
     config = load_config(ServeConfig, config_file, {"host": host, "port": port, "orchestrator.model.name": model})
-    check_exposure(config)  # before loading anything: a refused bind fails fast
+    keys = check_exposure(config)  # before loading anything: a bad key or a refused bind fails fast
     import uvicorn
 
     logging.getLogger("agents.llm").setLevel(logging.WARNING)
     app = create_app(config)
-    auth = "API key required" if api_keys(config) else "no API key (loopback only)"
+    auth = (f"API key required ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys
+            else "no API key (loopback only)")
     typer.echo(f"Atelier API on http://{config.host}:{config.port}/v1 — {auth}; "
                f"{'router-only' if app.state.orchestrator.router_only else 'with orchestrator model'}")
     uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)

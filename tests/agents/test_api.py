@@ -26,7 +26,8 @@ DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
 EXEMPLARS = ["Ask the valve specialist about actuator sizing", "Which valve actuator fits a DN100 butterfly valve?",
              "What is the stroke time of the VA-200 actuator?", "How do I size a pneumatic valve actuator?",
              "valve actuator torque margin", "Explain actuator fail-safe spring return"]
-KEY = "test-key-123"
+KEY = "test-key-0123456789"
+OTHER_KEY = "other-key-0123456789"  # a second client: sees none of KEY's threads or feedback
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def running(app) -> Iterator[str]:
 def url(orchestrator, home):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ATELIER_HOME", str(home))
-        app = create_app(ServeConfig(api_keys=[KEY]), orchestrator=orchestrator)
+        app = create_app(ServeConfig(api_keys=[KEY, OTHER_KEY]), orchestrator=orchestrator)
     with running(app) as base:
         yield base
 
@@ -232,7 +233,7 @@ def _gated(orchestrator, monkeypatch, after_events: int) -> tuple[threading.Even
 
 def test_overload_answers_429_with_retry_after(orchestrator, monkeypatch):
     entered, release = _gated(orchestrator, monkeypatch, after_events=0)
-    app = create_app(ServeConfig(max_concurrency=1, retry_after_s=3), orchestrator=orchestrator)
+    app = create_app(ServeConfig(max_concurrency=1, max_queue=0, retry_after_s=3), orchestrator=orchestrator)
     with running(app) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
         slow: list = []
@@ -276,12 +277,11 @@ def test_a_public_bind_without_a_key_is_refused(monkeypatch):
     with pytest.raises(AtelierError, match="refusing to listen on 0.0.0.0 without an API key") as caught:
         serve(host="0.0.0.0", port=8123, config_file=None, model=None)
     assert "\n" not in str(caught.value)
-    monkeypatch.setenv("ATELIER_API_KEYS", "k1, k2")
-    from agents.api import api_keys, check_exposure
+    monkeypatch.setenv("ATELIER_API_KEYS", "first-key-0123456789, second-key-0123456789")
+    from agents.api import check_exposure
 
-    config = ServeConfig(host="0.0.0.0")
-    check_exposure(config)  # a key from the environment is enough
-    assert api_keys(config) == ["k1", "k2"]
+    keys = check_exposure(ServeConfig(host="0.0.0.0"))  # a key from the environment is enough
+    assert [k.owner[:4] for k in keys] == ["key-", "key-"] and len({k.owner for k in keys}) == 2
 
 
 def test_the_web_page_is_served_when_its_folder_exists(orchestrator, monkeypatch, tmp_path):
@@ -319,3 +319,199 @@ def test_a_real_model_streams_through_the_api_and_keeps_the_result(home, smollm2
     assert text.endswith("Result of calculator: 391")
     info = chunks[-1].model_extra["atelier"]
     assert info["model"] == SMOLLM2 and info["route"] == "tool:calculator" and info["route_output"].endswith("391")
+
+
+# ----------------------------------------------------------------------------- hardening (issue 13): each probe
+
+
+def _auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _ask(url: str, question: str, key: str = KEY, **fields) -> httpx.Response:
+    """POST a chat to the orchestrator; the JSON is ASCII (escapes), as a lone surrogate can only be sent that way."""
+    headers = {**_auth(key), "content-type": "application/json", **fields.pop("headers", {})}
+    return httpx.post(f"{url}/v1/chat/completions", headers=headers, timeout=60, content=json.dumps(
+        {"model": "atelier", "messages": [{"role": "user", "content": question}], **fields}))
+
+
+def _raw_http(url: str, request: bytes) -> tuple[bytes, float]:
+    """Send `request` as is on a socket (what httpx refuses to send); the whole reply and the seconds it took."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(request)
+        started, reply = time.monotonic(), b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    return reply, time.monotonic() - started
+
+
+def test_probe4_ordinary_input_never_gets_a_500_or_a_dropped_connection(url):
+    from urllib.parse import unquote
+
+    for fields in ({"user": "用户 😀"}, {"metadata": {"thread_id": "スレッド-ü"}}):  # was 500 UnicodeEncodeError
+        response = _ask(url, "what is 4 + 4?", **fields)
+        assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] == "8"
+        thread = response.json()["atelier"]["thread_id"]
+        assert response.headers["x-atelier-thread"].isascii() and unquote(response.headers["x-atelier-thread"]) == thread
+    for thread in ("a\r\nSet-Cookie: x=1", "nul\x00byte", "tab\there"):  # was a dropped connection
+        response = _ask(url, "what is 4 + 4?", user=thread)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_thread_id"
+    surrogate = _ask(url, "half a pair: \ud800")  # valid JSON ("\ud800"), not valid Unicode: was 500
+    assert surrogate.status_code == 400 and "surrogate" in surrogate.json()["error"]["message"]
+    assert surrogate.json()["error"]["param"] == "messages.0.content"
+    for fields in ({"seed": 10**30}, {"max_tokens": 10**30}, {"temperature": float("nan")}):  # was 500
+        response = httpx.post(f"{url}/v1/chat/completions", headers={**_auth(), "content-type": "application/json"},
+                              content=json.dumps({"model": "specialist/valves", "messages": [
+                                  {"role": "user", "content": "hi"}], **fields}), timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == next(iter(fields)), response.text
+
+
+def test_probe4_unexpected_exceptions_answer_a_generic_error_with_a_request_id(url, orchestrator, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /etc/atelier/internal")
+
+    monkeypatch.setattr(orchestrator, "stream", broken)
+    monkeypatch.setattr(orchestrator.registry, "list", broken)
+    with caplog.at_level("ERROR"):
+        in_worker = _ask(url, "what is 1 + 1?")
+        in_route = httpx.get(f"{url}/v1/models", headers=_auth(), timeout=30)
+        with httpx.stream("POST", f"{url}/v1/chat/completions", headers=_auth(), timeout=30, json={
+                "model": "atelier", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as streamed:
+            streamed_text = streamed.read().decode()
+    for response in (in_worker, in_route):
+        assert response.status_code == 500, response.text
+        error = response.json()["error"]
+        assert "secret" not in response.text and error["type"] == "server_error" and error["code"] == "internal_error"
+        assert response.headers["x-request-id"] in error["message"]
+        assert response.headers["x-request-id"] in caplog.text  # the details are in the log, under that id
+    assert "secret" not in streamed_text and streamed.headers["x-request-id"] in streamed_text
+    assert "secret detail" in caplog.text
+
+
+def test_probe5_blank_short_and_hashed_keys(url, tmp_path, monkeypatch):
+    from agents.api import check_exposure
+    from agents.auth import digest
+    from atelier.config import load_config
+
+    monkeypatch.delenv("ATELIER_API_KEYS", raising=False)
+    (tmp_path / "blank.yaml").write_text('host: 0.0.0.0\napi_keys: [""]\n')
+    with pytest.raises(AtelierError, match=r"api_keys\[0\] is blank"):  # was: passed the exposure check
+        load_config(ServeConfig, tmp_path / "blank.yaml")
+    with pytest.raises(AtelierError, match="at least 16"):
+        load_config(ServeConfig, None, {"api_keys": ["short"]})
+    monkeypatch.setenv("ATELIER_API_KEYS", " , tiny")
+    with pytest.raises(AtelierError, match="ATELIER_API_KEYS key 0 has 4 characters; a key needs at least 16"):
+        check_exposure(ServeConfig(host="0.0.0.0"))
+    monkeypatch.delenv("ATELIER_API_KEYS")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"alice: sha256:{digest('alice-key-0123456789').hex()}\nbob: bob-key-in-clear-0123\n")
+    with pytest.raises(AtelierError, match="bob must be sha256:HEX"):
+        check_exposure(ServeConfig(host="0.0.0.0", api_keys_file=keys_file))
+    keys_file.write_text(f"alice: sha256:{digest('alice-key-0123456789').hex()}\n")
+    [alice] = check_exposure(ServeConfig(host="0.0.0.0", api_keys_file=keys_file))
+    assert alice.owner == "alice"
+    empty, _ = _raw_http(url, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \r\n"
+                               b"Connection: close\r\n\r\n")
+    assert empty.startswith(b"HTTP/1.1 401")  # the empty key was let in
+    for header in ("Bearer", "Basic " + KEY, f"Bearer {KEY[:-1]}"):
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": header}).status_code == 401
+
+
+def test_probe6_threads_and_feedback_belong_to_the_key_that_made_them(url, orchestrator):
+    mine = _ask(url, "what is 6 * 6?", headers={"X-Atelier-Thread": "owned-thread"})
+    assert mine.status_code == 200
+    for fields in ({"headers": {"X-Atelier-Thread": "owned-thread"}}, {"user": "owned-thread"},
+                   {"metadata": {"thread_id": "owned-thread"}}):  # was: any key could read and continue it
+        stolen = _ask(url, "what did I ask?", key=OTHER_KEY, **fields)
+        assert stolen.status_code == 404 and stolen.json()["error"]["code"] == "thread_not_found"
+    assert _ask(url, "what is 7 * 7?", headers={"X-Atelier-Thread": "owned-thread"}).status_code == 200
+    state = orchestrator.graph.get_state({"configurable": {"thread_id": "owned-thread"}}).values
+    assert [m.text for m in state["messages"]] == ["what is 6 * 6?", "36", "what is 7 * 7?", "49"]
+    orchestrator.ask("what is 1 + 2?", thread_id="a-cli-thread")  # history without an owner: no key may take it
+    assert _ask(url, "and then?", headers={"X-Atelier-Thread": "a-cli-thread"}).status_code == 404
+    rated = {"completion_id": mine.json()["id"], "rating": "down"}
+    assert httpx.post(f"{url}/v1/feedback", headers=_auth(OTHER_KEY), json=rated).status_code == 404
+    assert httpx.post(f"{url}/v1/feedback", headers=_auth(), json=rated).status_code == 201
+    theirs = httpx.get(f"{url}/v1/feedback", headers=_auth(OTHER_KEY)).json()["data"]
+    assert theirs == []  # was: every user's rated exchanges
+    assert mine.json()["id"] in [f["completion_id"] for f in httpx.get(f"{url}/v1/feedback", headers=_auth()).json()["data"]]
+
+
+def test_probe6_a_burst_waits_in_the_queue_and_keys_have_their_own_limits(orchestrator, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = create_app(ServeConfig(api_keys=[KEY, OTHER_KEY], max_concurrency=2, max_queue=20,
+                                 key_requests_per_minute=1000), orchestrator=orchestrator)
+    with running(app) as base, ThreadPoolExecutor(20) as pool:  # was: 95 of 100 got 429
+        burst = list(pool.map(lambda i: _ask(base, f"what is {i} + 1?", headers={"X-Atelier-Thread": f"b{i}"}),
+                              range(20)))
+    assert [r.status_code for r in burst] == [200] * 20
+    assert [r.json()["choices"][0]["message"]["content"] for r in burst] == [str(i + 1) for i in range(20)]
+
+    entered, release = _gated(orchestrator, monkeypatch, after_events=0)
+    app = create_app(ServeConfig(api_keys=[KEY, OTHER_KEY], max_concurrency=1, max_queue=1, retry_after_s=2,
+                                 key_requests_per_minute=2, key_tokens_per_minute=0), orchestrator=orchestrator)
+    with running(app) as base, ThreadPoolExecutor(2) as pool:
+        running_one = pool.submit(_ask, base, "what is 2 * 2?")
+        assert entered.wait(30)
+        queued = pool.submit(_ask, base, "what is 3 * 3?", key=OTHER_KEY)
+        deadline = time.monotonic() + 10
+        while app.state.admission.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        full = _ask(base, "what is 4 * 4?", key=OTHER_KEY)
+        assert full.status_code == 429 and full.headers["retry-after"] == "2"
+        assert full.json()["error"]["code"] == "server_busy"
+        release.set()
+        assert running_one.result().status_code == queued.result().status_code == 200
+        assert _ask(base, "what is 5 * 5?").status_code == 200
+        spent = _ask(base, "what is 6 * 6?")  # KEY's third request in the minute
+        assert spent.status_code == 429 and spent.json()["error"]["code"] == "requests_per_minute"
+        assert int(spent.headers["retry-after"]) >= 1
+        assert _ask(base, "what is 7 * 7?", key=OTHER_KEY).status_code == 200  # its own budget (a 429 is free)
+    app = create_app(ServeConfig(api_keys=[KEY], key_tokens_per_minute=6), orchestrator=orchestrator)
+    with running(app) as base:
+        assert _ask(base, "what is 8 * 8 really?").status_code == 200  # 5 + 1 words: the minute's tokens
+        tokens = _ask(base, "what is 9 * 9?")
+        assert tokens.status_code == 429 and tokens.json()["error"]["code"] == "tokens_per_minute"
+        assert int(tokens.headers["retry-after"]) >= 1
+
+
+def test_probe11_no_server_paths_in_responses_and_no_open_docs(url, home):
+    specialists = httpx.get(f"{url}/v1/specialists", headers=_auth()).json()["data"]
+    assert not specialists[0]["base_model"].startswith("/")  # was the absolute base path
+    found = _ask(url, "what is the tightening torque of the HX-65 impeller nut?")
+    sources = found.json()["atelier"]["sources"]
+    assert sources and all(not s["source"].startswith("/") for s in sources), sources
+    assert str(DOCS) not in found.text and str(home) not in found.text
+    for path in ("/docs", "/redoc"):  # were open and pulled their scripts from a CDN
+        assert httpx.get(f"{url}{path}").status_code == 404
+    assert httpx.get(f"{url}/openapi.json").status_code == 401
+    assert httpx.get(f"{url}/openapi.json", headers=_auth()).json()["info"]["title"] == "Atelier"
+
+
+def test_probe13_a_stalled_request_body_gets_408(orchestrator):
+    app = create_app(ServeConfig(body_timeout_s=0.5), orchestrator=orchestrator)
+    with running(app) as base:  # 10 of the 100 bytes announced, then nothing: was held open indefinitely
+        reply, seconds = _raw_http(base, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                                   b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":")
+    assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply and seconds < 5
+
+
+def test_a_corrupt_feedback_file_is_skipped_with_one_warning(orchestrator, tmp_path, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    (tmp_path / "feedback.sqlite").write_bytes(b"this is not a database" * 100)
+    monkeypatch.setenv("ATELIER_HOME", str(tmp_path))
+    with caplog.at_level("WARNING", logger="agents.feedback"):
+        app = create_app(ServeConfig(), orchestrator=orchestrator)  # was a traceback: serve did not start
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "agents.feedback"]
+    assert str(tmp_path / "feedback.sqlite") in warning and "mv " in warning and "restart" in warning
+    web = TestClient(app)
+    answer = web.post("/v1/chat/completions", json={"model": "atelier", "messages": [
+        {"role": "user", "content": "what is 3 + 4?"}]})
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "7"
+    assert web.post("/v1/feedback", json={"completion_id": answer.json()["id"], "rating": "up"}).status_code == 201
+    assert (tmp_path / "feedback.sqlite").read_bytes().startswith(b"this is not a database")  # left as it was

@@ -40,7 +40,7 @@ pytestmark = [
     pytest.mark.skipif(NODE is None or NPM is None, reason="needs node and npm on PATH (Debian: nodejs npm)"),
 ]
 
-KEY = "test-key-123"
+KEY = "test-key-0123456789"
 TOKENS = ["DAPT ", "is ", "domain-", "adaptive ", "pre", "training ", "<b>[1]</b>", "."]
 ROUTE = "specialist:legal"
 # A source whose text would run script if the page ever parsed it as HTML.
@@ -237,7 +237,7 @@ def test_chat_page_against_the_real_api(tmp_path):
     assert out["routeBadge"] == "search" and out["confidence"].endswith("%")
     assert "80 N·m" in out["answerText"] and "[1]" in out["answerText"]
     [source] = out["sources"]
-    assert (source["n"], source["title"], source["source"]) == ("[1]", "HX-65 pump service notes", str(docs / "pumps.md"))
+    assert (source["n"], source["title"], source["source"]) == ("[1]", "HX-65 pump service notes", "pumps.md")  # no server path
     assert '<img src=x onerror="window.__xss=1">' in source["text"]  # the probe reached the page, as text
     assert out["injectedElements"] == 0 and out["xssFired"] is False
 
