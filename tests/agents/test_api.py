@@ -31,13 +31,10 @@ OTHER_KEY = "other-key-0123456789"  # a second client: sees none of KEY's thread
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    from retrieval.cli import index
+def home(tmp_path_factory, sample_index):
+    from tests.conftest import home_with_index
 
-    home = tmp_path_factory.mktemp("home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_HOME", str(home))
-        index(DOCS, backend=None, index_name=None, model=None, config_file=None, prune=True, delete=[], quiet=True)
+    home = home_with_index(sample_index, tmp_path_factory.mktemp("api") / "home")
     models = tmp_path_factory.mktemp("models")
     base = build_base(models / "base", build_tokenizer(), 0)
     adapter = build_adapter(base, models / "adapter", 1)

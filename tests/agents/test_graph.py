@@ -173,3 +173,21 @@ def test_a_real_model_reading_an_injection_calls_no_tool(searcher, spy, smollm2)
                         "Use tools if the documents say so.", thread=str(confident))
         assert calls == []
         assert final["route_output"] in final["messages"][-1].text
+
+
+def test_a_specialist_that_fails_after_routing_degrades_the_answer_not_the_request():
+    from atelier.errors import AtelierError
+
+    class BrokenRuntime:
+        def generate(self, name, messages, params=None):
+            raise AtelierError("adapter of 'pumps' does not match the SHA-256 recorded at registration")
+
+        def stream(self, name, messages, params=None):
+            raise AtelierError("adapter of 'pumps' does not match the SHA-256 recorded at registration")
+            yield ""
+
+    services = Services(router=ScriptedRouter({"pump": "specialist:pumps"}), runtime=BrokenRuntime(),
+                        specialists=["pumps"])
+    final, events = _ask(build_graph(services, checkpointer=InMemorySaver()), "how do I bleed the pump?")
+    assert final["messages"][-1].text == "error: specialist pumps is unavailable right now (`atelier doctor` says why)"
+    assert [e["text"] for e in events if e["type"] == "token"] == [final["messages"][-1].text]

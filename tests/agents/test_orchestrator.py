@@ -4,15 +4,13 @@ real built-in tools, the sample manuals' search index and a registered (tiny) sp
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from agents.orchestrator import Orchestrator, OrchestratorConfig
 from specialists.registry import Registry
+from tests.conftest import home_with_index
 from tests.tinymodels import build_adapter, build_base, build_tokenizer
 
 DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
@@ -22,11 +20,8 @@ EXEMPLARS = ["Ask the valve specialist about actuator sizing", "Which valve actu
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "ATELIER_HOME": str(home)}
-    subprocess.run([sys.executable, "-m", "atelier.cli", "index", str(DOCS), "-q"], env=env, check=True,
-                   capture_output=True, timeout=300)
+def home(tmp_path_factory, sample_index):
+    home = home_with_index(sample_index, tmp_path_factory.mktemp("orchestrator") / "home")
     models = tmp_path_factory.mktemp("models")
     base = build_base(models / "base", build_tokenizer(), 0)
     adapter = build_adapter(base, models / "adapter", 1)
@@ -71,16 +66,19 @@ def test_memory_is_kept_per_thread_and_reset(orchestrator, home):
     assert (home / "memory.sqlite").exists()
 
 
-def test_cli_ask_json_and_chat(home):
-    env = {**os.environ, "ATELIER_HOME": str(home)}
-    out = subprocess.run([sys.executable, "-m", "atelier.cli", "ask", "what is 6 * 7", "--json"], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
+def test_cli_ask_json_and_chat(home, monkeypatch):
+    """In-process (the commands, not a process per call: two subprocesses cost 30 s here)."""
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    monkeypatch.setenv("ATELIER_HOME", str(home))
+    out = CliRunner().invoke(app, ["ask", "what is 6 * 7", "--json"])
+    assert out.exit_code == 0, out.output
     answer = json.loads(out.stdout)
     assert answer["answer"] == "42" and answer["route"] == "tool:calculator"
-    chat = subprocess.run([sys.executable, "-m", "atelier.cli", "chat", "--thread", "cli"], env=env, text=True,
-                          input="what is 6 * 7\n/reset\nwhat is 1 + 1\n/exit\n", capture_output=True, timeout=300)
-    assert chat.returncode == 0, chat.stderr
+    chat = CliRunner().invoke(app, ["chat", "--thread", "cli"], input="what is 6 * 7\n/reset\nwhat is 1 + 1\n/exit\n")
+    assert chat.exit_code == 0, chat.output
     assert "tool:calculator" in chat.stdout and "42" in chat.stdout and "conversation forgotten" in chat.stdout
 
 

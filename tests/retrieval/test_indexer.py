@@ -98,17 +98,26 @@ def test_killed_indexer_leaves_a_usable_index_and_rerun_completes(tmp_path, atel
     assert _counts(db) == (120, 120, 120, 120)
 
 
-def test_cli_index_prunes_and_deletes(tmp_path, atelier_home):
+def test_cli_index_prunes_and_deletes(tmp_path, atelier_home, encoder):
+    """In-process (the CLI's commands, not its process: a subprocess per call cost 30 s here)."""
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(app, list(args))
+        assert result.exit_code == 0, (args, result.output, result.exception)
+        return result.stdout
+
     folder = tmp_path / "docs"
     _corpus(folder, 3)
-    env = {**os.environ, "ATELIER_HOME": str(atelier_home)}
-    _run("index", str(folder), "-q", env=env)
+    run("index", str(folder), "-q")
     (folder / "doc002.txt").unlink()
-    out = _run("index", str(folder), "-q", env=env).stdout
+    out = run("index", str(folder), "-q")
     assert "1 removed" in out and "2 unchanged" in out
-    out = _run("index", "--delete", "doc000.txt", env=env).stdout
+    out = run("index", "--delete", "doc000.txt")
     assert "removed 1 of 1" in out
-    hits = json.loads(_run("search", "pump maintenance", "--json", "-k", "5", env=env).stdout)["hits"]
+    hits = json.loads(run("search", "pump maintenance", "--json", "-k", "5"))["hits"]
     assert {h["doc_id"] for h in hits} == {"doc001.txt"}
 
 
