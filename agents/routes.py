@@ -114,7 +114,7 @@ def _keywords(texts: list[str], config: RoutesConfig) -> list[str]:
     if not config.search_keywords or not texts:
         return []
     try:
-        from training.keywords import extract_keywords
+        from retrieval.keywords import extract_keywords
 
         sample, size = [], 0
         for text in texts:

@@ -35,7 +35,7 @@ from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document
 from training import facts, filters, offline
 from training.filters import Passage, PreferencePair, QAPair
-from training.keywords import Keyword, extract_keywords
+from retrieval.keywords import Keyword, extract_keywords
 
 if TYPE_CHECKING:
     from training.teacher import Teacher

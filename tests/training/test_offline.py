@@ -11,7 +11,7 @@ import pytest
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document, load_folder
 from training.filters import PreferencePair, QAPair, grounding, normalise
-from training.keywords import extract_keywords
+from retrieval.keywords import extract_keywords
 from training.offline import (
     corrupt,
     dapt_passages,
