@@ -11,18 +11,17 @@ from agents.routes import (
     DIRECT,
     SEARCH,
     SEARCH_PHRASES,
-    IndexSummary,
     RouterCache,
     RoutesConfig,
     ToolSpec,
     collect_routes,
-    read_index,
 )
 from retrieval.chunking import ChunkConfig
 from retrieval.config import embedded_path
 from retrieval.documents import Document
 from retrieval.embedded import EmbeddedIndex
 from retrieval.indexer import index_documents
+from retrieval.types import IndexSummary
 from specialists.registry import Registry, SpecialistRecord
 
 PUMP_EXEMPLARS = ["How do I bleed air out of the pump?", "What torque for the impeller nut?",
@@ -61,15 +60,17 @@ def _adapter(folder):
     return folder
 
 
-def _index(encoder, docs):
+def _index(encoder, docs, keep_open=False):
     store = EmbeddedIndex(embedded_path("docs"), dim=encoder.dim, model_name="all-MiniLM-L6-v2")
     index_documents(docs, store, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2", root="/docs")
+    if keep_open:
+        return store
     store.close()
 
 
 def test_collect_routes_from_records_tools_and_index():
     assert isinstance(CALCULATOR, ToolSpec)
-    summary = IndexSummary("3", ["Holiday policy"], ["# Holiday policy\nText.\n## Carrying over leave\nMore text."])
+    summary = IndexSummary(["Holiday policy"], ["# Holiday policy\nText.\n## Carrying over leave\nMore text."])
     routes = collect_routes([_record()], [CALCULATOR], summary, RoutesConfig(search_keywords=0))
     assert set(routes) == {"specialist:pumps", "tool:calculator", SEARCH, DIRECT}
     assert routes["specialist:pumps"] == [*PUMP_EXEMPLARS, "Specialist in pump, impeller, mechanical seal"]
@@ -78,11 +79,11 @@ def test_collect_routes_from_records_tools_and_index():
     assert collect_routes([], [], None, RoutesConfig(direct_exemplars=[])) == {}
 
 
-def test_read_index_finds_titles_and_headings(encoder):
-    assert read_index("docs") is None
-    _index(encoder, DOCS)
-    summary = read_index("docs")
-    assert sorted(summary.titles) == ["Holiday policy", "Travel expenses"] and int(summary.generation) > 0
+def test_the_backend_summary_gives_titles_and_headings(encoder):
+    store = _index(encoder, DOCS, keep_open=True)
+    summary = store.summary(max_titles=10, max_chars=10_000)
+    store.close()
+    assert summary.titles == ["Travel expenses", "Holiday policy"]  # by doc_id
     exemplars = collect_routes([], [], summary, RoutesConfig())[SEARCH]
     assert {"Holiday policy", "Carrying over leave", "Mileage claims"} <= set(exemplars)
 
@@ -92,9 +93,9 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     adapter = _adapter(tmp_path / "adapter")
     registry.register("pumps", base_model="tiny", eval_report={"beats_base": True}, adapter_dir=adapter,
                       keywords=["pump", "impeller"], route_exemplars=PUMP_EXEMPLARS)
-    _index(encoder, DOCS)
-    config = RoutesConfig(index="docs", router=RouterConfig(cv_folds=3))
-    cache = RouterCache(config, registry=registry, encoder=encoder)
+    store = _index(encoder, DOCS, keep_open=True)  # the backend the orchestrator opened
+    config = RoutesConfig(router=RouterConfig(cv_folds=3))
+    cache = RouterCache(config, index=store, registry=registry, encoder=encoder)
 
     router = cache.get([CALCULATOR])
     assert cache.refits == 1
@@ -104,7 +105,8 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     assert router.route("the impeller nut came loose, what torque?").route == "specialist:pumps"
     assert cache.get([CALCULATOR]) is router and cache.refits == 1  # nothing changed: same router
 
-    restarted = RouterCache(config, tools=[CALCULATOR], registry=registry, encoder=encoder)  # a server restarting
+    restarted = RouterCache(config, index=store, tools=[CALCULATOR], registry=registry,
+                            encoder=encoder)  # a server restarting
     decision = restarted.route("what is 20% of 80")  # the graph's Router protocol
     assert restarted.refits == 0 and restarted.get().routes == router.routes
     vector = encoder.encode_query("what is 20% of 80")
@@ -122,14 +124,16 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     assert cache.refits == 3 and "tool:clock" in cache.get([CALCULATOR, CLOCK]).routes  # a new tool
 
     _index(encoder, [Document("it.md", "Laptop setup", "# Laptop setup\n\nInstall the VPN client first.", "it.md")])
-    refitted = cache.get([CALCULATOR, CLOCK])
+    refitted = cache.get([CALCULATOR, CLOCK])  # written by another connection (another process: `atelier index`)
     assert cache.refits == 4 and "Laptop setup" in refitted.embeddings_by_text()  # the index moved on
     assert refitted.metadata["specialists"]["pumps"][0] == 2  # [version, record mtime, size]
+    assert refitted.metadata["index_fingerprint"] == store.fingerprint()
     assert (atelier_home / "router" / "router.json").is_file()
+    store.close()
 
 
 def test_a_damaged_saved_router_is_refitted(encoder, atelier_home):
-    config = RoutesConfig(index=None)
+    config = RoutesConfig()
     cache = RouterCache(config, registry=Registry(), encoder=encoder)
     with pytest.raises(Exception, match="at least two routes"):
         cache.get()  # only the direct route: nothing to choose between
