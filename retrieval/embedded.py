@@ -139,10 +139,10 @@ class EmbeddedIndex:
                     "SELECT title FROM documents ORDER BY doc_id LIMIT ?", (max_titles,))]
                 texts, size = [], 0
                 for (text,) in self._db.execute("SELECT text FROM chunks ORDER BY doc_id, idx"):
-                    if size >= max_chars:
-                        break
                     texts.append(text)
                     size += len(text)
+                    if size >= max_chars:
+                        break
             finally:
                 self._db.execute("COMMIT")
         return IndexSummary(titles, texts)
