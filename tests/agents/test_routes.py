@@ -141,3 +141,80 @@ def test_a_damaged_saved_router_is_refitted(encoder, atelier_home):
     (atelier_home / "router" / "router.npz").write_bytes(b"broken")
     again = RouterCache(config, registry=Registry(), encoder=encoder)
     assert set(again.get([CALCULATOR]).routes) == {"tool:calculator", DIRECT} and again.refits == 1
+
+
+def test_old_configs_with_routes_index_load_and_say_it_is_ignored(caplog):
+    with caplog.at_level("WARNING", logger="agents.routes"):
+        config = RoutesConfig.model_validate({"index": "docs", "search_keywords": 5})
+    assert config.search_keywords == 5 and "index" not in config.model_dump()
+    assert "routes.index is ignored" in caplog.text and "retrieval.index" in caplog.text
+
+
+def test_a_backend_that_cannot_be_read_costs_the_search_route_with_one_warning(encoder, caplog):
+    from retrieval.elastic import ElasticsearchConfig, ElasticsearchIndex
+    from retrieval.fusion import FusionConfig
+    from tests.fake_elastic import FakeCluster
+
+    cluster = FakeCluster()
+    backend = ElasticsearchIndex(ElasticsearchConfig(url=cluster.url, max_retries=0), dim=encoder.dim,
+                                 model_name="all-MiniLM-L6-v2", fusion=FusionConfig())
+    cluster.backends.append(backend)
+    index_documents(DOCS, backend, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2", root="/docs")
+    cache = RouterCache(RoutesConfig(router=RouterConfig(cv_folds=3)), index=backend, tools=[CALCULATOR],
+                        registry=Registry(), encoder=encoder)
+    try:
+        assert SEARCH in cache.get().routes
+        del cluster.existing["atelier-docs"]  # deleted behind the orchestrator's back
+        with caplog.at_level("WARNING", logger="agents.routes"):
+            assert set(cache.get().routes) == {"tool:calculator", DIRECT}
+            assert cache.route("what is 20% of 80").route == "tool:calculator" and cache.refits == 2
+    finally:
+        cluster.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "search route left out: Elasticsearch at" in warnings[0]
+    assert "index_not_found_exception" in warnings[0]
+
+
+def test_cli_index_on_elasticsearch_then_ask_routes_to_search(tmp_path, monkeypatch, encoder):
+    """`atelier index DIR --backend elasticsearch`, then `atelier ask`, router-only, on the stand-in cluster."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+    from tests.fake_elastic import FakeCluster
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for doc in DOCS:
+        (folder / doc.doc_id).write_text(doc.text)
+    config = tmp_path / "orchestrator.yaml"
+    config.write_text("retrieval: {backend: elasticsearch}\nroutes: {router: {cv_folds: 3}}\n")
+    cluster = FakeCluster()
+    monkeypatch.setenv("ELASTICSEARCH_URL", cluster.url)
+    try:
+        runner = CliRunner()
+        indexed = runner.invoke(app, ["index", str(folder), "--backend", "elasticsearch", "--quiet"])
+        assert indexed.exit_code == 0, indexed.output
+        assert "(elasticsearch)" in indexed.stdout and "now 2 documents" in indexed.stdout
+        asked = runner.invoke(app, ["ask", "how many days of paid leave do I get", "--json", "--config", str(config)])
+        assert asked.exit_code == 0, asked.output
+    finally:
+        cluster.close()
+    answer = json.loads(asked.stdout)
+    assert answer["route"] == "search" and answer["model"] is None
+    assert "25 days" in answer["answer"] and answer["sources"][0]["doc_id"] == "hr.md"
+    assert not list((tmp_path / "home").glob("indexes/*/index.sqlite"))  # no embedded index was involved
+
+
+def test_an_index_that_cannot_be_opened_is_warned_about_unless_never_built(caplog):
+    from agents.orchestrator import _open_searcher
+    from retrieval.config import RetrievalConfig
+
+    with caplog.at_level("INFO", logger="agents.orchestrator"):
+        assert _open_searcher(RetrievalConfig()) is None  # never built: no search route, nothing to fix
+        embedded_path("default").parent.mkdir(parents=True)
+        embedded_path("default").write_bytes(b"\x00garbage" * 512)
+        assert _open_searcher(RetrievalConfig()) is None
+    [never_built, corrupt] = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert never_built[0] == "INFO" and corrupt[0] == "WARNING" and "not a usable index" in corrupt[1]
