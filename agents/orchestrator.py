@@ -61,10 +61,10 @@ class Answer:
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig | None = None, *, checkpointer: Any = None):
         self.config = config or OrchestratorConfig()
-        self.config.routes.index = self.config.retrieval.index if self.config.retrieval.backend.value == "embedded" \
-            else None
         tools = load_tools(self.config.tools)
-        self.router = RouterCache(self.config.routes, tools=tools)
+        searcher = _open_searcher(self.config.retrieval)
+        # the router describes the search route from the very backend the route searches
+        self.router = RouterCache(self.config.routes, index=searcher.backend if searcher else None, tools=tools)
         from specialists.registry import Registry
         from specialists.runtime import SpecialistRuntime
 
@@ -74,7 +74,7 @@ class Orchestrator:
         self.services = Services(
             router=self.router, tools={t.name: t for t in tools},
             runtime=SpecialistRuntime(self.registry, max_bases=self.config.max_bases),
-            searcher=_open_searcher(self.config.retrieval), model=model.chat if model else None,
+            searcher=searcher, model=model.chat if model else None,
             search_k=self.config.search_k, max_steps=self.config.max_steps,
             specialists=self._specialists(), generation=lambda: self.config.generation,
             model_name=self.model_name, model_tools=model.tools if model else True,
@@ -161,11 +161,14 @@ class Orchestrator:
 
 
 def _open_searcher(config: RetrievalConfig):
-    """The search index, or None when none has been built (no search route then)."""
+    """The search index, or None when it cannot be opened: no search route then, and a warning unless
+    the embedded index was simply never built."""
     from atelier.errors import AtelierError
-    from retrieval.config import Searcher
+    from retrieval.config import BackendName, Searcher, embedded_path
 
     try:
         return Searcher.open(config)
-    except AtelierError:
+    except AtelierError as exc:
+        never_built = config.backend is BackendName.embedded and not embedded_path(config.index).exists()
+        (log.info if never_built else log.warning)("search route left out: %s", exc)
         return None

@@ -12,10 +12,12 @@ Routes and where their exemplars come from:
   gives the router a contrast class, so one specialist alone does not win every request.
 
 `RouterCache.get()` fingerprints what the routes are built from (registry versions, the
-search index's generation, the tools, the config) and returns the fitted router for that
+search backend's own fingerprint, the tools, the config) and returns the fitted router for that
 fingerprint: from memory, else from `ATELIER_HOME/router/`, else by refitting (reusing the
-embeddings of exemplars it already had). Checking the fingerprint reads a few small files,
+embeddings of exemplars it already had). Checking the fingerprint stats a few small files and
+asks the backend one cheap question (its `fingerprint()`; its `summary()` only when refitting),
 so `RouterCache.route(text)` can check on every request and a new specialist is routable at once.
+The backend is the one the orchestrator searches with, embedded or Elasticsearch alike.
 """
 
 from __future__ import annotations
@@ -26,24 +28,22 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agents.router import RouteDecision, RouterConfig, SemanticRouter
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
-from retrieval.embedded import read_generation, read_summary
+from retrieval.types import IndexSummary, SearchBackend
 from specialists.registry import Registry, SpecialistRecord
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 SEARCH, DIRECT = "search", "direct"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 # Small talk and writing help: nothing a tool, the documents or a specialist covers (no arithmetic,
 # dates or look-ups here, or the direct route would compete with the tools for them).
@@ -73,23 +73,23 @@ class RoutesConfig(StrictModel):
     """Which routes the orchestrator's router knows, and how their exemplars are gathered."""
 
     router: RouterConfig = Field(default_factory=RouterConfig, description="The semantic router fitted on the routes.")
-    index: str | None = Field("default", description="Embedded search index whose documents describe the search route; null: no search route.")
     search_exemplars: int = Field(300, ge=1, description="At most this many titles, headings and keywords for the search route.")
     search_keywords: int = Field(40, ge=0, description="Top domain keywords of the indexed chunks added to the search route (needs wordfreq).")
-    keyword_chars: int = Field(2_000_000, ge=1, description="Characters of chunk text read for keyword extraction (bounds refit time).")
+    keyword_chars: int = Field(2_000_000, ge=1, description="Characters of chunk text read from the index for headings and keywords (bounds refit time).")
     direct_exemplars: list[str] = Field(default_factory=lambda: list(DIRECT_EXEMPLARS), description="Requests the orchestrator model answers itself; empty: no direct route.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_index(cls, data: Any) -> Any:
+        """`routes.index` (older configs) never took effect: the orchestrator always replaced it with its own index."""
+        if isinstance(data, dict) and "index" in data:
+            log.warning("routes.index is ignored and can be deleted: the search route describes the index that "
+                        "retrieval.backend and retrieval.index name")
+            data = {key: value for key, value in data.items() if key != "index"}
+        return data
 
 
 # ----------------------------------------------------------------------------- exemplars
-
-
-@dataclass(slots=True)
-class IndexSummary:
-    """What the search route is fitted from: the index's generation and its documents' text."""
-
-    generation: str
-    titles: list[str] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
 
 
 def specialist_routes(records: Iterable[SpecialistRecord]) -> dict[str, list[str]]:
@@ -114,7 +114,7 @@ def _keywords(texts: list[str], config: RoutesConfig) -> list[str]:
     if not config.search_keywords or not texts:
         return []
     try:
-        from training.keywords import extract_keywords
+        from retrieval.keywords import extract_keywords
 
         sample, size = [], 0
         for text in texts:
@@ -148,50 +148,6 @@ def collect_routes(records: Iterable[SpecialistRecord], tools: Iterable[ToolSpec
     return {name: items for name, items in ((n, _unique(i)) for n, i in routes.items()) if items}
 
 
-# ----------------------------------------------------------------------------- the search index
-
-
-def _index_path(index: str) -> Path:
-    from retrieval.config import embedded_path
-
-    return embedded_path(index)
-
-
-def index_generation(index: str | None) -> str | None:
-    """The embedded index's generation counter, or None when there is no such index.
-
-    The counter moves with every committed batch, so it is the index's version.
-    """
-    generation = _readable(read_generation, index)
-    return None if generation is None else str(generation)
-
-
-_WARNED: set[str] = set()
-
-
-def _readable(read: Callable[[Path], _T | None], index: str | None) -> _T | None:
-    """`read(path of index)`; an index that cannot be read counts as none (no search route), with one warning."""
-    if index is None:
-        return None
-    try:
-        return read(_index_path(index))
-    except AtelierError as exc:
-        if str(exc) not in _WARNED:
-            _WARNED.add(str(exc))
-            log.warning("search route left out: %s", exc)
-        return None
-
-
-def read_index(index: str | None) -> IndexSummary | None:
-    """Titles and chunk texts of the embedded index, or None when it does not exist or is empty."""
-    summary = _readable(read_summary, index)
-    if summary is None:
-        return None
-    titles = list(dict.fromkeys(title for _, title in summary.documents))
-    texts = summary.chunk_texts
-    return IndexSummary(str(summary.generation), titles, texts) if titles or texts else None
-
-
 # ----------------------------------------------------------------------------- the cache
 
 
@@ -211,21 +167,25 @@ def registry_versions(registry: Registry) -> dict[str, list[int]]:
     return versions
 
 
-def fingerprint(versions: dict[str, list[int]], tools: Sequence[ToolSpec], generation: str | None,
+def fingerprint(versions: dict[str, list[int]], tools: Sequence[ToolSpec], index: str | None,
                 config: RoutesConfig) -> str:
-    """Changes whenever anything the routes are built from changes."""
-    payload = {"format": CACHE_FORMAT, "specialists": sorted(versions.items()), "index": [config.index, generation],
+    """Changes whenever anything the routes are built from changes (`index`: the backend's fingerprint)."""
+    payload = {"format": CACHE_FORMAT, "specialists": sorted(versions.items()), "index": index,
                "tools": sorted([t.name, t.description, list(t.examples)] for t in tools),
                "config": config.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 class RouterCache:
-    """The fitted router for the current specialists, tools and index, kept under `ATELIER_HOME/router/`."""
+    """The fitted router for the current specialists, tools and index, kept under `ATELIER_HOME/router/`.
 
-    def __init__(self, config: RoutesConfig | None = None, *, tools: Sequence[ToolSpec] = (),
-                 registry: Registry | None = None, encoder=None):
+    `index` is the opened search backend the search route searches; None: no search route.
+    """
+
+    def __init__(self, config: RoutesConfig | None = None, *, index: SearchBackend | None = None,
+                 tools: Sequence[ToolSpec] = (), registry: Registry | None = None, encoder=None):
         self.config = config or RoutesConfig()
+        self.index = index
         self.tools = list(tools)
         self.registry = registry or Registry()
         self.folder = atelier_home() / "router"
@@ -233,6 +193,7 @@ class RouterCache:
         self.refits = 0  # how many times this cache fitted a router (0 after a load from disk)
         self._router: SemanticRouter | None = None
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
 
     def route(self, text: str) -> RouteDecision:
         """Route `text` with the router for the current state (what the graph's `Router` protocol asks)."""
@@ -247,26 +208,46 @@ class RouterCache:
             self.tools = list(tools)
         tools = self.tools
         versions = registry_versions(self.registry)
-        generation = index_generation(self.config.index)
-        key = fingerprint(versions, tools, generation, self.config)
+        index = self._from_index(lambda backend: backend.fingerprint())
+        key = fingerprint(versions, tools, index, self.config)
         with self._lock:
             if self._router is None or self._router.metadata.get("fingerprint") != key:
-                self._router = self._load_or_refit(key, tools, {"specialists": versions, "index_generation": generation})
+                self._router = self._load_or_refit(key, tools, versions, index)
             return self._router
 
-    def _load_or_refit(self, key: str, tools: Sequence[ToolSpec], state: dict) -> SemanticRouter:
+    def _load_or_refit(self, key: str, tools: Sequence[ToolSpec], versions: dict[str, list[int]],
+                       index: str | None) -> SemanticRouter:
         saved = self._load()
         if saved is not None and saved.metadata.get("fingerprint") == key:
             return saved
         previous = self._router or saved  # its exemplar embeddings are reused when the model is the same
         same_model = previous is not None and previous.config.embedding.model == self.config.router.embedding.model
-        routes = collect_routes(self.registry.list(), tools, read_index(self.config.index), self.config)
+        summary = None
+        if index is not None:
+            summary = self._from_index(lambda backend: backend.summary(self.config.search_exemplars,
+                                                                       self.config.keyword_chars))
+            if summary is None:  # fitted without the search route: saved under "no index", so the next request retries
+                index, key = None, fingerprint(versions, tools, None, self.config)
+        routes = collect_routes(self.registry.list(), tools, summary, self.config)
         router = SemanticRouter(self.config.router, self.encoder)
         router.fit(routes, known=previous.embeddings_by_text() if same_model else None)
-        router.save(self.folder, {"fingerprint": key, **state, "tools": sorted(t.name for t in tools)})
+        router.save(self.folder, {"fingerprint": key, "specialists": versions, "index_fingerprint": index,
+                                  "tools": sorted(t.name for t in tools)})
         self.refits += 1
         log.info("router refitted on %d routes (%d exemplars)", len(router.routes), router.stats["exemplars"])
         return router
+
+    def _from_index(self, read: Callable[[SearchBackend], _T]) -> _T | None:
+        """`read(backend)`; a backend that cannot be read counts as none (no search route), with one warning."""
+        if self.index is None:
+            return None
+        try:
+            return read(self.index)
+        except AtelierError as exc:
+            if str(exc) not in self._warned:
+                self._warned.add(str(exc))
+                log.warning("search route left out: %s", exc)
+            return None
 
     def _load(self) -> SemanticRouter | None:
         if not (self.folder / "router.json").is_file():

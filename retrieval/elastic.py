@@ -10,7 +10,10 @@ Two indices per Atelier index name:
   index built with another model is refused rather than searched with incomparable vectors.
 * `{index}-docs` holds one record per document with its content hash. It is written last,
   only for documents whose every chunk was stored, so a killed or partly failed run leaves
-  those documents absent (or at their old hash) and the next run redoes them.
+  those documents absent (or at their old hash) and the next run redoes them. Its mapping's
+  `_meta.written` is a fresh random token after every write, which the router reads on each
+  request as the index's `fingerprint()` (one small request). A token rather than a counter:
+  two writers at once need no read-modify-write, and each leaves a value never seen before.
 
 Hybrid search with rrf fusion uses the server's `rrf` retriever: one round trip. Clusters
 whose licence lacks it answer 403, and those before 8.14 do not know retrievers; then one
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +43,7 @@ from atelier.errors import AtelierError
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from atelier.redact import redact_url
 from retrieval.elastic_config import _MAX_CANDIDATES, ElasticsearchConfig, connect
-from retrieval.types import DocumentEntry, Hit, Mode
+from retrieval.types import DocumentEntry, Hit, IndexSummary, Mode
 
 __all__ = ["BulkReport", "ElasticsearchConfig", "ElasticsearchIndex", "connect"]
 
@@ -247,27 +251,45 @@ class ElasticsearchIndex:
         with self._cluster("refresh the index"):
             self.client.indices.refresh(index=[self.chunks_index, self.docs_index])
 
+    def _mark_written(self) -> None:
+        """A fresh token in the docs index's `_meta` (see the module docstring): the fingerprint moves."""
+        with self._cluster("record the write"):
+            self.client.indices.put_mapping(index=self.docs_index, meta={"written": uuid.uuid4().hex})
+
+    def _scan(self, index: str, query: dict, fields: list[str], sort: list[dict],
+              limit: int | None = None) -> Iterator[dict]:
+        """The `_source` (only `fields`) of the hits of `query`, in `sort` order (unique), paged with search_after."""
+        after: list | None = None
+        left = limit
+        with self._cluster(f"read {index}"):
+            while left is None or left > 0:
+                size = _PAGE if left is None else min(_PAGE, left)
+                page = self.client.search(index=index, query=query, size=size, sort=sort, source=fields,
+                                          search_after=after)
+                hits = page.body["hits"]["hits"]
+                for hit in hits:
+                    yield hit["_source"]
+                if len(hits) < size:
+                    return
+                after = hits[-1]["sort"]
+                left = None if left is None else left - len(hits)
+
     # -- the SearchBackend contract ---------------------------------------------------------
 
     def document_hashes(self, root: str | None = None) -> dict[str, str]:
         query = {"term": {"root": root}} if root is not None else {"match_all": {}}
-        hashes: dict[str, str] = {}
-        after: list | None = None
-        with self._cluster("list indexed documents"):
-            while True:
-                page = self.client.search(index=self.docs_index, query=query, size=_PAGE, sort=[{"doc_id": "asc"}],
-                                          source=["doc_id", "content_hash"], search_after=after)
-                hits = page.body["hits"]["hits"]
-                hashes.update((hit["_source"]["doc_id"], hit["_source"]["content_hash"]) for hit in hits)
-                if len(hits) < _PAGE:
-                    return hashes
-                after = hits[-1]["sort"]
+        records = self._scan(self.docs_index, query, ["doc_id", "content_hash"], [{"doc_id": "asc"}])
+        return {record["doc_id"]: record["content_hash"] for record in records}
 
     def upsert(self, entries: Iterable[DocumentEntry]) -> None:
         report = BulkReport()
-        for batch in self._batches(entries):
-            report.merge(self._upsert_batch(batch))
-        self._refresh()
+        try:
+            for batch in self._batches(entries):
+                report.merge(self._upsert_batch(batch))
+        finally:  # what did land must be visible, and must move the fingerprint
+            self._refresh()
+            if report.succeeded or report.failed:
+                self._mark_written()
         if report.failed:
             raise AtelierError(f"Elasticsearch rejected chunks at {self.url}: {report.summary()}; "
                                "those documents were not recorded and will be retried on the next index run")
@@ -334,6 +356,8 @@ class ElasticsearchIndex:
                 done = self.client.delete_by_query(index=self.docs_index, query={"terms": {"doc_id": batch}},
                                                    conflicts="proceed", refresh=True)
                 present += int(done.body.get("deleted", 0))
+        if ids:
+            self._mark_written()
         return present
 
     def search(self, query: str, k: int = 10, mode: Mode = Mode.hybrid,
@@ -423,6 +447,28 @@ class ElasticsearchIndex:
         return {"backend": self.name, "url": self.url, "index": self.chunks_index, "documents": documents,
                 "chunks": chunks, "model": self.model_name, "dim": self.dim,
                 "fusion": self.fusion.model_dump(mode="json")}
+
+    def fingerprint(self) -> str:
+        """This index and the token its last write left (empty before any write by this version)."""
+        with self._cluster("read the index's fingerprint"):
+            response = self.client.indices.get_mapping(index=self.docs_index)
+        meta = next(iter(response.body.values()), {}).get("mappings", {}).get("_meta", {})
+        return f"elasticsearch:{self.url}/{self.chunks_index}@{meta.get('written', '')}"
+
+    def summary(self, max_titles: int, max_chars: int) -> IndexSummary:
+        """Titles from the document records and chunk texts, both by doc_id; at most a few pages of requests."""
+        records = self._scan(self.docs_index, {"match_all": {}}, ["title"], [{"doc_id": "asc"}], limit=max_titles)
+        titles = [record.get("title", "") for record in records]
+        texts: list[str] = []
+        size = 0
+        chunks = self._scan(self.chunks_index, {"match_all": {}}, ["text"], [{"doc_id": "asc"}, {"chunk_index": "asc"}])
+        for chunk in chunks:
+            texts.append(chunk.get("text", ""))
+            size += len(texts[-1])
+            if size >= max_chars:  # before the next page is asked for
+                chunks.close()
+                break
+        return IndexSummary(titles, texts)
 
     def close(self) -> None:
         self.client.close()

@@ -29,7 +29,7 @@ import numpy as np
 from atelier.errors import AtelierError
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from retrieval.text import analyze
-from retrieval.types import DocumentEntry, Hit, Mode
+from retrieval.types import DocumentEntry, Hit, IndexSummary, Mode
 
 SCHEMA_VERSION = "2"
 UNFINISHED = "unfinished:"  # prefixes the content hash of a document whose later chunks are still to come
@@ -70,6 +70,7 @@ class EmbeddedIndex:
         """Open or create the index at `path`; `dim=None` opens an existing index with the dim it was built with."""
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._where = str(self.path.resolve())  # names this index in its fingerprint
         self.dim, self.model_name = dim, model_name
         self.fusion = fusion or FusionConfig()
         self._lock = threading.RLock()
@@ -123,6 +124,37 @@ class EmbeddedIndex:
         """The text of every chunk (the first `limit` ones), by doc_id then position in the document."""
         with self._lock:
             return _chunk_texts(self._db, limit)
+
+    def fingerprint(self) -> str:
+        """This file and its generation counter: one read of the meta table."""
+        with self._lock, self._readable():
+            return f"embedded:{self._where}@{self._generation()}"
+
+    def summary(self, max_titles: int, max_chars: int) -> IndexSummary:
+        """Titles of the first documents and texts of the first chunks (by doc_id), read in one snapshot."""
+        with self._lock, self._readable():
+            self._db.execute("BEGIN")
+            try:
+                titles = [title for (title,) in self._db.execute(
+                    "SELECT title FROM documents ORDER BY doc_id LIMIT ?", (max_titles,))]
+                texts, size = [], 0
+                for (text,) in self._db.execute("SELECT text FROM chunks ORDER BY doc_id, idx"):
+                    texts.append(text)
+                    size += len(text)
+                    if size >= max_chars:
+                        break
+            finally:
+                self._db.execute("COMMIT")
+        return IndexSummary(titles, texts)
+
+    @contextmanager
+    def _readable(self) -> Iterator[None]:
+        """A file damaged since it was opened becomes an AtelierError that says to rebuild it."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise AtelierError(f"cannot read the search index {self.path} ({exc}); "
+                               "rebuild it with `atelier index DIR`") from None
 
     # -- writes -----------------------------------------------------------------------
     def document_hashes(self, root: str | None = None) -> dict[str, str]:
@@ -319,8 +351,8 @@ class _SearchCache:
 
 
 # ----------------------------------------------------------------------------- read-only access
-# For callers that must neither create nor migrate an index (the router checks the generation
-# on every request): the file is opened with SQLite's mode=ro and closed again.
+# For callers that must neither create nor migrate an index (`atelier doctor` inspecting one):
+# the file is opened with SQLite's mode=ro and closed again.
 
 _T = TypeVar("_T")
 
@@ -334,13 +366,9 @@ class EmbeddedSummary:
     chunk_texts: list[str]  # by doc_id, then position in the document
 
 
-def read_generation(path: Path) -> int | None:
-    """The generation of the index file at `path`; None when there is no such file or it holds no index yet."""
-    return _read_only(path, _stored_generation)
-
-
 def read_summary(path: Path) -> EmbeddedSummary | None:
-    """Generation, documents and chunk texts of the index at `path`; None as for `read_generation`."""
+    """Generation, documents and chunk texts of the index at `path`; None when there is no such file
+    or it holds no index yet."""
 
     def summary(db: sqlite3.Connection) -> EmbeddedSummary | None:
         generation = _stored_generation(db)

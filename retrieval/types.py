@@ -71,9 +71,17 @@ class Hit:
         return asdict(self)
 
 
+@dataclass(slots=True)
+class IndexSummary:
+    """What an index is about, for the router's search route: its documents' titles and chunk texts."""
+
+    titles: list[str] = field(default_factory=list)  # by doc_id
+    texts: list[str] = field(default_factory=list)  # by doc_id, then position in the document
+
+
 @runtime_checkable
 class SearchBackend(Protocol):
-    """What the indexer, the CLI and the orchestrator need from a search index."""
+    """What the indexer, the CLI and the orchestrator (its search route and its router) need from a search index."""
 
     def document_hashes(self, root: str | None = None) -> dict[str, str]:
         """doc_id -> content hash of every indexed document (only those from `root` if given)."""
@@ -94,6 +102,18 @@ class SearchBackend(Protocol):
 
     def stats(self) -> dict:
         """Counts and settings for display: documents, chunks, backend, model, ..."""
+        ...
+
+    def fingerprint(self) -> str:
+        """A cheap token of what the index holds: it differs between indexes and changes with every write.
+
+        The router checks it on every request, so it must cost one small read, never a scan.
+        """
+        ...
+
+    def summary(self, max_titles: int, max_chars: int) -> IndexSummary:
+        """Titles of the first `max_titles` documents and the texts of the first chunks, up to `max_chars`
+        characters in all (the chunk that crosses the bound included), both by doc_id."""
         ...
 
     def close(self) -> None: ...

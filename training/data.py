@@ -33,9 +33,9 @@ from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document
+from retrieval.keywords import Keyword, extract_keywords
 from training import facts, filters, offline
 from training.filters import Passage, PreferencePair, QAPair
-from training.keywords import Keyword, extract_keywords
 
 if TYPE_CHECKING:
     from training.teacher import Teacher

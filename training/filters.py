@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from training.keywords import general_words
+from retrieval.keywords import general_words
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:[.,'’-][a-z0-9]+)*")
 NUM_PERM = 128  # MinHash permutations: LSH works for thresholds up to 0.96

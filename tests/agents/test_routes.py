@@ -11,18 +11,17 @@ from agents.routes import (
     DIRECT,
     SEARCH,
     SEARCH_PHRASES,
-    IndexSummary,
     RouterCache,
     RoutesConfig,
     ToolSpec,
     collect_routes,
-    read_index,
 )
 from retrieval.chunking import ChunkConfig
 from retrieval.config import embedded_path
 from retrieval.documents import Document
 from retrieval.embedded import EmbeddedIndex
 from retrieval.indexer import index_documents
+from retrieval.types import IndexSummary
 from specialists.registry import Registry, SpecialistRecord
 
 PUMP_EXEMPLARS = ["How do I bleed air out of the pump?", "What torque for the impeller nut?",
@@ -61,15 +60,17 @@ def _adapter(folder):
     return folder
 
 
-def _index(encoder, docs):
+def _index(encoder, docs, keep_open=False):
     store = EmbeddedIndex(embedded_path("docs"), dim=encoder.dim, model_name="all-MiniLM-L6-v2")
     index_documents(docs, store, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2", root="/docs")
+    if keep_open:
+        return store
     store.close()
 
 
 def test_collect_routes_from_records_tools_and_index():
     assert isinstance(CALCULATOR, ToolSpec)
-    summary = IndexSummary("3", ["Holiday policy"], ["# Holiday policy\nText.\n## Carrying over leave\nMore text."])
+    summary = IndexSummary(["Holiday policy"], ["# Holiday policy\nText.\n## Carrying over leave\nMore text."])
     routes = collect_routes([_record()], [CALCULATOR], summary, RoutesConfig(search_keywords=0))
     assert set(routes) == {"specialist:pumps", "tool:calculator", SEARCH, DIRECT}
     assert routes["specialist:pumps"] == [*PUMP_EXEMPLARS, "Specialist in pump, impeller, mechanical seal"]
@@ -78,11 +79,11 @@ def test_collect_routes_from_records_tools_and_index():
     assert collect_routes([], [], None, RoutesConfig(direct_exemplars=[])) == {}
 
 
-def test_read_index_finds_titles_and_headings(encoder):
-    assert read_index("docs") is None
-    _index(encoder, DOCS)
-    summary = read_index("docs")
-    assert sorted(summary.titles) == ["Holiday policy", "Travel expenses"] and int(summary.generation) > 0
+def test_the_backend_summary_gives_titles_and_headings(encoder):
+    store = _index(encoder, DOCS, keep_open=True)
+    summary = store.summary(max_titles=10, max_chars=10_000)
+    store.close()
+    assert summary.titles == ["Travel expenses", "Holiday policy"]  # by doc_id
     exemplars = collect_routes([], [], summary, RoutesConfig())[SEARCH]
     assert {"Holiday policy", "Carrying over leave", "Mileage claims"} <= set(exemplars)
 
@@ -92,9 +93,9 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     adapter = _adapter(tmp_path / "adapter")
     registry.register("pumps", base_model="tiny", eval_report={"beats_base": True}, adapter_dir=adapter,
                       keywords=["pump", "impeller"], route_exemplars=PUMP_EXEMPLARS)
-    _index(encoder, DOCS)
-    config = RoutesConfig(index="docs", router=RouterConfig(cv_folds=3))
-    cache = RouterCache(config, registry=registry, encoder=encoder)
+    store = _index(encoder, DOCS, keep_open=True)  # the backend the orchestrator opened
+    config = RoutesConfig(router=RouterConfig(cv_folds=3))
+    cache = RouterCache(config, index=store, registry=registry, encoder=encoder)
 
     router = cache.get([CALCULATOR])
     assert cache.refits == 1
@@ -104,7 +105,8 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     assert router.route("the impeller nut came loose, what torque?").route == "specialist:pumps"
     assert cache.get([CALCULATOR]) is router and cache.refits == 1  # nothing changed: same router
 
-    restarted = RouterCache(config, tools=[CALCULATOR], registry=registry, encoder=encoder)  # a server restarting
+    restarted = RouterCache(config, index=store, tools=[CALCULATOR], registry=registry,
+                            encoder=encoder)  # a server restarting
     decision = restarted.route("what is 20% of 80")  # the graph's Router protocol
     assert restarted.refits == 0 and restarted.get().routes == router.routes
     vector = encoder.encode_query("what is 20% of 80")
@@ -122,14 +124,16 @@ def test_router_cache_refits_only_when_the_fingerprint_changes(encoder, tmp_path
     assert cache.refits == 3 and "tool:clock" in cache.get([CALCULATOR, CLOCK]).routes  # a new tool
 
     _index(encoder, [Document("it.md", "Laptop setup", "# Laptop setup\n\nInstall the VPN client first.", "it.md")])
-    refitted = cache.get([CALCULATOR, CLOCK])
+    refitted = cache.get([CALCULATOR, CLOCK])  # written by another connection (another process: `atelier index`)
     assert cache.refits == 4 and "Laptop setup" in refitted.embeddings_by_text()  # the index moved on
     assert refitted.metadata["specialists"]["pumps"][0] == 2  # [version, record mtime, size]
+    assert refitted.metadata["index_fingerprint"] == store.fingerprint()
     assert (atelier_home / "router" / "router.json").is_file()
+    store.close()
 
 
 def test_a_damaged_saved_router_is_refitted(encoder, atelier_home):
-    config = RoutesConfig(index=None)
+    config = RoutesConfig()
     cache = RouterCache(config, registry=Registry(), encoder=encoder)
     with pytest.raises(Exception, match="at least two routes"):
         cache.get()  # only the direct route: nothing to choose between
@@ -137,3 +141,80 @@ def test_a_damaged_saved_router_is_refitted(encoder, atelier_home):
     (atelier_home / "router" / "router.npz").write_bytes(b"broken")
     again = RouterCache(config, registry=Registry(), encoder=encoder)
     assert set(again.get([CALCULATOR]).routes) == {"tool:calculator", DIRECT} and again.refits == 1
+
+
+def test_old_configs_with_routes_index_load_and_say_it_is_ignored(caplog):
+    with caplog.at_level("WARNING", logger="agents.routes"):
+        config = RoutesConfig.model_validate({"index": "docs", "search_keywords": 5})
+    assert config.search_keywords == 5 and "index" not in config.model_dump()
+    assert "routes.index is ignored" in caplog.text and "retrieval.index" in caplog.text
+
+
+def test_a_backend_that_cannot_be_read_costs_the_search_route_with_one_warning(encoder, caplog):
+    from retrieval.elastic import ElasticsearchConfig, ElasticsearchIndex
+    from retrieval.fusion import FusionConfig
+    from tests.fake_elastic import FakeCluster
+
+    cluster = FakeCluster()
+    backend = ElasticsearchIndex(ElasticsearchConfig(url=cluster.url, max_retries=0), dim=encoder.dim,
+                                 model_name="all-MiniLM-L6-v2", fusion=FusionConfig())
+    cluster.backends.append(backend)
+    index_documents(DOCS, backend, encoder.encode, chunking=ChunkConfig(), model="all-MiniLM-L6-v2", root="/docs")
+    cache = RouterCache(RoutesConfig(router=RouterConfig(cv_folds=3)), index=backend, tools=[CALCULATOR],
+                        registry=Registry(), encoder=encoder)
+    try:
+        assert SEARCH in cache.get().routes
+        del cluster.existing["atelier-docs"]  # deleted behind the orchestrator's back
+        with caplog.at_level("WARNING", logger="agents.routes"):
+            assert set(cache.get().routes) == {"tool:calculator", DIRECT}
+            assert cache.route("what is 20% of 80").route == "tool:calculator" and cache.refits == 2
+    finally:
+        cluster.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "search route left out: Elasticsearch at" in warnings[0]
+    assert "index_not_found_exception" in warnings[0]
+
+
+def test_cli_index_on_elasticsearch_then_ask_routes_to_search(tmp_path, monkeypatch, encoder):
+    """`atelier index DIR --backend elasticsearch`, then `atelier ask`, router-only, on the stand-in cluster."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+    from tests.fake_elastic import FakeCluster
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for doc in DOCS:
+        (folder / doc.doc_id).write_text(doc.text)
+    config = tmp_path / "orchestrator.yaml"
+    config.write_text("retrieval: {backend: elasticsearch}\nroutes: {router: {cv_folds: 3}}\n")
+    cluster = FakeCluster()
+    monkeypatch.setenv("ELASTICSEARCH_URL", cluster.url)
+    try:
+        runner = CliRunner()
+        indexed = runner.invoke(app, ["index", str(folder), "--backend", "elasticsearch", "--quiet"])
+        assert indexed.exit_code == 0, indexed.output
+        assert "(elasticsearch)" in indexed.stdout and "now 2 documents" in indexed.stdout
+        asked = runner.invoke(app, ["ask", "how many days of paid leave do I get", "--json", "--config", str(config)])
+        assert asked.exit_code == 0, asked.output
+    finally:
+        cluster.close()
+    answer = json.loads(asked.stdout)
+    assert answer["route"] == "search" and answer["model"] is None
+    assert "25 days" in answer["answer"] and answer["sources"][0]["doc_id"] == "hr.md"
+    assert not list((tmp_path / "home").glob("indexes/*/index.sqlite"))  # no embedded index was involved
+
+
+def test_an_index_that_cannot_be_opened_is_warned_about_unless_never_built(caplog):
+    from agents.orchestrator import _open_searcher
+    from retrieval.config import RetrievalConfig
+
+    with caplog.at_level("INFO", logger="agents.orchestrator"):
+        assert _open_searcher(RetrievalConfig()) is None  # never built: no search route, nothing to fix
+        embedded_path("default").parent.mkdir(parents=True)
+        embedded_path("default").write_bytes(b"\x00garbage" * 512)
+        assert _open_searcher(RetrievalConfig()) is None
+    [never_built, corrupt] = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert never_built[0] == "INFO" and corrupt[0] == "WARNING" and "not a usable index" in corrupt[1]

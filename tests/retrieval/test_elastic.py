@@ -1,10 +1,10 @@
-"""The Elasticsearch backend, driven through the real client against a scripted fake cluster.
+"""The Elasticsearch backend, driven through the real client against a fake cluster.
 
-`FakeElasticsearch` is a stdlib HTTP server on 127.0.0.1 that answers like Elasticsearch
-(product header, JSON) and records every request, so the tests check the exact request
-bodies the backend sends and how it handles per-item bulk errors, licence refusals and
-auth failures. `TestLiveCluster` runs the same backend against a real cluster when
-ELASTICSEARCH_URL is set.
+`FakeElasticsearch` (tests/fake_elastic.py) is a stdlib HTTP server on 127.0.0.1 that answers
+like Elasticsearch and records every request, so the tests check the exact request bodies the
+backend sends and how it handles per-item bulk errors, licence refusals and auth failures;
+`FakeCluster` also keeps what is written, for the fingerprint and summary the router reads.
+`TestLiveCluster` runs the same backend against a real cluster when ELASTICSEARCH_URL is set.
 """
 
 from __future__ import annotations
@@ -12,14 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
-import threading
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -28,155 +22,20 @@ from atelier.errors import AtelierError
 from atelier.redact import redact_url
 from retrieval.elastic import BulkReport, ElasticsearchConfig, ElasticsearchIndex
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
-from retrieval.types import Chunk, DocumentEntry, Hit, Mode
+from retrieval.types import Chunk, DocumentEntry, Hit, IndexSummary, Mode
+from tests.fake_elastic import (
+    FakeCluster,
+    FakeElasticsearch,
+    Request,
+    Response,
+    bulk_items,
+    bulk_response,
+    es_error,
+    search_response,
+)
 
 DIM = 8
 MODEL = "test-model"
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    body: object  # parsed JSON, a list of NDJSON objects for _bulk, or None
-    headers: dict[str, str]
-
-
-Response = tuple[int, object]
-Responder = Callable[[Request], Response]
-
-
-class FakeElasticsearch:
-    """Records requests; answers scripted responses first, sensible empty defaults otherwise."""
-
-    def __init__(self) -> None:
-        self.requests: list[Request] = []
-        self._scripts: list[tuple[str, re.Pattern, list[Response | Responder]]] = []
-        self.existing: dict[str, dict] = {}  # index name -> mapping, answered by HEAD and _mapping
-        self.backends: list[ElasticsearchIndex] = []  # closed with the server
-        self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            disable_nagle_algorithm = True
-
-            def _handle(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                parts = urlsplit(self.path)
-                request = Request(self.command, parts.path, parse_qs(parts.query), _parse(parts.path, raw),
-                                  {k.lower(): v for k, v in self.headers.items()})
-                status, body = fake.answer(request)
-                payload = b"" if body is None else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("X-Elastic-Product", "Elasticsearch")
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = _handle
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self._thread.start()
-
-    def on(self, method: str, path: str, *responses: Response | Responder) -> None:
-        """Answer requests matching `method` and regex `path` with `responses` in turn (the last repeats)."""
-        self._scripts.append((method, re.compile(path), list(responses)))
-
-    def answer(self, request: Request) -> Response:
-        with self._lock:
-            self.requests.append(request)
-            for method, pattern, responses in reversed(self._scripts):
-                if method == request.method and pattern.fullmatch(request.path):
-                    response = responses.pop(0) if len(responses) > 1 else responses[0]
-                    return response(request) if callable(response) else response
-        return self._default(request)
-
-    def _default(self, request: Request) -> Response:
-        name = request.path.strip("/").split("/")[0]
-        if request.method == "HEAD":
-            return (200, None) if name in self.existing else (404, None)
-        if request.path.endswith("/_mapping"):
-            return 200, {name: {"mappings": self.existing[name]}}
-        if request.path.endswith("/_bulk"):
-            return bulk_response(request)
-        if request.method == "PUT" and "/" not in request.path.strip("/"):
-            return 200, {"acknowledged": True, "shards_acknowledged": True, "index": name}
-        if request.path.endswith("/_delete_by_query"):
-            return 200, {"deleted": 0, "failures": []}
-        if request.path.endswith("/_count"):
-            return 200, {"count": 0}
-        if request.path.endswith("/_search"):
-            return 200, search_response([])
-        return 200, {"_shards": {"total": 1, "successful": 1, "failed": 0}}
-
-    def named(self, method: str, suffix: str) -> list[Request]:
-        return [r for r in self.requests if r.method == method and r.path.endswith(suffix)]
-
-    def close(self) -> None:
-        for backend in self.backends:
-            backend.close()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def _parse(path: str, raw: bytes) -> object:
-    if not raw:
-        return None
-    if path.endswith("/_bulk"):
-        return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
-    return json.loads(raw)
-
-
-def bulk_items(request: Request) -> list[tuple[str, str, dict | None]]:
-    """(op, _id, source) for each action of a recorded bulk request."""
-    lines, items, i = request.body, [], 0
-    while i < len(lines):
-        op, meta = next(iter(lines[i].items()))
-        source = lines[i + 1] if op != "delete" else None
-        items.append((op, meta.get("_id"), source))
-        i += 1 if op == "delete" else 2
-    return items
-
-
-def bulk_response(request: Request, statuses: dict[str, tuple[int, dict | None]] | None = None) -> Response:
-    """A 200 bulk answer; items listed in `statuses` get that (status, error), the rest 201."""
-    items = []
-    for op, item_id, _ in bulk_items(request):
-        status, error = (statuses or {}).get(item_id, (201, None))
-        item = {"_index": "atelier", "_id": item_id, "status": status}
-        item.update({"error": error} if error else {"result": "created"})
-        items.append({op: item})
-    errors = any(next(iter(i.values()))["status"] >= 300 for i in items)
-    return 200, {"took": 1, "errors": errors, "items": items}
-
-
-def search_response(hits: list[tuple[str, float]]) -> dict:
-    """A search answer whose hits are chunks `doc#i` with the given scores, best first."""
-    found = [{"_index": "atelier", "_id": cid, "_score": score, "_source": chunk_source(cid)} for cid, score in hits]
-    return {"took": 1, "timed_out": False,
-            "hits": {"total": {"value": len(hits), "relation": "eq"}, "max_score": None, "hits": found}}
-
-
-def es_error(status: int, kind: str, reason: str, **extra) -> Response:
-    """An Elasticsearch error answer."""
-    error = {"root_cause": [{"type": kind, "reason": reason}], "type": kind, "reason": reason, **extra}
-    return status, {"error": error, "status": status}
-
-
-def chunk_source(chunk_id: str) -> dict:
-    doc_id, _, index = chunk_id.rpartition("#")
-    return {"doc_id": doc_id, "chunk_id": chunk_id, "chunk_index": int(index), "title": f"Title {doc_id}",
-            "text": f"text of {chunk_id}", "source": f"{doc_id}.md", "start": 10, "end": 20, "root": "/docs"}
 
 
 def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
@@ -194,6 +53,13 @@ def entry(doc_id: str, n_chunks: int, content_hash: str = "h1", root: str = "/do
 @pytest.fixture
 def fake():
     server = FakeElasticsearch()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def cluster():
+    server = FakeCluster()
     yield server
     server.close()
 
@@ -340,7 +206,7 @@ def test_upsert_writes_chunks_by_id_removes_stale_then_records_documents_last(fa
     index.upsert([doc])
     steps = [(r.method, r.path) for r in fake.requests]
     assert steps == [("PUT", "/_bulk"), ("POST", "/atelier/_delete_by_query"), ("PUT", "/_bulk"),
-                     ("POST", "/atelier,atelier-docs/_refresh")]
+                     ("POST", "/atelier,atelier-docs/_refresh"), ("PUT", "/atelier-docs/_mapping")]
     chunk_items = bulk_items(fake.requests[0])
     assert [(op, item_id) for op, item_id, _ in chunk_items] == [("index", "a#0"), ("index", "a#1")]
     assert fake.requests[0].body[0]["index"]["_index"] == "atelier"
@@ -544,6 +410,53 @@ def test_convex_hybrid_fuses_both_legs_client_side(fake):
     assert (hits[0].doc_id, hits[0].title, hits[0].end) == ("b", "Title b", 20)
 
 
+# -- what the router reads ----------------------------------------------------------------------
+
+
+def test_fingerprint_is_one_small_request_that_moves_with_every_write(cluster):
+    index = open_index(cluster)
+    before = index.fingerprint()
+    assert before.startswith(f"elasticsearch:{cluster.url}/atelier@")
+    assert open_index(cluster, index="other").fingerprint() != before  # two indexes never share one
+    cluster.requests.clear()
+    assert index.fingerprint() == before
+    assert [(r.method, r.path) for r in cluster.requests] == [("GET", "/atelier-docs/_mapping")]
+    seen = {before}
+    index.upsert([entry("a", 2)])
+    seen.add(index.fingerprint())
+    open_index(cluster).upsert([entry("b", 1)])  # another writer (another process) moves it too
+    seen.add(index.fingerprint())
+    index.delete(["b"])
+    seen.add(index.fingerprint())
+    assert len(seen) == 4
+
+
+def test_a_partly_failed_upsert_still_moves_the_fingerprint(cluster):
+    index = open_index(cluster)
+    before = index.fingerprint()
+    rejected = (400, {"type": "mapper_parsing_exception", "reason": "bad"})
+    cluster.on("PUT", "/_bulk", lambda r: bulk_response(r, {"b#0": rejected}))
+    with pytest.raises(AtelierError, match="b#0"):
+        index.upsert([entry("a", 1), entry("b", 1)])
+    assert index.fingerprint() != before  # a#0 landed
+
+
+def test_summary_pages_through_titles_and_chunk_texts_by_doc_id(cluster, monkeypatch):
+    monkeypatch.setattr("retrieval.elastic._PAGE", 2)
+    index = open_index(cluster)
+    index.upsert([entry("c", 1), entry("a", 2), entry("b", 2)])
+    full = index.summary(max_titles=10, max_chars=10**6)
+    assert full == IndexSummary(["Title a", "Title b", "Title c"],
+                                ["chunk 0 of a", "chunk 1 of a", "chunk 0 of b", "chunk 1 of b", "chunk 0 of c"])
+    cluster.requests.clear()
+    bounded = index.summary(max_titles=1, max_chars=len("chunk 0 of a") + 1)  # the chunk crossing the bound is last
+    assert bounded == IndexSummary(["Title a"], ["chunk 0 of a", "chunk 1 of a"])
+    titles, *chunks = (r.body for r in cluster.requests if r.path.endswith("/_search"))
+    assert titles == {"query": {"match_all": {}}, "size": 1, "sort": [{"doc_id": "asc"}], "_source": ["title"]}
+    assert len(chunks) == 1 and chunks[0]["sort"] == [{"doc_id": "asc"}, {"chunk_index": "asc"}]
+    assert chunks[0]["_source"] == ["text"] and chunks[0]["size"] == 2  # a page, never the whole index
+
+
 # -- a live cluster ---------------------------------------------------------------------------
 
 
@@ -575,3 +488,15 @@ class TestLiveCluster:
         assert hybrid[0].chunk_id == "beta#0" and [h.rank for h in hybrid] == [1, 2, 3]
         assert index.delete(["beta", "missing"]) == 1
         assert index.document_hashes() == {"alpha": "h-alpha-2"} and index.stats()["chunks"] == 1
+
+    def test_fingerprint_and_summary(self, index):
+        empty = index.fingerprint()
+        assert index.summary(max_titles=10, max_chars=10**6) == IndexSummary()
+        index.upsert([entry("beta", 2, "h-beta"), entry("alpha", 1, "h-alpha")])
+        written = index.fingerprint()
+        assert written != empty and index.fingerprint() == written
+        assert index.summary(max_titles=10, max_chars=10**6) == IndexSummary(
+            ["Title alpha", "Title beta"], ["chunk 0 of alpha", "chunk 0 of beta", "chunk 1 of beta"])
+        assert index.summary(max_titles=1, max_chars=1) == IndexSummary(["Title alpha"], ["chunk 0 of alpha"])
+        index.delete(["beta"])
+        assert index.fingerprint() not in (empty, written)

@@ -6,10 +6,10 @@ import pytest
 from atelier.errors import AtelierError
 from retrieval.chunking import ChunkConfig
 from retrieval.documents import Document
-from retrieval.embedded import EmbeddedIndex, read_generation, read_summary
+from retrieval.embedded import EmbeddedIndex, read_summary
 from retrieval.fusion import FusionConfig, FusionMethod
 from retrieval.indexer import index_documents
-from retrieval.types import Mode
+from retrieval.types import IndexSummary, Mode
 
 DOCS = [
     Document("seals.md", "Mechanical seals", "A mechanical seal stops leakage where the shaft leaves the pump casing. "
@@ -149,11 +149,11 @@ def test_reads_list_documents_chunks_and_the_generation(index):
 def test_read_summary_peeks_without_creating_or_writing(index, tmp_path):
     modified = index.path.stat().st_mtime_ns
     summary = read_summary(index.path)
-    assert summary.generation == index.generation() == read_generation(index.path)
+    assert summary.generation == index.generation()
     assert summary.documents == index.documents() and summary.chunk_texts == index.chunk_texts()
     assert index.path.stat().st_mtime_ns == modified
     missing = tmp_path / "nowhere" / "index.sqlite"
-    assert read_summary(missing) is None and read_generation(missing) is None
+    assert read_summary(missing) is None
     assert not missing.parent.exists()
 
 
@@ -161,7 +161,7 @@ def test_read_summary_of_a_file_with_no_index_yet_is_none(tmp_path):
     path = tmp_path / "empty.sqlite"
     with pytest.raises(AtelierError, match="holds no index yet"):
         EmbeddedIndex(path, dim=None, model_name="m")
-    assert read_summary(path) is None and read_generation(path) is None
+    assert read_summary(path) is None
 
 
 def test_read_summary_of_a_corrupt_file_says_to_rebuild(tmp_path):
@@ -169,8 +169,21 @@ def test_read_summary_of_a_corrupt_file_says_to_rebuild(tmp_path):
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(AtelierError, match="rebuild it with `atelier index DIR`"):
         read_summary(path)
-    with pytest.raises(AtelierError, match="rebuild it with `atelier index DIR`"):
-        read_generation(path)
+
+
+def test_fingerprint_and_summary_are_what_the_router_reads(index, tmp_path, encoder):
+    fingerprint = index.fingerprint()
+    assert fingerprint == index.fingerprint() and fingerprint.endswith(f"@{index.generation()}")
+    assert str(index.path.resolve()) in fingerprint  # two indexes never share one
+    first = index.summary(max_titles=2, max_chars=1)  # bounded: the chunk that crosses max_chars is the last
+    assert first.titles == ["Shaft alignment", "Controller fault codes"] and first.texts == index.chunk_texts()[:1]
+    everything = index.summary(max_titles=100, max_chars=10**6)
+    assert len(everything.titles) == 4 and everything.texts == index.chunk_texts()
+    index.delete(["lube.md"])
+    assert index.fingerprint() != fingerprint and "Lubrication" not in index.summary(100, 10**6).titles
+    empty = EmbeddedIndex(tmp_path / "empty.sqlite", dim=encoder.dim, model_name="all-MiniLM-L6-v2")
+    assert empty.summary(100, 10**6) == IndexSummary() and empty.fingerprint() != index.fingerprint()
+    empty.close()
 
 
 def test_a_continuation_needs_the_unfinished_document_it_continues(index, encoder):

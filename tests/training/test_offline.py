@@ -10,8 +10,8 @@ import pytest
 
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document, load_folder
+from retrieval.keywords import extract_keywords
 from training.filters import PreferencePair, QAPair, grounding, normalise
-from training.keywords import extract_keywords
 from training.offline import (
     corrupt,
     dapt_passages,

@@ -2,7 +2,7 @@
 
 The prompts are the Jinja2 templates beside this file, rendered with StrictUndefined so a
 missing variable fails loudly instead of sending the teacher a prompt with a hole in it.
-Each request is guided by the chunk's own domain keywords (from `training.keywords`):
+Each request is guided by the chunk's own domain keywords (from `retrieval.keywords`):
 
 * `enrich.j2`   rewrites a chunk as clean domain prose (tables and lists as sentences)
                 for continued pretraining;

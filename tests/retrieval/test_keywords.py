@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from retrieval.documents import load_folder
-from training.keywords import Keyword, extract_keywords, log_odds_z
+from retrieval.keywords import Keyword, extract_keywords, log_odds_z
 
 DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
 
