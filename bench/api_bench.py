@@ -39,8 +39,9 @@ import uvicorn
 from eval.metrics import percentile
 
 
-def start(app) -> tuple[uvicorn.Server, str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+def start(app, lifespan: str = "off") -> tuple[uvicorn.Server, str]:
+    """uvicorn serving `app` in a background thread on a free loopback port."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.01)

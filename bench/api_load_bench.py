@@ -30,7 +30,6 @@ import json
 import logging
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -39,19 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx
-import uvicorn
+from api_bench import start  # bench/ is the script's folder, first on sys.path
 
 from eval.metrics import percentile
 
 WORD_PAUSE_S = 0.004
-
-
-def start(app) -> tuple[uvicorn.Server, str]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.01)
-    return server, f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
 
 
 def script_words(orchestrator) -> None:
@@ -202,7 +193,7 @@ def main() -> None:
         script_words(orchestrator)
         config = ServeConfig(api_keys=keys)
         app = create_app(config, orchestrator=orchestrator)
-        server, url = start(app)
+        server, url = start(app, lifespan="on")
         users, wall, listed = asyncio.run(load(url, keys, args.clients))
         foreign_turns = 0
         for u in users:  # each thread's memory holds its own two turns only
