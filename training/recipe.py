@@ -69,6 +69,8 @@ def resolve_stage(stage: str, config, *, scratch: bool, full: bool, base: Path |
             update["max_steps"] = defaults["max_steps"]
         else:
             update["epochs"] = defaults["epochs"]
+    if not scratch and "logging_steps" not in config.model_fields_set:
+        update["logging_steps"] = 1  # a step on a real base takes seconds to minutes: show each one's loss
     if config.batch_size is None:
         if scratch or base is None:
             update["batch_size"] = defaults.get("batch_size", EFFECTIVE_BATCH)

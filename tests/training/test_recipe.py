@@ -25,13 +25,16 @@ def test_scratch_bases_keep_step_counts_and_pretrained_ones_train_epochs():
     assert (scratch.max_steps, scratch.learning_rate, scratch.batch_size) == (150, 2e-3, 8)
     pretrained = resolve_stage("sft", SftConfig(batch_size=2), scratch=False, full=False)
     assert pretrained.max_steps is None and pretrained.epochs == 1.0 and pretrained.learning_rate == 2e-4
+    assert (scratch.logging_steps, pretrained.logging_steps) == (10, 1)  # a real base's step is slow: log each
     assert resolve_stage("dpo", DpoConfig(batch_size=2), scratch=False, full=False).learning_rate == 5e-5
     assert resolve_stage("dapt", DaptConfig(batch_size=2), scratch=False, full=True).learning_rate == pytest.approx(5e-5)
 
 
 def test_what_the_user_sets_wins():
-    config = resolve_stage("dapt", DaptConfig(max_steps=7, learning_rate=1e-3, batch_size=3), scratch=False, full=False)
+    config = resolve_stage("dapt", DaptConfig(max_steps=7, learning_rate=1e-3, batch_size=3, logging_steps=5),
+                           scratch=False, full=False)
     assert (config.max_steps, config.learning_rate, config.batch_size, config.epochs) == (7, 1e-3, 3, None)
+    assert config.logging_steps == 5
 
 
 def test_memory_estimate_matches_what_smollm2_used_here():
