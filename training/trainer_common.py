@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,8 @@ from atelier.jsonl import iter_jsonl
 from atelier.home import atomic_write_text
 
 log = logging.getLogger(__name__)
+# transformers 5 deprecates a name its own Trainer still calls: one line of noise per stage, nothing to fix here
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 ProgressFn = Callable[..., None]
 """Called after each optimizer step with (step, max_steps, latest logged loss or None) and the
