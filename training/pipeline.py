@@ -301,7 +301,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
 
     exam_report = None
     if exam is not None:
-        from eval.specialist import exam_gate
+        from eval.side_by_side import exam_gate
 
         hooks.step("exam", f"base and specialist on {exam}")
         started = time.perf_counter()
