@@ -346,7 +346,7 @@ def _producer(body: ChatCompletionRequest, orchestrator: Orchestrator, thread_id
     if not body.model.startswith(SPECIALIST_PREFIX) or name not in orchestrator.registry.names():
         raise ApiError(404, f"model {body.model!r} does not exist; use 'atelier' or one of GET /v1/models",
                        param="model", code="model_not_found")
-    from specialists.runtime import GenerationParams
+    from specialists.generation import GenerationParams
 
     params = GenerationParams(**{k: v for k, v in {
         "max_tokens": body.token_limit(), "temperature": body.temperature, "top_p": body.top_p,

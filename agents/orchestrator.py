@@ -24,7 +24,7 @@ from agents.tools import load_tools
 from atelier.config import StrictModel
 from atelier.home import atelier_home
 from retrieval.config import RetrievalConfig
-from specialists.runtime import GenerationParams
+from specialists.generation import GenerationParams
 
 log = logging.getLogger(__name__)
 
