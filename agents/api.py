@@ -59,18 +59,16 @@ from agents.api_schemas import (
     ModelList,
     SpecialistList,
 )
-from agents.api_stream import (  # noqa: F401  (re-exported: `from agents.api import ...` keeps working)
+from agents.api_stream import (
     ApiError,
     Worker,
-    _info,
-    _stream,
-    _usage,
+    atelier_info,
     drain,
     internal_error,
     orchestrator_events,
     specialist_events,
-    sse,
-    words,
+    stream_response,
+    usage_of,
 )
 from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
 from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, check_plain_key, load_keys, owner_of
@@ -348,7 +346,7 @@ def _producer(body: ChatCompletionRequest, orchestrator: Orchestrator, thread_id
     if not body.model.startswith(SPECIALIST_PREFIX) or name not in orchestrator.registry.names():
         raise ApiError(404, f"model {body.model!r} does not exist; use 'atelier' or one of GET /v1/models",
                        param="model", code="model_not_found")
-    from specialists.runtime import GenerationParams
+    from specialists.generation import GenerationParams
 
     params = GenerationParams(**{k: v for k, v in {
         "max_tokens": body.token_limit(), "temperature": body.temperature, "top_p": body.top_p,
@@ -400,10 +398,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     produce = _recorded(events, state, completion_id, body.model, question, owner)
     if not body.stream:  # only the last event crosses threads: each wake-up of the loop costs a GIL hand-over
         produce = _only_done(produce)
-    worker = Worker(produce, state.admission, deadline, request_id)
+    worker = Worker(produce, state.admission.leave, deadline, request_id)
     try:
         if body.stream:
-            return await _stream(worker, body, completion_id, created, thread_id)
+            return await stream_response(worker, body, completion_id, created, thread_id)
         done = None
         async for event in drain(worker):
             done = event
@@ -414,7 +412,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     completion = {"id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                                "finish_reason": done["finish_reason"]}],
-                  "usage": _usage(done["usage"]), "atelier": _info(answer, thread_id)}
+                  "usage": usage_of(done["usage"]), "atelier": atelier_info(answer, thread_id)}
     return JSONResponse(completion, headers={"X-Atelier-Route": header_value(answer.route),
                                              THREAD_HEADER: header_value(thread_id)})
 

@@ -3,7 +3,7 @@
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
 events to the event loop through an asyncio queue; the loop never blocks, and awaits each event
 with the request's deadline (504 past it; a stream gets an error event, then [DONE]). The routes
-and the limits are in agents/api.py, which re-exports what is here.
+and the limits are in agents/api.py and agents/limits.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from atelier.errors import AtelierError
 
 if TYPE_CHECKING:
     from agents.api_schemas import ChatCompletionRequest
-    from agents.limits import Admission
     from agents.orchestrator import Orchestrator
 
 log = logging.getLogger(__name__)
@@ -56,20 +55,20 @@ def internal_error(request_id: str) -> ApiError:
 class Worker:
     """Runs a blocking event iterator in a thread; the event loop awaits its events with a deadline.
 
-    The caller has entered `admission`; the worker leaves it when its thread ends (even past the
-    deadline, so abandoned work still holds its slot)."""
+    The caller has taken a slot (`Admission.enter`); the worker calls `leave` to give it back when its
+    thread ends (even past the deadline, so abandoned work still holds its slot)."""
 
-    def __init__(self, produce: Callable[[], Iterator[dict]], admission: Admission, deadline: float,
+    def __init__(self, produce: Callable[[], Iterator[dict]], leave: Callable[[], None], deadline: float,
                  request_id: str = ""):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = threading.Event()
         self.deadline, self.request_id = deadline, request_id
         try:
-            threading.Thread(target=self._work, args=(produce, admission), name="atelier-api-request",
+            threading.Thread(target=self._work, args=(produce, leave), name="atelier-api-request",
                              daemon=True).start()
         except BaseException:
-            admission.leave()
+            leave()
             raise
 
     def _put(self, item: Any) -> None:
@@ -78,7 +77,7 @@ class Worker:
         except RuntimeError:  # the server stopped
             self.cancelled.set()
 
-    def _work(self, produce: Callable[[], Iterator[dict]], admission: Admission) -> None:
+    def _work(self, produce: Callable[[], Iterator[dict]], leave: Callable[[], None]) -> None:
         events: Iterator[dict] | None = None
         try:
             events = produce()
@@ -96,7 +95,7 @@ class Worker:
                 if events is not None and hasattr(events, "close"):
                     events.close()
             finally:
-                admission.leave()
+                leave()
                 self._put(_END)
 
     async def next(self) -> dict | None:
@@ -158,7 +157,7 @@ async def drain(worker: Worker) -> AsyncIterator[dict]:
         yield event
 
 
-def _info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict:
+def atelier_info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict:
     if isinstance(answer_or_route, str):
         return {"route": answer_or_route, "confidence": confidence, "sources": [], "thread_id": thread_id}
     answer = answer_or_route
@@ -166,12 +165,12 @@ def _info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) -> dict
             "model": getattr(answer, "model", None), "route_output": getattr(answer, "route_output", "")}
 
 
-def _usage(counts: tuple[int, int]) -> dict:
+def usage_of(counts: tuple[int, int]) -> dict:
     return {"prompt_tokens": counts[0], "completion_tokens": counts[1], "total_tokens": counts[0] + counts[1]}
 
 
-async def _stream(worker: Worker, body: ChatCompletionRequest, completion_id: str, created: int,
-                  thread_id: str) -> StreamingResponse:
+async def stream_response(worker: Worker, body: ChatCompletionRequest, completion_id: str, created: int,
+                          thread_id: str) -> StreamingResponse:
     """SSE chunks. The route is awaited before answering so that it can travel as a header too."""
     early: list[dict] = []
     route = None
@@ -192,7 +191,7 @@ async def _stream(worker: Worker, body: ChatCompletionRequest, completion_id: st
     async def events() -> AsyncIterator[str]:
         sent: list[str] = []
         try:
-            yield chunk({"role": "assistant", "content": ""}, atelier=_info(route, thread_id, confidence))
+            yield chunk({"role": "assistant", "content": ""}, atelier=atelier_info(route, thread_id, confidence))
             for event in early:
                 out = _sse_event(event, sent, chunk, base, thread_id, include_usage)
                 if out:
@@ -222,7 +221,7 @@ def _sse_event(event: dict, sent: list[str], chunk, base: dict, thread_id: str, 
     out = ""
     if answer.text != streamed and answer.text.startswith(streamed):  # a route that did not stream its tokens
         out += chunk({"content": answer.text[len(streamed):]})
-    out += chunk({}, event["finish_reason"], atelier=_info(answer, thread_id))
+    out += chunk({}, event["finish_reason"], atelier=atelier_info(answer, thread_id))
     if include_usage:
-        out += sse({**base, "choices": [], "usage": _usage(event["usage"])})
+        out += sse({**base, "choices": [], "usage": usage_of(event["usage"])})
     return out

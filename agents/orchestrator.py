@@ -24,7 +24,7 @@ from agents.tools import load_tools
 from atelier.config import StrictModel
 from atelier.home import atelier_home
 from retrieval.config import RetrievalConfig
-from specialists.runtime import GenerationParams
+from specialists.generation import GenerationParams
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Orchestrator:
     def __init__(self, config: OrchestratorConfig | None = None, *, checkpointer: Any = None):
         self.config = config or OrchestratorConfig()
         tools = load_tools(self.config.tools)
-        searcher = _open_searcher(self.config.retrieval)
+        searcher = open_searcher(self.config.retrieval)
         # the router describes the search route from the very backend the route searches
         self.router = RouterCache(self.config.routes, index=searcher.backend if searcher else None, tools=tools)
         from specialists.registry import Registry
@@ -160,7 +160,7 @@ class Orchestrator:
             self._db.close()
 
 
-def _open_searcher(config: RetrievalConfig):
+def open_searcher(config: RetrievalConfig):
     """The search index, or None when it cannot be opened: no search route then, and a warning unless
     the embedded index was simply never built."""
     from atelier.errors import AtelierError

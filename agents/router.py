@@ -46,15 +46,15 @@ import numpy as np
 from pydantic import Field
 
 from agents.router_fit import (
-    _blend,
-    _calibrate,
-    _fit_head,
-    _out_of_fold,
-    _route_max,
-    _route_starts,
-    _scope_features,
-    _sigmoid,
-    _temper,
+    blend,
+    calibrate,
+    fit_head,
+    out_of_fold,
+    route_max,
+    route_starts,
+    scope_features,
+    sigmoid,
+    temper,
 )
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
@@ -159,10 +159,10 @@ class SemanticRouter:
         y, vectors = y[order], np.ascontiguousarray(np.asarray(vectors)[order], dtype=np.float32)
         texts = [texts[i] for i in order] if texts is not None else []
         cfg = self.config
-        calibration = _calibrate(_out_of_fold(vectors, y, len(routes), cfg), len(routes), cfg)
+        calibration = calibrate(out_of_fold(vectors, y, len(routes), cfg), len(routes), cfg)
         oos = calibration.out_of_scope_threshold if cfg.out_of_scope_threshold is None else cfg.out_of_scope_threshold
         confident = calibration.confident_threshold if cfg.confident_threshold is None else cfg.confident_threshold
-        weights, bias = _fit_head(vectors, y, len(routes), cfg.c, cfg.max_iter)
+        weights, bias = fit_head(vectors, y, len(routes), cfg.c, cfg.max_iter)
         self._fitted = _Fitted(
             routes=routes, exemplars=vectors, labels=y, weights=weights, bias=bias,
             temperature=calibration.temperature, similarity_mean=calibration.similarity_mean,
@@ -177,7 +177,7 @@ class SemanticRouter:
     def _stack(self) -> None:
         f = self._require()
         self._matrix = np.ascontiguousarray(np.vstack([f.exemplars, f.weights.T]), dtype=np.float32)
-        self._starts = _route_starts(f.labels, len(f.routes))
+        self._starts = route_starts(f.labels, len(f.routes))
 
     def _require(self) -> _Fitted:
         if self._fitted is None:
@@ -227,11 +227,11 @@ class SemanticRouter:
         scores = np.asarray(vectors, dtype=np.float32) @ self._matrix.T
         n = len(f.labels)
         similarities = scores[:, :n]
-        routed = _temper(_blend(scores[:, n:] + f.bias, similarities, f.labels, len(f.routes), self.config),
-                         f.temperature)
-        features = _scope_features(routed, _route_max(similarities, self._starts), f.similarity_mean,
-                                   f.similarity_std)
-        return routed, _sigmoid(features @ f.scope[:-1] + f.scope[-1])
+        routed = temper(blend(scores[:, n:] + f.bias, similarities, f.labels, len(f.routes), self.config),
+                        f.temperature)
+        features = scope_features(routed, route_max(similarities, self._starts), f.similarity_mean,
+                                  f.similarity_std)
+        return routed, sigmoid(features @ f.scope[:-1] + f.scope[-1])
 
     def fallback(self, in_scope: np.ndarray) -> np.ndarray:
         """Which requests fall back, given their P(in scope) from `route_probabilities`."""

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from agents.router import RouterConfig
-
 log = logging.getLogger("agents.router")  # its warnings are the router's, under the router's logger name
+
+
+class FitSettings(Protocol):
+    """The settings the math reads: `agents.router.RouterConfig` documents each (a Protocol keeps this module
+    free of agents.router, which imports it)."""
+
+    neighbors: int
+    neighbor_temperature: float
+    knn_weight: float
+    c: float
+    max_iter: int
+    cv_folds: int
+    fallback_budget: float
+    confident_precision: float
+    seed: int
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -29,7 +41,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _knn_vote(similarities: np.ndarray, labels: np.ndarray, n_routes: int, config: RouterConfig) -> np.ndarray:
+def _knn_vote(similarities: np.ndarray, labels: np.ndarray, n_routes: int, config: FitSettings) -> np.ndarray:
     """(n, routes) vote of each request's nearest exemplars, weighted by softmax over cosine similarity."""
     n, m = similarities.shape
     k = min(config.neighbors, m)
@@ -41,12 +53,12 @@ def _knn_vote(similarities: np.ndarray, labels: np.ndarray, n_routes: int, confi
     return votes / np.maximum(votes.sum(axis=1, keepdims=True), 1e-300)
 
 
-def _blend(logits: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_routes: int,
-           config: RouterConfig) -> np.ndarray:
+def blend(logits: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_routes: int,
+           config: FitSettings) -> np.ndarray:
     return _mix(_softmax(logits.astype(np.float64)), similarities, labels, n_routes, config)
 
 
-def _temper(probs: np.ndarray, temperature: float) -> np.ndarray:
+def temper(probs: np.ndarray, temperature: float) -> np.ndarray:
     """Temperature scaling of blended probabilities: softmax(log p / T)."""
     return _softmax(np.log(np.maximum(probs, 1e-12)) / temperature)
 
@@ -54,7 +66,7 @@ def _temper(probs: np.ndarray, temperature: float) -> np.ndarray:
 # ----------------------------------------------------------------------------- fitting
 
 
-def _fit_head(x: np.ndarray, y: np.ndarray, n_routes: int, c: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_head(x: np.ndarray, y: np.ndarray, n_routes: int, c: float, max_iter: int) -> tuple[np.ndarray, np.ndarray]:
     """Class-balanced multinomial logistic regression, (weights (dim, routes), bias (routes,)).
 
     L-BFGS runs on whitened inputs (PCA, eigenvalues floored at 1e-3 of the largest) for a
@@ -104,18 +116,18 @@ def _folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def _route_starts(labels: np.ndarray, n_routes: int) -> np.ndarray:
+def route_starts(labels: np.ndarray, n_routes: int) -> np.ndarray:
     """Where each route's exemplars begin: exemplars are kept sorted by route, one contiguous slice each."""
     return np.searchsorted(labels, np.arange(n_routes))
 
 
-def _route_max(similarities: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def route_max(similarities: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """(n, routes) similarity of each request to the nearest exemplar of every route."""
     return np.maximum.reduceat(similarities, starts, axis=1)
 
 
 @dataclass(slots=True)
-class _OutOfFold:
+class OutOfFold:
     """Held-out exemplars scored as requests, twice: as they are, and as if their route did not exist.
 
     The linear head comes from a fit without the exemplar's fold; the nearest-exemplar parts
@@ -131,40 +143,40 @@ class _OutOfFold:
     route_max_unseen: np.ndarray
 
 
-def _out_of_fold(x: np.ndarray, y: np.ndarray, n_routes: int, config: RouterConfig) -> _OutOfFold:
+def out_of_fold(x: np.ndarray, y: np.ndarray, n_routes: int, config: FitSettings) -> OutOfFold:
     """Out-of-fold predictions for every exemplar whose route has another one; `y` must be sorted."""
     folds = _folds(y, config.cv_folds, config.seed)
-    starts = _route_starts(y, n_routes)
+    starts = route_starts(y, n_routes)
     parts = []
     for fold in range(config.cv_folds):
         held, train = np.flatnonzero(folds == fold), folds != fold
         if not len(held):
             continue
         rows = np.arange(len(held))
-        weights, bias = _fit_head(x[train], y[train], n_routes, config.c, config.max_iter)
+        weights, bias = fit_head(x[train], y[train], n_routes, config.c, config.max_iter)
         head = _softmax((x[held] @ weights + bias).astype(np.float64))
         similarities = x[held] @ x.T
         similarities[rows, held] = -np.inf  # leave the exemplar itself out
-        blend = _mix(head, similarities, y, n_routes, config)
-        route_max = _route_max(similarities, starts)
+        mixed = _mix(head, similarities, y, n_routes, config)
+        nearest = route_max(similarities, starts)
         unseen = np.where(y[None, :] == y[held][:, None], -np.inf, similarities)
         head_unseen = head.copy()
         head_unseen[rows, y[held]] = 0
         blend_unseen = _mix(head_unseen / np.maximum(head_unseen.sum(axis=1, keepdims=True), 1e-300), unseen, y,
                             n_routes, config)
         blend_unseen[rows, y[held]] = 0
-        route_max_unseen = route_max.copy()
+        route_max_unseen = nearest.copy()
         route_max_unseen[rows, y[held]] = -1.0
-        parts.append((held, blend, route_max, blend_unseen, route_max_unseen))
+        parts.append((held, mixed, nearest, blend_unseen, route_max_unseen))
     if not parts:
         empty = np.zeros((0, n_routes))
-        return _OutOfFold(np.zeros(0, dtype=int), empty, empty, empty, empty)
+        return OutOfFold(np.zeros(0, dtype=int), empty, empty, empty, empty)
     held = np.concatenate([p[0] for p in parts])
-    return _OutOfFold(y[held], *(np.concatenate([p[i] for p in parts]) for i in range(1, 5)))
+    return OutOfFold(y[held], *(np.concatenate([p[i] for p in parts]) for i in range(1, 5)))
 
 
 def _mix(head: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_routes: int,
-         config: RouterConfig) -> np.ndarray:
+         config: FitSettings) -> np.ndarray:
     """Head probabilities blended with the vote of the nearest exemplars, renormalised."""
     if config.knn_weight == 0:
         return head
@@ -173,7 +185,7 @@ def _mix(head: np.ndarray, similarities: np.ndarray, labels: np.ndarray, n_route
 
 
 @dataclass(slots=True)
-class _Calibration:
+class Calibration:
     temperature: float
     similarity_mean: np.ndarray  # (routes,) typical similarity of a route's exemplar to its nearest sibling
     similarity_std: np.ndarray  # (routes,)
@@ -186,7 +198,7 @@ class _Calibration:
 SCOPE_FEATURES = ("nearest_z", "log_route_probability", "nearest_similarity")
 
 
-def _calibrate(oof: _OutOfFold, n_routes: int, config: RouterConfig) -> _Calibration:
+def calibrate(oof: OutOfFold, n_routes: int, config: FitSettings) -> Calibration:
     """Temperature, similarity statistics, in-scope model and both thresholds, from out-of-fold predictions.
 
     The in-scope model is a logistic regression on SCOPE_FEATURES that tells each held-out
@@ -199,14 +211,14 @@ def _calibrate(oof: _OutOfFold, n_routes: int, config: RouterConfig) -> _Calibra
         log.warning("no route has two exemplars: the router cannot calibrate, so it never falls back and "
                     "never claims confidence (the orchestrator model decides)")
         always_in_scope = np.append(np.zeros(len(SCOPE_FEATURES)), 10.0)  # zero weights, bias 10: P ~ 1
-        return _Calibration(1.0, np.zeros(n_routes), np.ones(n_routes), always_in_scope, 0.0, 1.01, {"cv_exemplars": 0})
+        return Calibration(1.0, np.zeros(n_routes), np.ones(n_routes), always_in_scope, 0.0, 1.01, {"cv_exemplars": 0})
     temperature, nll = _fit_temperature(oof.blend, y)
-    mean, std = _similarity_stats(oof.route_max[np.arange(len(y)), y], y, n_routes)
-    routed, routed_unseen = _temper(oof.blend, temperature), _temper(oof.blend_unseen, temperature)
-    seen = _scope_features(routed, oof.route_max, mean, std)
-    unseen = _scope_features(routed_unseen, oof.route_max_unseen, mean, std)
+    mean, std = similarity_stats(oof.route_max[np.arange(len(y)), y], y, n_routes)
+    routed, routed_unseen = temper(oof.blend, temperature), temper(oof.blend_unseen, temperature)
+    seen = scope_features(routed, oof.route_max, mean, std)
+    unseen = scope_features(routed_unseen, oof.route_max_unseen, mean, std)
     scope = _fit_logistic(np.vstack([seen, unseen]), np.concatenate([np.ones(len(y)), np.zeros(len(y))]))
-    in_scope, in_scope_unseen = _sigmoid(seen @ scope[:-1] + scope[-1]), _sigmoid(unseen @ scope[:-1] + scope[-1])
+    in_scope, in_scope_unseen = sigmoid(seen @ scope[:-1] + scope[-1]), sigmoid(unseen @ scope[:-1] + scope[-1])
     correct = routed.argmax(axis=1) == y
     if correct.any():
         share = min(1.0, config.fallback_budget * len(y) / correct.sum())
@@ -220,10 +232,10 @@ def _calibrate(oof: _OutOfFold, n_routes: int, config: RouterConfig) -> _Calibra
              "temperature": round(temperature, 4), "cv_fallback_rate": round(float(fallback.mean()), 4),
              "cv_accuracy_drop": round(float((correct & fallback).mean()), 4),
              "cv_unseen_route_recall": round(float((in_scope_unseen < oos).mean()), 4)}
-    return _Calibration(temperature, mean, std, scope, oos, confident, stats)
+    return Calibration(temperature, mean, std, scope, oos, confident, stats)
 
 
-def _similarity_stats(nearest: np.ndarray, y: np.ndarray, n_routes: int, prior: float = 5.0,
+def similarity_stats(nearest: np.ndarray, y: np.ndarray, n_routes: int, prior: float = 5.0,
                       floor: float = 0.02) -> tuple[np.ndarray, np.ndarray]:
     """Per-route mean and spread of an exemplar's similarity to its route's nearest other exemplar.
 
@@ -239,7 +251,7 @@ def _similarity_stats(nearest: np.ndarray, y: np.ndarray, n_routes: int, prior: 
     return mean, np.sqrt(np.maximum(second - mean ** 2, floor ** 2))
 
 
-def _scope_features(routed: np.ndarray, route_max: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+def scope_features(routed: np.ndarray, route_max: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """SCOPE_FEATURES of each request: how near the best route's nearest exemplar is, in that route's own
     spread (z-score); log P(best route | in scope); the similarity to the nearest exemplar of any route."""
     best = routed.argmax(axis=1)
@@ -248,7 +260,7 @@ def _scope_features(routed: np.ndarray, route_max: np.ndarray, mean: np.ndarray,
                      route_max.max(axis=1)], axis=1)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
+def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
 
@@ -284,7 +296,7 @@ def _fit_logistic(features: np.ndarray, targets: np.ndarray) -> np.ndarray:
     theta = np.zeros(design.shape[1])
     ridge = np.append(np.ones(features.shape[1]), 0.0)
     for _ in range(50):
-        p = _sigmoid(design @ theta)
+        p = sigmoid(design @ theta)
         gradient = design.T @ (p - targets) + ridge * theta
         hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(ridge + 1e-9)
         step = np.linalg.solve(hessian, gradient)

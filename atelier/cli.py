@@ -46,7 +46,7 @@ def _assemble() -> None:
     from eval.cli import eval_app
     from retrieval.cli import register as register_retrieval
     from specialists.cli import specialist_app
-    from specialists.export import register_export
+    from specialists.export.cli import register_export
     from training.cli import register as register_training
 
     from atelier.doctor import doctor

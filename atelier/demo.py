@@ -52,7 +52,7 @@ def index_docs(console) -> None:
 
 def build_specialist(console) -> None:
     from specialists.registry import Registry
-    from training.cli import _Display
+    from training.cli import Display
     from training.config import SpecialistConfig
     from training.pipeline import run_pipeline
 
@@ -61,7 +61,7 @@ def build_specialist(console) -> None:
         return
     config = SpecialistConfig(base=DEMO_BASE, budget_minutes=DEMO_BUDGET_MINUTES)
     console.print(f"base {DEMO_BASE}, budget {DEMO_BUDGET_MINUTES:g} min (the full recipe takes longer and learns more)")
-    with _Display() as display:
+    with Display() as display:
         result = run_pipeline("demo", DOCS, config, force=True, hooks=display.hooks())
     final = result.report["stages"][result.report["final_stage"]]
     base = result.report["stages"]["base"]

@@ -106,8 +106,9 @@ def child(home: Path, count: int) -> dict:
     import peft  # noqa: F401  (imported before the first RSS reading, like torch and transformers)
     import transformers  # noqa: F401
 
+    from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import GenerationParams, SpecialistRuntime
+    from specialists.runtime import SpecialistRuntime
 
     runtime = SpecialistRuntime(Registry(home), device="cpu")
     before = rss_bytes()
@@ -151,8 +152,9 @@ def bench_switch(home: Path, attached: int, iters: int) -> dict:
     active specialist vs on another one. All interleaved, so load on the machine hits each alike."""
     import torch
 
+    from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import GenerationParams, SpecialistRuntime
+    from specialists.runtime import SpecialistRuntime
 
     runtime = SpecialistRuntime(Registry(home), device="cpu")
     one = GenerationParams(max_tokens=1)

@@ -111,9 +111,9 @@ def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specialists.export_parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
+    from specialists.export.gguf_lora import write_lora_gguf
+    from specialists.export.parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
     from specialists.generation import GenerationParams
-    from specialists.gguf_lora import write_lora_gguf
     from specialists.registry import Registry
     from specialists.runtime import SpecialistRuntime
     from training.models import resolve_base

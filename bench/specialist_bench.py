@@ -113,7 +113,7 @@ def phase_train(args) -> None:
 
 def phase_evaluate(args) -> None:
     """`atelier eval specialist` from Python, on the exam (or the held-out split without one)."""
-    from eval.specialist import evaluate_specialist
+    from eval.side_by_side import evaluate_specialist
 
     trained = _load(args.label).get("train") or {}
     started = time.perf_counter()

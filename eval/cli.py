@@ -133,7 +133,8 @@ def specialist(
     from atelier.config import load_config
     from atelier.progress import stderr
     from eval.exam_report import print_table, write_exam_report
-    from eval.specialist import SpecialistEvalConfig, evaluate_specialist
+    from eval.side_by_side import evaluate_specialist
+    from eval.specialist import SpecialistEvalConfig
 
     config = load_config(SpecialistEvalConfig, config_file)
     status = None if as_json else (lambda text: stderr.print(f"[dim]{text}[/dim]"))

@@ -129,14 +129,14 @@ def exam_from_heldout(data_dir: Path, *, max_items: int = 100, options: int = 4,
     """The held-out SFT pairs of a training run as an exam: open QA on every pair, and multiple
     choice with distractors from the other held-out answers (as the held-out evaluation builds them),
     the correct option at a seeded position."""
-    from eval.specialist import _sample, build_mcq, qa_items, read_jsonl
+    from eval.specialist import build_mcq, qa_items, read_jsonl, sample_rows
 
     path = Path(data_dir) / "sft" / "heldout.jsonl"
     qa = qa_items(read_jsonl(path))
     if not qa:
         raise AtelierError(f"no held-out questions in {path}; pass --exam FILE.jsonl, or rebuild the training data")
     items = []
-    for i in _sample(list(range(len(qa))), max_items, seed):
+    for i in sample_rows(list(range(len(qa))), max_items, seed):
         opts = build_mcq(qa, i, options, seed)
         question = next((m["content"] for m in reversed(qa[i].prompt) if m.get("role") == "user"), "")
         correct = None

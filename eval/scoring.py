@@ -4,8 +4,8 @@ Multiple choice costs (prompt + option) tokens per option when each option is sc
 own sequence; the prompt (a chat template, often a system prompt, and the question) is most of
 that. Here a batch of prompts runs once with a KV cache, the cache is repeated for each option,
 and only the option tokens run again: about options-times less work on the prompt. Models whose
-cache cannot be repeated fall back to one sequence per option (`eval.specialist.score_continuations`),
-which gives the same numbers.
+cache cannot be repeated fall back to one sequence per option (`score_continuations`, which
+also scores perplexity windows and preference pairs), which gives the same numbers.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ def score_options(model, prompts: list[list[int]], options: list[list[list[int]]
         except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError) as exc:
             log.info("prompt sharing unavailable for %s (%s); scoring each option separately",
                      type(model).__name__, exc)
-    from eval.specialist import score_continuations
-
     pairs, owners = [], []
     for q, (prompt, opts) in enumerate(zip(prompts, options)):
         for o, option in enumerate(opts):
@@ -45,8 +43,6 @@ def score_options(model, prompts: list[list[int]], options: list[list[list[int]]
 def _shared(model, prompts, options, batch_size, pad_id, max_len):
     import torch
     from transformers import DynamicCache
-
-    from eval.specialist import left_pad
 
     device = next(model.parameters()).device
     out: list[list[tuple[float, int]]] = [[(0.0, 0)] * len(opts) for opts in options]
@@ -95,3 +91,65 @@ def _shared(model, prompts, options, batch_size, pad_id, max_len):
                         total += float(steps.gather(-1, target).sum())
                     out[q][o] = (total, len(cont))
     return out
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(ids, attention mask) with padding on the left, so every row ends where its text ends."""
+    import torch
+
+    width = max(len(seq) for seq in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(seqs):
+        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _position_ids(mask):
+    """Positions that ignore left padding, so absolute-position models score the same as unpadded."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _last_logits(model, ids, mask, keep: int):
+    """Logits of the last `keep` positions; `logits_to_keep` avoids materialising the rest."""
+    import inspect
+
+    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": _position_ids(mask)}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(**kwargs, logits_to_keep=keep).logits
+    return model(**kwargs).logits[:, -keep:]
+
+
+def score_continuations(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
+                        pad_id: int, max_len: int) -> list[tuple[float, int]]:
+    """(sum of log p(continuation | context), continuation length) for each pair of token ids.
+
+    Left-padded batches sorted by length; only the continuation positions' logits are kept
+    (`logits_to_keep`), which keeps memory small even with a 150k-token vocabulary.
+    """
+    import torch
+
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            seqs, conts = [], []
+            for i in chunk:
+                context, continuation = pairs[i]
+                continuation = continuation[:max_len - 1]
+                seqs.append((context + continuation)[-max_len:])
+                conts.append(continuation)
+            ids, mask = left_pad(seqs, pad_id)
+            keep = max(len(c) for c in conts) + 1
+            logits = _last_logits(model, ids.to(device), mask.to(device), keep)
+            for row, (i, cont) in enumerate(zip(chunk, conts)):
+                n = len(cont)
+                if n == 0:
+                    continue
+                step = logits[row, keep - 1 - n:keep - 1].float().log_softmax(-1)
+                target = torch.tensor(cont, device=device).unsqueeze(-1)
+                results[i] = (float(step.gather(-1, target).sum()), n)
+    return results

@@ -1,7 +1,7 @@
 """A registered specialist on an exam, side by side with its base and other systems.
 
 `evaluate_specialist` is what `atelier eval specialist` runs; `exam_gate` is what the
-registration gate runs for `specialist add --exam`. Both are re-exported by `eval.specialist`.
+registration gate runs for `specialist add --exam`.
 Heavy imports stay inside the functions.
 """
 
@@ -118,12 +118,12 @@ def exam_gate(base_model: Path, specialist_model: Path, adapter: Path | Sequence
     """
     from eval.exam import read_exam
     from eval.exam_eval import run_system, summarise
-    from eval.specialist import SpecialistEvalConfig, _adapter_list
+    from eval.specialist import SpecialistEvalConfig, adapter_list
     from eval.systems import LocalModel
 
     config = config or SpecialistEvalConfig()
     the_exam = read_exam(exam)
     runs = {"base": run_system(LocalModel("base", Path(base_model), config=config), the_exam, status=status),
-            "specialist": run_system(LocalModel("specialist", Path(specialist_model), _adapter_list(adapter),
+            "specialist": run_system(LocalModel("specialist", Path(specialist_model), adapter_list(adapter),
                                                 config=config), the_exam, status=status)}
     return summarise(the_exam, runs, config.gate)

@@ -22,9 +22,9 @@ from pydantic import Field
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.jsonl import iter_jsonl
-from eval.answers import normalize_answer, token_f1  # noqa: F401  (re-exported)
+from eval.answers import normalize_answer, token_f1
 from eval.gate import GateConfig
-from eval.report import Report, compare, write_report  # noqa: F401  (re-exported: the whole API in one import)
+from eval.scoring import left_pad, score_continuations, score_options
 
 MCQNorm = Literal["bytes", "tokens", "none"]
 
@@ -83,7 +83,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [row for _, row in iter_jsonl(path, fix="regenerate the data")]
 
 
-def _adapter_list(adapter_dir: Path | Sequence[Path] | None) -> list[Path]:
+def adapter_list(adapter_dir: Path | Sequence[Path] | None) -> list[Path]:
     if adapter_dir is None:
         return []
     return [Path(adapter_dir)] if isinstance(adapter_dir, (str, Path)) else [Path(a) for a in adapter_dir]
@@ -101,7 +101,7 @@ def load_for_eval(model_dir: Path, adapter_dir: Path | Sequence[Path] | None = N
 
     if not (Path(model_dir) / "config.json").is_file():
         raise AtelierError(f"{model_dir} is not a model folder (no config.json); pass a local causal LM")
-    adapters = _adapter_list(adapter_dir)
+    adapters = adapter_list(adapter_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     for adapter in reversed(adapters):
         if tokenizer.chat_template is None and (adapter / "tokenizer_config.json").is_file():
@@ -123,85 +123,23 @@ def load_for_eval(model_dir: Path, adapter_dir: Path | Sequence[Path] | None = N
     return model.to(device).eval(), tokenizer
 
 
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """(ids, attention mask) with padding on the left, so every row ends where its text ends."""
-    import torch
-
-    width = max(len(seq) for seq in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, seq in enumerate(seqs):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids, mask
-
-
-def _position_ids(mask):
-    """Positions that ignore left padding, so absolute-position models score the same as unpadded."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
-def _last_logits(model, ids, mask, keep: int):
-    """Logits of the last `keep` positions; `logits_to_keep` avoids materialising the rest."""
-    import inspect
-
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": _position_ids(mask)}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(**kwargs, logits_to_keep=keep).logits
-    return model(**kwargs).logits[:, -keep:]
-
-
-def score_continuations(model, pairs: list[tuple[list[int], list[int]]], batch_size: int,
-                        pad_id: int, max_len: int) -> list[tuple[float, int]]:
-    """(sum of log p(continuation | context), continuation length) for each pair of token ids.
-
-    Left-padded batches sorted by length; only the continuation positions' logits are kept
-    (`logits_to_keep`), which keeps memory small even with a 150k-token vocabulary.
-    """
-    import torch
-
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            seqs, conts = [], []
-            for i in chunk:
-                context, continuation = pairs[i]
-                continuation = continuation[:max_len - 1]
-                seqs.append((context + continuation)[-max_len:])
-                conts.append(continuation)
-            ids, mask = left_pad(seqs, pad_id)
-            keep = max(len(c) for c in conts) + 1
-            logits = _last_logits(model, ids.to(device), mask.to(device), keep)
-            for row, (i, cont) in enumerate(zip(chunk, conts)):
-                n = len(cont)
-                if n == 0:
-                    continue
-                step = logits[row, keep - 1 - n:keep - 1].float().log_softmax(-1)
-                target = torch.tensor(cont, device=device).unsqueeze(-1)
-                results[i] = (float(step.gather(-1, target).sum()), n)
-    return results
-
-
-def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Token ids of a conversation ending in the assistant's turn opener (the template's own specials)."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids or [tokenizer.bos_token_id or tokenizer.eos_token_id]
 
 
-def _text_ids(tokenizer, text: str) -> list[int]:
+def text_ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _context_size(model, config: SpecialistEvalConfig) -> int:
+def context_size(model, config: SpecialistEvalConfig) -> int:
     size = getattr(model.config, "max_position_embeddings", None) or config.max_window
     return min(int(size), config.max_window)
 
 
-def _sample(rows: list, cap: int, seed: int) -> list:
+def sample_rows(rows: list, cap: int, seed: int) -> list:
     """A seeded, order-preserving sample of at most `cap` rows."""
     if len(rows) <= cap:
         return list(rows)
@@ -220,8 +158,8 @@ def perplexity(model, tokenizer, texts: list[str], config: SpecialistEvalConfig)
 
     stream: list[int] = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     for text in texts:
-        stream += _text_ids(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
-    window = _context_size(model, config)
+        stream += text_ids(tokenizer, text) + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+    window = context_size(model, config)
     pairs = [(stream[i:i + 1], stream[i + 1:i + window]) for i in range(0, len(stream) - 1, window - 1)]
     if not pairs:
         return {}
@@ -290,17 +228,15 @@ def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalCo
     are not penalised for their length; chance is the mean of 1/options over the questions
     (fewer options when the pool lacks distinct distractors).
     """
-    from eval.scoring import score_options
-
-    picked = _sample(list(range(len(items))), config.max_mcq_items, config.seed)
+    picked = sample_rows(list(range(len(items))), config.max_mcq_items, config.seed)
     questions = [(i, build_mcq(items, i, config.mcq_options, config.seed)) for i in picked]
     questions = [(i, opts) for i, opts in questions if len(opts) >= 2]
     if not questions:
         return {}
-    prompts = [_chat_ids(tokenizer, items[i].prompt) for i, _ in questions]
-    options = [[_text_ids(tokenizer, o) for o in opts] for _, opts in questions]
+    prompts = [chat_ids(tokenizer, items[i].prompt) for i, _ in questions]
+    options = [[text_ids(tokenizer, o) for o in opts] for _, opts in questions]
     scores = score_options(model, prompts, options, config.batch_size, tokenizer.pad_token_id,
-                           _context_size(model, config))
+                           context_size(model, config))
     outcomes = []
     for (_, opts), per_option in zip(questions, scores):
         normed = [option_score(lp, n, text, config.mcq_normalization) for (lp, n), text in zip(per_option, opts)]
@@ -327,8 +263,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], conf
     settings = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_eos_ids(model, tokenizer))
     device = next(model.parameters()).device
-    limit = max(1, _context_size(model, config) - max_new_tokens)
-    seqs = [_chat_ids(tokenizer, p)[-limit:] for p in prompts]
+    limit = max(1, context_size(model, config) - max_new_tokens)
+    seqs = [chat_ids(tokenizer, p)[-limit:] for p in prompts]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths together: less padding
     answers: list[str] = [""] * len(seqs)
     step = config.generation_batch_size
@@ -346,7 +282,7 @@ def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistE
     """Mean token F1 and ROUGE-L (F-measure, stemmed) of greedy answers against the references."""
     from rouge_score import rouge_scorer
 
-    picked = _sample(items, config.max_generation_items, config.seed)
+    picked = sample_rows(items, config.max_generation_items, config.seed)
     if not picked:
         return {}
     answers = generate_answers(model, tokenizer, [i.prompt for i in picked], config)
@@ -360,17 +296,17 @@ def generation_scores(model, tokenizer, items: list[QAItem], config: SpecialistE
 def preference_accuracy(model, tokenizer, rows: list[dict[str, Any]], config: SpecialistEvalConfig) -> dict[str, float]:
     """Share of held-out DPO pairs where chosen has a higher mean per-token log-likelihood than rejected."""
     rows = [r for r in rows if r.get("prompt") and r.get("chosen") and r.get("rejected")]
-    rows = _sample(rows, config.max_preference_items, config.seed)
+    rows = sample_rows(rows, config.max_preference_items, config.seed)
     if not rows:
         return {}
     pairs = []
     for row in rows:
         prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
-        context = _chat_ids(tokenizer, prompt)
+        context = chat_ids(tokenizer, prompt)
         for side in ("chosen", "rejected"):  # conversational (list of turns) or plain text
             reply = row[side][-1]["content"] if isinstance(row[side], list) else row[side]
-            pairs.append((context, _text_ids(tokenizer, str(reply))))
-    scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id, _context_size(model, config))
+            pairs.append((context, text_ids(tokenizer, str(reply))))
+    scores = score_continuations(model, pairs, config.batch_size, tokenizer.pad_token_id, context_size(model, config))
     means = [lp / max(n, 1) for lp, n in scores]
     wins = [int(means[k] > means[k + 1]) for k in range(0, len(means), 2)]
     return {"preference_accuracy": sum(wins) / len(rows), "preference_items": len(rows),
@@ -396,7 +332,7 @@ def evaluate_loaded(model, tokenizer, data_dir: Path, config: SpecialistEvalConf
                            "generate the training data first")
     metrics: dict[str, Any] = {}
     outcomes: dict[str, list] = {}
-    for part in (perplexity(model, tokenizer, _sample(texts, config.max_perplexity_texts, config.seed), config),
+    for part in (perplexity(model, tokenizer, sample_rows(texts, config.max_perplexity_texts, config.seed), config),
                  mcq_accuracy(model, tokenizer, items, config), generation_scores(model, tokenizer, items, config),
                  preference_accuracy(model, tokenizer, prefs, config)):
         outcomes |= part.pop("outcomes", {})
@@ -412,9 +348,3 @@ def evaluate_model(model_dir: Path, adapter_dir: Path | Sequence[Path] | None, d
     config = config or SpecialistEvalConfig()
     model, tokenizer = load_for_eval(Path(model_dir), adapter_dir, config.device)
     return evaluate_loaded(model, tokenizer, data_dir, config)
-
-
-# ----------------------------------------------------------------------------- on an exam, side by side
-# (in eval/side_by_side.py; re-exported so that `eval.specialist` is the whole Python API)
-
-from eval.side_by_side import evaluate_specialist, exam_gate, specialist_systems  # noqa: E402,F401

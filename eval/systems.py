@@ -55,13 +55,13 @@ class LocalModel:
 
     def choose(self, items: list[ExamItem]) -> list[list[float]]:
         from eval.scoring import score_options
-        from eval.specialist import _chat_ids, _context_size, _text_ids, option_score
+        from eval.specialist import chat_ids, context_size, option_score, text_ids
 
         model, tokenizer = self._model()
-        prompts = [_chat_ids(tokenizer, self._messages(i)) for i in items]
-        options = [[_text_ids(tokenizer, o) for o in i.options] for i in items]
+        prompts = [chat_ids(tokenizer, self._messages(i)) for i in items]
+        options = [[text_ids(tokenizer, o) for o in i.options] for i in items]
         scores = score_options(model, prompts, options, self.config.batch_size, tokenizer.pad_token_id,
-                               _context_size(model, self.config))
+                               context_size(model, self.config))
         return [[option_score(lp, n, text, self.config.mcq_normalization) for (lp, n), text in zip(row, i.options)]
                 for row, i in zip(scores, items)]
 

@@ -4,9 +4,6 @@
 Generation is a plain decode loop (KV cache, greedy or seeded top-p sampling) so that stop
 sequences, `max_tokens` and per-request seeds behave the same streamed and not streamed: the
 non-streamed text is, by construction, the concatenation of the streamed deltas.
-
-`specialists/runtime.py` re-exports these names, so `from specialists.runtime import
-GenerationParams` keeps working.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ A request names a specialist; the runtime reads its active registry record and
   request), Ollama or any OpenAI-compatible server, through the same `generate` / `stream` contract.
 
 Generating one answer (request and result types, stop strings, streams, the decode loop) lives
-in `specialists/generation.py`; those names are re-exported here.
+in `specialists/generation.py`.
 
 Thread safety: one lock per base. Selecting an adapter changes the shared model, so a request
 holds its base's lock from adapter selection to its last token; requests on different bases
@@ -39,13 +39,12 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from specialists.generation import (  # noqa: F401  (re-exported: `from specialists.runtime import ...` keeps working)
+from specialists.generation import (
     Emit,
     FinishReason,
     Generation,
     GenerationParams,
     Producer,
-    StopFilter,
     TokenStream,
     Usage,
     chat_messages,
@@ -54,7 +53,7 @@ from specialists.generation import (  # noqa: F401  (re-exported: `from speciali
     resolve_device,
     run_to_completion,
 )
-from specialists.registry import PICKLE_SUFFIXES, Registry, SpecialistRecord, check_adapter_files  # noqa: F401
+from specialists.registry import Registry, SpecialistRecord, check_adapter_files
 
 log = logging.getLogger(__name__)
 

@@ -38,12 +38,12 @@ def add(
     config = load_config(SpecialistConfig, config_file, overrides)
     from training.pipeline import run_pipeline
 
-    with _Display() as display:
+    with Display() as display:
         result = run_pipeline(name, docs, config, force=force, new_run=new_run, hooks=display.hooks(), exam=exam)
     _summary(result)
 
 
-class _Display:
+class Display:
     """Rich progress: one line per pipeline step, a bar for data generation and training steps."""
 
     def __enter__(self):

@@ -83,9 +83,9 @@ def find_facts(doc: Document, keywords: Sequence[str]) -> list[Fact]:
     for unit in units:
         if unit.kind not in ("prose", "item"):
             continue
-        where = offline._where(unit, doc)  # noqa: SLF001 - the same wording the other pairs use
+        where = offline.where_phrase(unit, doc)  # the same wording the other pairs use
         for sentence, start in offline.sentences(unit):
-            for match in offline._QUANTITY.finditer(sentence):  # noqa: SLF001
+            for match in offline.QUANTITY.finditer(sentence):
                 topic = _topic(sentence, match.start(), keywords)
                 if topic:
                     facts.append(Fact(match.group(0), "quantity", topic, sentence, where, doc.doc_id, start,
@@ -94,7 +94,7 @@ def find_facts(doc: Document, keywords: Sequence[str]) -> list[Fact]:
                 code = match.group(1)
                 if any(c.isdigit() for c in code) and len(code) >= 2 and code_counts.get(code, 0) <= MAX_CODE_MENTIONS:
                     facts.append(Fact(match.group(1), "code", match.group(1), sentence, where, doc.doc_id, start))
-    for question, answer, start, _column in offline._table_facts(units, doc):  # noqa: SLF001
+    for question, answer, start, _column in offline.table_facts(units, doc):
         found = re.match(r'In the table(?: "(?P<table>[^"]*)")? of "[^"]*", what is given under "(?P<col>[^"]*)" '
                          r'for "(?P<row>[^"]*)"\?', question)
         if found:
@@ -146,7 +146,7 @@ def fact_pairs(doc: Document, chunks: Sequence[Chunk], keywords: Sequence[str], 
     pairs, seen, per_chunk = [], set(), {}
     order = {"quantity": 0, "cell": 1, "code": 2}
     for fact in sorted(find_facts(doc, keywords), key=lambda f: (order[f.kind], f.start)):
-        index, context = offline._chunk_at(chunks, fact.start, fact.start + len(fact.statement))  # noqa: SLF001
+        index, context = offline.chunk_at(chunks, fact.start, fact.start + len(fact.statement))
         for question, answer in questions(fact, doc.title, per_fact):
             if question not in seen and per_chunk.get(index, 0) < max_per_chunk:
                 seen.add(question)

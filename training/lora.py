@@ -15,6 +15,8 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from specialists.registry import validate_adapter
+from training.models import inherit_marker, load_model
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,9 @@ def trainable_model(base: Path, adapter: Path | None, lora: LoraSettings, *, ful
     """
     import torch
 
-    from training.models import load_model
-
     lora.check_available()
     if adapter is not None:
-        check_adapter(Path(adapter))
+        validate_adapter(adapter)
     if full:
         model = load_model(base, adapter, trainable=True, dtype=torch.float32)
         if adapter is not None:
@@ -103,27 +103,6 @@ def _quantized_kwargs(lora: LoraSettings) -> dict:
     return {"quantization_config": quantization, "device_map": {"": 0}}
 
 
-def check_adapter(adapter: Path) -> None:
-    """Raise AtelierError unless `adapter` holds a config and non-empty LoRA weights."""
-    if not adapter.is_dir():
-        raise AtelierError(f"adapter {adapter} is not a directory; pass the adapter folder a stage wrote")
-    if not (adapter / "adapter_config.json").is_file():
-        raise AtelierError(f"adapter {adapter} has no adapter_config.json; pass the adapter folder a stage wrote")
-    weights = adapter / "adapter_model.safetensors"
-    if not weights.is_file():
-        raise AtelierError(f"adapter {adapter} has no adapter_model.safetensors; re-run the stage that wrote it")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as handle:
-            names = list(handle.keys())
-    except Exception:  # noqa: BLE001 - a truncated or foreign file: reported below as unreadable
-        names = []
-    if not names:
-        raise AtelierError(f"adapter weights {weights} are empty or unreadable; "
-                           "delete the folder and re-run the stage that wrote it")
-
-
 def save_trained(model, tokenizer, out_dir: Path, base: Path) -> tuple[Path, Path | None]:
     """Save what a stage trained: (model_path, adapter_path) for the StageResult.
 
@@ -139,8 +118,6 @@ def save_trained(model, tokenizer, out_dir: Path, base: Path) -> tuple[Path, Pat
     target = out_dir / "model"
     model.save_pretrained(str(target))
     tokenizer.save_pretrained(str(target))
-    from training.models import inherit_marker
-
     inherit_marker(Path(base), target)  # a trained scratch base stays a scratch base for the recipe
     return target, None
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
+from specialists.registry import validate_adapter
 
 log = logging.getLogger(__name__)
 
@@ -474,9 +475,7 @@ def load_model(path: Path, adapter: Path | None = None, trainable: bool = False,
         return model
     from peft import PeftModel
 
-    from training.lora import check_adapter
-
-    check_adapter(Path(adapter))
+    validate_adapter(adapter)
     model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
     if not trainable:
         model.eval()

@@ -43,7 +43,7 @@ _DEFINITION = re.compile(r"^(?:(?P<art>An?|The)\s+)?(?P<term>[A-Za-z][\w\-/]*(?:
                          r"(?:\s+\([^)]{1,20}\))?\s+(?P<verb>is|are|means|refers to)\s+(?:an?|the|one)\s")
 _UNITS = (r"mm²/s|m³/h|mm/m|mm/s|L/min|l/min|N·m|Nm|MΩ|kPa|MPa|mbar|bar|°C|K|rpm|kHz|Hz|kW|W|kV|V|mA|A|%|µm|mm|cm|"
           r"m|kg|g|dB|ppm|min|s|h|hours|days|weeks|months|years|minutes|seconds")  # longest first
-_QUANTITY = re.compile(rf"(?<![\w.,\-])(\d+(?:[.,]\d+)?)\s?({_UNITS})(?![\w/²³])")
+QUANTITY = re.compile(rf"(?<![\w.,\-])(\d+(?:[.,]\d+)?)\s?({_UNITS})(?![\w/²³])")
 _TERMINAL = (".", "!", "?", ":")
 _FUNCTION_WORDS = frozenset(["the", "a", "an", "and", "or", "in", "on", "at", "for", "with", "to", "from", "by",
                             "this", "that", "these", "those", "it", "its", "which"])
@@ -146,7 +146,7 @@ def _good_sentence(sentence: str) -> bool:
             and "|" not in sentence and alpha >= 0.6 * len(words))
 
 
-def _where(unit: Unit, doc: Document) -> str:
+def where_phrase(unit: Unit, doc: Document) -> str:
     if unit.heading and unit.heading != doc.title:
         return f'the section "{unit.heading}" of "{doc.title}"'
     return f'"{doc.title}"'
@@ -192,18 +192,18 @@ def _sentence_pair(sentence: str, unit: Unit, doc: Document, keywords: Sequence[
     question = _definition(sentence, keywords)
     if question:
         return "definition", question, sentence
-    quantity = _QUANTITY.search(sentence)
+    quantity = QUANTITY.search(sentence)
     if quantity:  # values are the facts most worth learning, and the easiest to corrupt convincingly
         blanked = f"{sentence[:quantity.start()]}____{sentence[quantity.end():]}"
-        return "fact", f"In {_where(unit, doc)}, what value fills the blank: \"{blanked}\"?", quantity.group(0)
+        return "fact", f"In {where_phrase(unit, doc)}, what value fills the blank: \"{blanked}\"?", quantity.group(0)
     options = []
     blank = _blank_keyword(sentence, keywords)
     if blank:
-        options.append(("cloze", f"In {_where(unit, doc)}, which term fills the blank: \"{blank[0]}\"?", blank[1]))
+        options.append(("cloze", f"In {where_phrase(unit, doc)}, which term fills the blank: \"{blank[0]}\"?", blank[1]))
     words = sentence.split()
     if len(words) >= 12:
         half = len(words) // 2
-        options.append(("completion", f"Continue the text from {_where(unit, doc)}: \"{' '.join(words[:half])} ...\"",
+        options.append(("completion", f"Continue the text from {where_phrase(unit, doc)}: \"{' '.join(words[:half])} ...\"",
                         " ".join(words[half:])))
     return options[turn % len(options)] if options else None
 
@@ -228,7 +228,7 @@ def _cells(row: str) -> list[str]:
     return cells[1:-1] if row.strip().startswith("|") else cells[:-1] if not cells[-1] else cells
 
 
-def _table_facts(units: list[Unit], doc: Document) -> list[tuple[str, str, int, list[str]]]:
+def table_facts(units: list[Unit], doc: Document) -> list[tuple[str, str, int, list[str]]]:
     """(question, answer, start, other cells of the column) for the cells of each table."""
     out, table = [], []
     for unit in units + [Unit("end", "", len(doc.text), "")]:
@@ -259,7 +259,7 @@ def _summaries(units: list[Unit], doc: Document) -> list[tuple[str, str, int]]:
             for heading, found in by_heading.items() if len(found) >= 3]
 
 
-def _chunk_at(chunks: Sequence[Chunk], start: int, end: int) -> tuple[int, str]:
+def chunk_at(chunks: Sequence[Chunk], start: int, end: int) -> tuple[int, str]:
     """Index of the chunk holding `start`, and the text of the chunks covering start..end."""
     covering = [c for c in chunks if c.start < end and c.end > start] or list(chunks[:1])
     return covering[0].index, " ".join(c.text for c in covering)
@@ -271,7 +271,7 @@ def extract_pairs(doc: Document, chunks: Sequence[Chunk], keywords: Sequence[str
     units = parse_units(doc.text)
     raw: list[tuple[str, str, str, int, int]] = []  # kind, question, answer, start, end
     raw += [("procedure", q, a, s, e) for q, a, s, e in _procedures(units, doc)]
-    raw += [("table", q, a, s, s + 1) for q, a, s, _ in _table_facts(units, doc)]
+    raw += [("table", q, a, s, s + 1) for q, a, s, _ in table_facts(units, doc)]
     raw += [("summary", q, a, s, s + len(a)) for q, a, s in _summaries(units, doc)]
     turn = 0
     for unit in units:
@@ -285,7 +285,7 @@ def extract_pairs(doc: Document, chunks: Sequence[Chunk], keywords: Sequence[str
     per_chunk: Counter[int] = Counter()
     pairs = []
     for kind, question, answer, start, end in sorted(raw, key=lambda r: r[3]):
-        index, context = _chunk_at(chunks, start, end)
+        index, context = chunk_at(chunks, start, end)
         if per_chunk[index] < max_pairs_per_chunk:
             per_chunk[index] += 1
             pairs.append(QAPair(question, answer, doc.doc_id, kind, context, index))
@@ -294,7 +294,7 @@ def extract_pairs(doc: Document, chunks: Sequence[Chunk], keywords: Sequence[str
 
 def table_columns(doc: Document) -> dict[str, list[str]]:
     """For each table cell's question, the other cells of its column (plausible wrong answers)."""
-    return {q: [c for c in column if c != a] for q, a, _, column in _table_facts(parse_units(doc.text), doc)}
+    return {q: [c for c in column if c != a] for q, a, _, column in table_facts(parse_units(doc.text), doc)}
 
 
 def dapt_passages(doc: Document, chunks: Sequence[Chunk]) -> list[Passage]:

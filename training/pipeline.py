@@ -301,7 +301,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
 
     exam_report = None
     if exam is not None:
-        from eval.specialist import exam_gate
+        from eval.side_by_side import exam_gate
 
         hooks.step("exam", f"base and specialist on {exam}")
         started = time.perf_counter()
@@ -370,7 +370,7 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
 
 def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:
     """Training tokens/s of this base on this machine, measured once per run (run_dir/throughput.json)."""
-    from training.dapt import to_blocks
+    from training.dapt import PadCollator, to_blocks
     from training.models import load_tokenizer
     from training.recipe import measure_throughput
     from training.trainer_common import read_rows
@@ -386,7 +386,7 @@ def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: Special
     texts = [row["text"] for row in read_rows(dapt_file, ("text",))] if dapt_file.is_file() else []
     blocks = to_blocks(texts[:64] or ["calibration text " * 400], tokenizer, config.dapt.seq_len, packing=True)
     tokens_per_s = measure_throughput(base, blocks, config.lora, full=config.lora.method == "full",
-                                      batch_size=min(2, len(blocks)))
+                                      batch_size=min(2, len(blocks)), collate=PadCollator(pad_token_id=0))
     atomic_write_text(cached, json.dumps({"key": key, "tokens_per_s": tokens_per_s}) + "\n")
     return tokens_per_s
 

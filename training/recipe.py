@@ -161,18 +161,16 @@ def micro_batch(base: Path, seq_len: int, *, full: bool, available: int | None =
 
 
 def measure_throughput(base: Path, blocks: list[dict[str, list[int]]], lora, *, full: bool, batch_size: int,
-                       steps: int = 2) -> float:
-    """Training tokens per second on the real model: `steps` optimizer steps on real blocks
-    (after one warm-up step), the same kind of work every stage does."""
+                       collate, steps: int = 2) -> float:
+    """Training tokens per second on the real model: `steps` optimizer steps on real blocks batched by
+    `collate` (DAPT's PadCollator), after one warm-up step: the same kind of work every stage does."""
     import torch
 
-    from training.dapt import PadCollator
     from training.lora import trainable_model
 
     model = trainable_model(base, None, lora, full=full)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    collate = PadCollator(pad_token_id=0)
     batch = collate(blocks[:batch_size])
     tokens = int(batch["attention_mask"].sum())
     timings = []

@@ -18,7 +18,7 @@ from retrieval.config import Searcher
 from retrieval.documents import Document
 from retrieval.embedded import EmbeddedIndex
 from retrieval.indexer import index_documents
-from tests.agents.test_graph import ScriptedModel, ScriptedRouter, _ask
+from tests.agents.test_graph import ScriptedModel, ScriptedRouter, ask
 
 # A tag as a model might read one: any case, spacing, slash, after Unicode compatibility folding.
 TAG = re.compile(r"<\s*/?\s*data\b", re.IGNORECASE)
@@ -89,11 +89,11 @@ def test_a_hostile_title_and_remembered_passages_reach_the_model_only_as_data(tm
     memory = InMemorySaver()
     router = ScriptedRouter({"flange": "search"})
     router_only = build_graph(Services(router=router, searcher=searcher), checkpointer=memory)
-    _ask(router_only, "flange torque?", thread="probe")  # an earlier one-shot answer, quoting the passage
+    ask(router_only, "flange torque?", thread="probe")  # an earlier one-shot answer, quoting the passage
 
     model = ScriptedModel(responses=[AIMessage("45 N·m [1].")])
     with_model = build_graph(Services(router=router, searcher=searcher, model=model), checkpointer=memory)
-    final, _ = _ask(with_model, "flange torque again?", thread="probe")
+    final, _ = ask(with_model, "flange torque again?", thread="probe")
     assert final["messages"][-1].text.startswith("45 N·m [1].")
     prompt = model.seen[-1]
     assert isinstance(prompt[0], SystemMessage)

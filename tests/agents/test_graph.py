@@ -82,7 +82,7 @@ def _tools(*extra):
     return {t.name: t for t in [*builtin_tools(), *extra]}
 
 
-def _ask(graph, text, thread="t1"):
+def ask(graph, text, thread="t1"):
     events = list(graph.stream({"messages": [HumanMessage(text)]}, {"configurable": {"thread_id": thread}},
                                stream_mode=["custom", "values"]))
     final = [payload for mode, payload in events if mode == "values"][-1]
@@ -103,13 +103,13 @@ def test_route_selection_is_a_pure_function():
 def test_router_only_tool_route_answers_and_remembers(spy):
     router = ScriptedRouter({"17 * 23": "tool:calculator", "psi": "tool:convert_units"})
     graph = build_graph(Services(router=router, tools=_tools()), checkpointer=InMemorySaver())
-    final, events = _ask(graph, "what is 17 * 23?")
+    final, events = ask(graph, "what is 17 * 23?")
     assert final["messages"][-1].text == "391"
     assert {"type": "route", "route": "tool:calculator", "confidence": 0.9} in events
-    final, _ = _ask(graph, "how many psi is 3 bar")
+    final, _ = ask(graph, "how many psi is 3 bar")
     assert "43.51" in final["messages"][-1].text
     assert len(final["messages"]) == 4  # the thread remembers the first exchange
-    other, _ = _ask(graph, "what is 17 * 23?", thread="t2")
+    other, _ = ask(graph, "what is 17 * 23?", thread="t2")
     assert len(other["messages"]) == 2
 
 
@@ -117,7 +117,7 @@ def test_router_only_search_cites_passages_and_injection_causes_no_tool_call(sea
     calls, evil_tool = spy
     graph = build_graph(Services(router=ScriptedRouter({"seal": "search"}), tools=_tools(evil_tool),
                                  searcher=searcher), checkpointer=InMemorySaver())
-    final, _ = _ask(graph, "what is the seal leakage limit?")
+    final, _ = ask(graph, "what is the seal leakage limit?")
     answer = final["messages"][-1].text
     assert "[1]" in answer and "[2]" in answer and "drops per minute" in answer
     assert {s["doc_id"] for s in final["sources"]} == {"seals.md", "evil.md"}
@@ -132,7 +132,7 @@ def test_model_sees_retrieved_text_only_as_quoted_data(searcher, spy):
     ])
     services = Services(router=ScriptedRouter({}, confident=False), tools=_tools(evil_tool), searcher=searcher,
                         model=model)
-    final, events = _ask(build_graph(services, checkpointer=InMemorySaver()), "what is the seal leakage limit?")
+    final, events = ask(build_graph(services, checkpointer=InMemorySaver()), "what is the seal leakage limit?")
     assert {"type": "route", "route": "agent", "confidence": 0.1} in events
     assert final["messages"][-1].text.startswith("The limit")
     tool_message = next(m for m in final["messages"] if isinstance(m, ToolMessage))
@@ -148,7 +148,7 @@ def test_tool_errors_go_back_to_the_model_and_steps_are_bounded():
         AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "1/0"}, "id": f"c{i}"}])
         for i in range(10)])
     services = Services(router=ScriptedRouter({}, confident=False), tools=_tools(), model=looping, max_steps=3)
-    final, _ = _ask(build_graph(services, checkpointer=InMemorySaver()), "divide one by zero")
+    final, _ = ask(build_graph(services, checkpointer=InMemorySaver()), "divide one by zero")
     results = [m for m in final["messages"] if isinstance(m, ToolMessage)]
     assert len(results) == 2 and all("division by zero" in m.content for m in results)
     assert final["steps"] == 3
@@ -169,7 +169,7 @@ def test_a_real_model_reading_an_injection_calls_no_tool(searcher, spy, smollm2)
     for confident in (True, False):  # the semantic router decides; or the model chooses the route
         services = Services(router=ScriptedRouter({"seal": "search"}, confident=confident), tools=_tools(evil_tool),
                             searcher=searcher, model=model.chat, model_tools=model.tools, model_name=model.name)
-        final, _ = _ask(build_graph(services, checkpointer=InMemorySaver()), "what is the seal leakage limit? "
+        final, _ = ask(build_graph(services, checkpointer=InMemorySaver()), "what is the seal leakage limit? "
                         "Use tools if the documents say so.", thread=str(confident))
         assert calls == []
         assert final["route_output"] in final["messages"][-1].text
@@ -188,6 +188,6 @@ def test_a_specialist_that_fails_after_routing_degrades_the_answer_not_the_reque
 
     services = Services(router=ScriptedRouter({"pump": "specialist:pumps"}), runtime=BrokenRuntime(),
                         specialists=["pumps"])
-    final, events = _ask(build_graph(services, checkpointer=InMemorySaver()), "how do I bleed the pump?")
+    final, events = ask(build_graph(services, checkpointer=InMemorySaver()), "how do I bleed the pump?")
     assert final["messages"][-1].text == "error: specialist pumps is unavailable right now (`atelier doctor` says why)"
     assert [e["text"] for e in events if e["type"] == "token"] == [final["messages"][-1].text]

@@ -128,10 +128,10 @@ def test_fixed_thresholds_override_the_cross_validated_ones(encoder, router):
 
 
 def test_similarity_stats_shrink_small_routes_to_the_pooled_figures():
-    from agents.router_fit import _similarity_stats
+    from agents.router_fit import similarity_stats
 
     nearest = np.array([0.9, 0.91, 0.89, 0.9, 0.92, 0.88, 0.5])  # route 0: six tight exemplars; route 1: one loose
-    mean, std = _similarity_stats(nearest, np.array([0, 0, 0, 0, 0, 0, 1]), 2)
+    mean, std = similarity_stats(nearest, np.array([0, 0, 0, 0, 0, 0, 1]), 2)
     pooled = nearest.mean()
     assert pooled < mean[0] < 0.9  # six exemplars pull route 0 most of the way to its own figure
     assert 0.5 < mean[1] < pooled and mean[1] - 0.5 > pooled - mean[1]  # one barely moves route 1 off the pool

@@ -208,13 +208,13 @@ def test_cli_index_on_elasticsearch_then_ask_routes_to_search(tmp_path, monkeypa
 
 
 def test_an_index_that_cannot_be_opened_is_warned_about_unless_never_built(caplog):
-    from agents.orchestrator import _open_searcher
+    from agents.orchestrator import open_searcher
     from retrieval.config import RetrievalConfig
 
     with caplog.at_level("INFO", logger="agents.orchestrator"):
-        assert _open_searcher(RetrievalConfig()) is None  # never built: no search route, nothing to fix
+        assert open_searcher(RetrievalConfig()) is None  # never built: no search route, nothing to fix
         embedded_path("default").parent.mkdir(parents=True)
         embedded_path("default").write_bytes(b"\x00garbage" * 512)
-        assert _open_searcher(RetrievalConfig()) is None
+        assert open_searcher(RetrievalConfig()) is None
     [never_built, corrupt] = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert never_built[0] == "INFO" and corrupt[0] == "WARNING" and "not a usable index" in corrupt[1]

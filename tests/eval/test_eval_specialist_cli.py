@@ -77,14 +77,14 @@ def test_json_table_and_report_files(registered, tmp_path):
 
 def test_prompt_sharing_gives_the_same_scores_as_one_sequence_per_option(tiny):
     from eval.scoring import score_options
-    from eval.specialist import _chat_ids, _text_ids, load_for_eval
+    from eval.specialist import chat_ids, load_for_eval, text_ids
 
     model, tokenizer = load_for_eval(tiny / "base")
     questions = ["What torque for the HX-65 impeller nut?", "E14?", "How much oil does the BF-2 frame take?"]
     options = [["80 N·m", "65 N·m", "150 N·m", "45 N·m"], ["Dry-run protection", "Low suction pressure", "x", "y z"],
                ["0.55 L", "1.2 L", "0.35 L", "0.75 L"]]
-    prompts = [_chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-    ids = [[_text_ids(tokenizer, o) for o in opts] for opts in options]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+    ids = [[text_ids(tokenizer, o) for o in opts] for opts in options]
     shared = score_options(model, prompts, ids, 5, tokenizer.pad_token_id, 256)
     separate = score_options(model, prompts, ids, 5, tokenizer.pad_token_id, 256, share_prefix=False)
     assert [[n for _, n in row] for row in shared] == [[len(o) for o in row] for row in ids]
@@ -111,8 +111,9 @@ def test_user_mistakes_are_one_line_errors(registered, args, message):
 
 
 def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
+    from eval.side_by_side import exam_gate
+    from eval.specialist import SpecialistEvalConfig
     from specialists.registry import Registry, gate_refusal
-    from eval.specialist import SpecialistEvalConfig, exam_gate
 
     exam = _exam(tmp_path, n=8)
     config = SpecialistEvalConfig(exam_max_new_tokens=4)
@@ -130,7 +131,8 @@ def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
 
 
 def test_rag_adds_search_and_the_specialist_with_passages(registered, tmp_path, encoder):
-    from eval.specialist import SpecialistEvalConfig, evaluate_specialist
+    from eval.side_by_side import evaluate_specialist
+    from eval.specialist import SpecialistEvalConfig
 
     docs = Path(__file__).resolve().parents[2] / "examples" / "docs"
     config = SpecialistEvalConfig(exam_max_new_tokens=4, rag_passages=2, rag_passage_chars=300)
@@ -149,13 +151,14 @@ def test_on_the_real_smollm2_base_with_a_served_model_beside_it(smollm2_base, sm
     """SmolLM2-135M (the `--base smollm2-135m` conversion) with a small LoRA as the specialist, and the
     same model served by llama.cpp (`llamacpp:smollm2-135m`) as an --against system: open questions only."""
     from eval.scoring import score_options
-    from eval.specialist import SpecialistEvalConfig, _chat_ids, _text_ids, evaluate_specialist, load_for_eval
+    from eval.side_by_side import evaluate_specialist
+    from eval.specialist import SpecialistEvalConfig, chat_ids, load_for_eval, text_ids
     from specialists.registry import Registry
 
     model, tokenizer = load_for_eval(smollm2_base)
-    prompts = [_chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("Impeller nut torque?", "E14?")]
-    options = [[_text_ids(tokenizer, o) for o in ("80 N·m", "65 N·m", "150 N·m")],
-               [_text_ids(tokenizer, o) for o in ("Dry-run protection", "Motor stall", "Earth fault")]]
+    prompts = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in ("Impeller nut torque?", "E14?")]
+    options = [[text_ids(tokenizer, o) for o in ("80 N·m", "65 N·m", "150 N·m")],
+               [text_ids(tokenizer, o) for o in ("Dry-run protection", "Motor stall", "Earth fault")]]
     shared = score_options(model, prompts, options, 8, tokenizer.pad_token_id, 512)
     separate = score_options(model, prompts, options, 8, tokenizer.pad_token_id, 512, share_prefix=False)
     assert all(a[0] == pytest.approx(b[0], abs=2e-3) for ra, rb in zip(shared, separate) for a, b in zip(ra, rb))

@@ -8,7 +8,9 @@ import time
 
 import pytest
 
+from eval.answers import token_f1
 from eval.report import METRICS, compare, render_markdown, render_plot, write_report
+from eval.scoring import score_continuations
 from eval.specialist import (
     QAItem,
     SpecialistEvalConfig,
@@ -16,8 +18,6 @@ from eval.specialist import (
     evaluate_loaded,
     evaluate_model,
     load_for_eval,
-    score_continuations,
-    token_f1,
 )
 
 REACTORS = ["zorblax", "quintar", "velmora", "drennic", "plovex", "sartane", "kelvane", "murrow", "tazzle",

@@ -18,9 +18,18 @@ import pytest
 import yaml
 
 from atelier.errors import AtelierError
-from specialists import export as export_module
-from specialists import gguf_export
-from specialists.export import export_specialist, ollama_template
+from specialists.export import gguf_writer
+from specialists.export.cli import register_export
+from specialists.export.common import load_specialist, umask
+from specialists.export.ollama import CHATML_GO_TEMPLATE, ollama_template
+from specialists.export.parity import (
+    BUILTIN_PROMPTS,
+    check_parity_in_llamacpp,
+    held_out_conversations,
+    llamacpp_greedy,
+    reference_probes,
+)
+from specialists.export.pipeline import export_specialist
 from specialists.registry import Registry
 from tests.tinymodels import CHAT_TEMPLATE, build_adapter, build_base, build_tokenizer
 
@@ -94,10 +103,9 @@ def logits_of(model_dir: Path, adapter: Path, ids: list[int]) -> np.ndarray:
 def gguf_greedy(path: Path, ids: list[int], count: int = 16) -> list[int]:
     """The GGUF file's greedy continuation, run in llama.cpp itself."""
     from atelier.llamacpp import private_server
-    from specialists.export_parity import _llamacpp_greedy
 
     with private_server(path, n_ctx=256) as server:
-        return _llamacpp_greedy(server.url.removesuffix("/v1"), ids, count)[0]
+        return llamacpp_greedy(server.url.removesuffix("/v1"), ids, count)[0]
 
 
 def front_matter(readme: Path) -> dict:
@@ -133,9 +141,9 @@ def test_merged_export_matches_the_adapter_on_its_base_and_has_a_model_card(regi
     for heading in ("## Intended use", "## Limitations", "## Training", "## Evaluation", "## Data"):
         assert heading in body
     assert "| held-out perplexity | 900 | 120.5 |" in body
-    umask = export_module._umask()
-    assert umask == os.umask(umask)
-    assert {p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]} == {0o777 & ~umask, 0o666 & ~umask}
+    mask = umask()
+    assert mask == os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]} == {0o777 & ~mask, 0o666 & ~mask}
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["parity"]["prompts"] == 5 and manifest["target"] == "merged"
 
@@ -153,9 +161,9 @@ def test_a_full_model_specialist_exports_merged_in_f16_and_to_gguf_but_not_to_vl
 
 def test_held_out_prompts_come_from_the_run_and_fall_back_to_built_ins(registry, models):
     record = registry.get("pumps")
-    assert [c[-1]["content"] for c in export_module.held_out_conversations(record)] == HELD_OUT[:5]
-    fallback = export_module.held_out_conversations(record.model_copy(update={"run_dir": None}))
-    assert [c[0]["content"] for c in fallback] == list(export_module.BUILTIN_PROMPTS)
+    assert [c[-1]["content"] for c in held_out_conversations(record)] == HELD_OUT[:5]
+    fallback = held_out_conversations(record.model_copy(update={"run_dir": None}))
+    assert [c[0]["content"] for c in fallback] == list(BUILTIN_PROMPTS)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -212,8 +220,7 @@ def test_the_adapter_as_a_gguf_lora_adapter_runs_in_llama_cpp_on_the_base_gguf(r
     """The GGUF LoRA adapter has llama.cpp's metadata; on the exported base in llama.cpp, turned on per
     request, it continues as the adapter on its base in transformers, and turned off as the bare base."""
     from atelier.llamacpp import private_server
-    from specialists.export_parity import _llamacpp_greedy
-    from specialists.gguf_lora import read_adapter_metadata
+    from specialists.export.gguf_lora import read_adapter_metadata
 
     result = export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry)
     lora, base = tmp_path / "gguf" / "pumps-v1-lora.gguf", tmp_path / "gguf" / "base-f32.gguf"
@@ -235,8 +242,8 @@ def test_the_adapter_as_a_gguf_lora_adapter_runs_in_llama_cpp_on_the_base_gguf(r
     assert with_adapter != bare  # the adapter matters, so the comparison below can fail
     with private_server(base, n_ctx=256, adapters=(lora,)) as server:
         address = server.url.removesuffix("/v1")
-        assert _llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 1.0}])[0] == with_adapter
-        assert _llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 0.0}])[0] == bare
+        assert llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 1.0}])[0] == with_adapter
+        assert llamacpp_greedy(address, ids, 16, lora=[{"id": 0, "scale": 0.0}])[0] == bare
 
 
 def test_a_gguf_export_with_serve_is_served_by_llama_cpp_through_the_runtime(registry, models, tmp_path):
@@ -290,10 +297,10 @@ def test_a_gguf_with_a_broken_vocabulary_is_refused(registry, atelier_home, monk
 def test_a_damaged_gguf_tensor_fails_the_parity_check(registry, tmp_path):
     export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry)
     path = tmp_path / "gguf" / "pumps-v1-f32.gguf"
-    model, tokenizer = export_module.load_specialist(registry.get("pumps"))
-    probes = export_module.reference_probes(model, tokenizer, export_module.held_out_conversations(registry.get("pumps")))
-    good = gguf_export.GgufFile(path)
-    export_module.check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
+    model, tokenizer = load_specialist(registry.get("pumps"))
+    probes = reference_probes(model, tokenizer, held_out_conversations(registry.get("pumps")))
+    good = gguf_writer.GgufFile(path)
+    check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
 
     tensor = good.tensors["blk.1.ffn_down.weight"]
     data = np.memmap(path, dtype=np.float32, mode="r+", offset=tensor.data_offset, shape=(tensor.n_elements,))
@@ -301,11 +308,11 @@ def test_a_damaged_gguf_tensor_fails_the_parity_check(registry, tmp_path):
     data.flush()
     del data
     with pytest.raises(AtelierError, match=r"parity check failed .* llama.cpp.* prompt 1/5 .*expected tokens \[.*got \["):
-        export_module.check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
+        check_parity_in_llamacpp(probes, path, "f32", "GGUF file", tokenizer)
 
 
 def test_without_the_qk_permutation_the_export_fails_and_writes_nothing(registry, atelier_home, monkeypatch):
-    monkeypatch.setattr(gguf_export, "permute", lambda weight, n_head: weight)
+    monkeypatch.setattr(gguf_writer, "permute", lambda weight, n_head: weight)
     with pytest.raises(AtelierError, match="parity check failed for the GGUF file"):
         export_specialist("pumps", "gguf", registry=registry)
     exports = atelier_home / "exports"
@@ -347,9 +354,9 @@ def test_an_export_replaces_an_older_export_but_never_a_foreign_folder(registry,
 # ----------------------------------------------------------------------------- Ollama
 
 
-def test_ollama_modelfile_for_a_chatml_specialist_without_a_server(registry, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "ollama_reachable", lambda url: pytest.fail("must not probe with create=False"))
-    result = export_specialist("pumps", "ollama", out=tmp_path / "ollama", registry=registry, create=False)
+def test_ollama_modelfile_for_a_chatml_specialist_without_a_server(registry, tmp_path):
+    result = export_specialist("pumps", "ollama", out=tmp_path / "ollama", registry=registry, create=False,
+                               reachable=lambda url: pytest.fail("must not probe with create=False"))
 
     modelfile = (tmp_path / "ollama" / "Modelfile").read_text()
     assert modelfile.splitlines()[0] == "FROM ./pumps-v1-f16.gguf"
@@ -373,19 +380,23 @@ def test_ollama_template_translation_is_judged_by_rendering(models):
     from training.models import PLAIN_CHAT_TEMPLATE, SCRATCH_CHAT_TEMPLATE
 
     tokenizer = AutoTokenizer.from_pretrained(models.base)
-    assert ollama_template(tokenizer, "t") == (export_module.CHATML_GO_TEMPLATE, None)
+    assert ollama_template(tokenizer, "t") == (CHATML_GO_TEMPLATE, None)
     tokenizer.chat_template = SCRATCH_CHAT_TEMPLATE  # with {% generation %} markers: renders the same
     assert ollama_template(tokenizer, "t")[1] is None
     tokenizer.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou help.<|im_end|>\n' }}"
                                "{% endif %}" + SCRATCH_CHAT_TEMPLATE)  # a Qwen-style default system turn
-    assert ollama_template(tokenizer, "t") == (export_module.CHATML_GO_TEMPLATE, "You help.")
+    assert ollama_template(tokenizer, "t") == (CHATML_GO_TEMPLATE, "You help.")
     tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     with pytest.raises(AtelierError, match="not ChatML.*TEMPLATE by hand"):
         ollama_template(tokenizer, "t")
 
 
-def test_ollama_adapter_route_for_a_base_ollama_knows(registry, models, tmp_path, monkeypatch):
-    monkeypatch.setattr(export_module, "hub_id", lambda base: "meta-llama/Llama-3.2-1B-Instruct")
+def test_ollama_adapter_route_for_a_base_ollama_knows(registry, models, tmp_path):
+    import shutil
+
+    base = tmp_path / "hub" / "models--meta-llama--Llama-3.2-1B-Instruct" / "snapshots" / "0"  # a hub cache path
+    shutil.copytree(models.base, base)
+    registry.register("pumps", base_model=str(base), adapter_dir=models.adapter, eval_report=EVAL_REPORT)
     export_specialist("pumps", "ollama", out=tmp_path / "o", registry=registry, create=False)
     modelfile = (tmp_path / "o" / "Modelfile").read_text()
     assert modelfile == "FROM llama3.2:1b\nADAPTER ./adapter\nPARAMETER num_ctx 256\n"  # the rest from Ollama's base
@@ -441,7 +452,7 @@ def test_with_a_reachable_ollama_the_model_is_created_and_registered_as_served(r
     assert paths == [("GET", "/api/version"), ("POST", f"/api/blobs/{digest}"), ("POST", "/api/create")]
     create = json.loads(fake_ollama.calls[-1][2])
     assert create["model"] == "pumps" and create["files"] == {"pumps-v1-f16.gguf": digest}
-    assert create["template"] == export_module.CHATML_GO_TEMPLATE
+    assert create["template"] == CHATML_GO_TEMPLATE
     assert create["parameters"] == {"stop": ["<|im_end|>", "<|im_start|>"], "num_ctx": 256}
     assert result.served_by == f"ollama:pumps@{fake_ollama.url}"
     record = registry.get("pumps")
@@ -482,7 +493,7 @@ def test_importing_the_export_module_loads_no_torch_numpy_or_gguf():
     import subprocess
     import sys
 
-    code = ("import sys, specialists.export; heavy = {'torch', 'numpy', 'gguf', 'transformers'} & set(sys.modules); "
+    code = ("import sys, specialists.export.cli; heavy = {'torch', 'numpy', 'gguf', 'transformers'} & set(sys.modules); "
             "sys.exit(f'imported {heavy}' if heavy else 0)")
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
                           text=True, check=False)
@@ -511,7 +522,7 @@ def test_cli_export_prints_files_parity_and_next_commands(registry, tmp_path):
 
     app = typer.Typer()
     app.command("noop")(lambda: None)  # a group with two commands keeps `export` as a subcommand
-    export_module.register_export(app)
+    register_export(app)
     ok = CliRunner().invoke(app, ["export", "pumps", "--to", "vllm", "--out", str(tmp_path / "v")])
     assert ok.exit_code == 0, ok.output
     assert "exported pumps v1 to vllm" in ok.output and "parity: 5 prompts" in ok.output

@@ -16,8 +16,9 @@ import pytest
 
 from atelier.errors import AtelierError
 from specialists import runtime as runtime_module
+from specialists.generation import GenerationParams, StopFilter
 from specialists.registry import Registry
-from specialists.runtime import GenerationParams, SpecialistRuntime, StopFilter
+from specialists.runtime import SpecialistRuntime
 from tests.tinymodels import ROOT, build_adapter, build_base, build_tokenizer
 
 ASK = [{"role": "user", "content": "How do I bleed the hydraulic pump?"}]

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 import pytest
 
 from atelier.errors import AtelierError
+from specialists.generation import GenerationParams
 from specialists.registry import Registry
-from specialists.runtime import GenerationParams, SpecialistRuntime
+from specialists.runtime import SpecialistRuntime
 from specialists.served import OllamaBackend, OpenAICompatibleBackend, backend_for, parse_served_by
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]

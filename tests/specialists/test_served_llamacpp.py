@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from specialists.export_parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
+from specialists.export.parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def smollm2_specialist(smollm2_base, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specialists.gguf_lora import write_lora_gguf
+    from specialists.export.gguf_lora import write_lora_gguf
 
     root = tmp_path_factory.mktemp("smollm2-specialist")
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from atelier.errors import AtelierError
-from training.lora import LoraSettings, check_adapter
+from specialists.registry import validate_adapter
+from training.lora import LoraSettings
 from training.models import (
     BASE_MARKER,
     device,
@@ -137,13 +138,13 @@ def test_adapter_without_weights_is_refused(tmp_path, tiny_base):
         load_model(tiny_base, adapter)
     (adapter / "adapter_config.json").write_text("{}")
     with pytest.raises(AtelierError, match="no adapter_model.safetensors"):
-        check_adapter(adapter)
+        validate_adapter(adapter)
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(AtelierError, match="empty or unreadable"):
+    with pytest.raises(AtelierError, match="too small to hold real weights"):
         load_model(tiny_base, adapter, trainable=True)
     save_file({}, str(adapter / "adapter_model.safetensors"))
-    with pytest.raises(AtelierError, match="empty or unreadable"):
-        check_adapter(adapter)
+    with pytest.raises(AtelierError, match="too small to hold real weights"):
+        validate_adapter(adapter)
 
 
 def test_lora_settings_are_documented_and_strict():

@@ -164,7 +164,7 @@ def test_broken_adapter_is_refused(dapt_result, small_data, tmp_path):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.safetensors").write_bytes(b"")
-    with pytest.raises(AtelierError, match="empty or unreadable"):
+    with pytest.raises(AtelierError, match="too small to hold real weights"):
         train_sft(dapt_result.model_path, small_data, tmp_path / "out", SftConfig(), LoraSettings(), adapter)
 
 

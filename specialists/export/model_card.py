@@ -4,12 +4,10 @@ model-index) and a body with intended use, limitations, training, evaluation, da
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from specialists.export.common import Staged, hub_id
 from specialists.registry import SpecialistRecord
-
-if TYPE_CHECKING:
-    from specialists.export import Staged
 
 EXPORTED_AS = {"merged": "as merged safetensors weights", "gguf": "as a GGUF file for llama.cpp",
                "ollama": "for Ollama", "vllm": "as a LoRA adapter for vLLM"}
@@ -20,7 +18,6 @@ def model_card(record: SpecialistRecord, target: str, staged: Staged) -> str:
     from huggingface_hub import EvalResult, ModelCardData
 
     from eval.report import METRICS
-    from specialists.export import hub_id  # looked up late: specialists.export imports this module
 
     report, hashes, lora, parity = record.eval_report or {}, record.data_manifest_hashes, record.config.get("lora", {}), staged.parity
     stages, final = report.get("stages", {}), report.get("final_stage", "")

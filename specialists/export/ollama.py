@@ -3,9 +3,7 @@
 FROM an Ollama library base + ADAPTER when Ollama knows the base, else FROM a GGUF (Llama) or the
 merged folder, with the chat template translated to Go syntax (ChatML only, judged by rendering).
 The create flow uploads the files as blobs through the official client and registers a new
-version `served_by: ollama:NAME`. Helpers shared with the other targets (the merged and GGUF
-writers, hub_id, ...) are looked up on `specialists.export` when called: that module imports
-this one, and its attributes are the ones callers (and tests) patch.
+version `served_by: ollama:NAME`. Without a library base it builds on the gguf and merged targets.
 """
 
 from __future__ import annotations
@@ -14,20 +12,19 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING
 
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
-from specialists.export_parity import check_parity, torch_logits
+from specialists.export.common import Staged, adapter_on_base, copy_adapter, hub_id, register_served
+from specialists.export.gguf import write_gguf_target
+from specialists.export.merged import write_merged
+from specialists.export.parity import check_parity, torch_logits
 from specialists.registry import Registry, SpecialistRecord
 
-if TYPE_CHECKING:
-    from specialists.export import Staged
-
-log = logging.getLogger("specialists.export")  # the export's log, as before the split
+log = logging.getLogger("specialists.export")  # the export's one log
 
 # Hugging Face ids of bases that Ollama's library serves and whose safetensors LoRA adapters its
 # ADAPTER instruction imports (Llama, Mistral, Gemma families): HF id -> Ollama tag.
@@ -39,13 +36,6 @@ OLLAMA_BASES = {
 CHATML_GO_TEMPLATE = ("{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
                       "{{ end }}<|im_start|>assistant\n")
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
-
-
-def _export() -> ModuleType:
-    """specialists.export, imported late (it imports this module)."""
-    from specialists import export
-
-    return export
 
 
 @dataclass
@@ -76,27 +66,25 @@ class OllamaPlan:
 
 def write_ollama(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path) -> Staged:
     """ADAPTER on an Ollama library base when Ollama knows the base, else FROM our GGUF (Llama) or merged folder."""
-    export = _export()
     ctx = model.config.max_position_embeddings
     if tag := ollama_base_tag(record):
-        export._copy_adapter(record, folder / "adapter")
-        parity = check_parity(probes, torch_logits(export._adapter_on_base(record, folder / "adapter")), "f32",
+        copy_adapter(record, folder / "adapter")
+        parity = check_parity(probes, torch_logits(adapter_on_base(record, folder / "adapter")), "f32",
                               "Ollama adapter", tokenizer)
-        staged = export.Staged(parity, card={"library_name": "peft", "tags": ["lora", "ollama"]})
+        staged = Staged(parity, card={"library_name": "peft", "tags": ["lora", "ollama"]})
         plan = OllamaPlan(record.name, tag, [], ["adapter/adapter_model.safetensors", "adapter/adapter_config.json"],
                           None, None, [], ctx, None)  # TEMPLATE and stops come with Ollama's base
     else:
         template, system = ollama_template(tokenizer, record.name)
         if getattr(model.config, "model_type", None) == "llama":  # our GGUF; Ollama makes q4_K_M from its f16
             ours, later = (quantize, None) if quantize in ("f32", "f16", "q8_0") else ("f16", quantize and "q4_K_M")
-            staged = export.write_gguf_target(record, model, tokenizer, probes, folder, ours, out_dir,
-                                                  with_adapter=False)
+            staged = write_gguf_target(record, model, tokenizer, probes, folder, ours, out_dir, with_adapter=False)
             files = [p.name for p in folder.glob("*.gguf")]
             source = f"./{files[0]}"
         else:  # Ollama converts (and quantizes) safetensors of the architectures it knows
             ours, later = (quantize, None) if quantize in ("f32", "f16") else (None, {"q4_k_m": "q4_K_M"}.get(
                 quantize or "", quantize))
-            staged = export.write_merged(record, model, tokenizer, probes, folder / "merged", ours, out_dir / "merged")
+            staged = write_merged(record, model, tokenizer, probes, folder / "merged", ours, out_dir / "merged")
             files, source = [f"merged/{p.name}" for p in sorted((folder / "merged").iterdir())], "./merged"
         plan = OllamaPlan(record.name, source, files, [], template, system, stop_strings(tokenizer),
                           ctx, later)
@@ -108,7 +96,7 @@ def write_ollama(record, model, tokenizer, probes, folder: Path, quantize: str |
 
 def ollama_base_tag(record: SpecialistRecord) -> str | None:
     """The Ollama library tag of the adapter's base, when Ollama serves that base and imports its adapters."""
-    return None if record.full_model else OLLAMA_BASES.get((_export().hub_id(record.base_model) or "").lower())
+    return None if record.full_model else OLLAMA_BASES.get((hub_id(record.base_model) or "").lower())
 
 
 _PROBE_CHATS = ([{"role": "user", "content": "Hi"}],
@@ -189,19 +177,13 @@ def create_in_ollama(plan: OllamaPlan, out_dir: Path, url: str) -> None:
                            f"{plan.model!r} ({exc}); run `{plan.command(out_dir)}` yourself") from None
 
 
-def _maybe_create_in_ollama(registry: Registry, record: SpecialistRecord, out_dir: Path, plan: OllamaPlan,
-                            create: bool | None) -> str | None:
-    """Create the model when asked (or when a server answers) and register a version with served_by."""
+def maybe_create_in_ollama(registry: Registry, record: SpecialistRecord, out_dir: Path, plan: OllamaPlan,
+                           create: bool | None, reachable: Callable[[str], bool]) -> str | None:
+    """Create the model when asked (or when `reachable` finds a server) and register a version with served_by."""
     url = _ollama_url()
-    if create is False or (create is None and not _export().ollama_reachable(url)):
+    if create is False or (create is None and not reachable(url)):
         return None
     create_in_ollama(plan, out_dir, url)
     served_by = f"ollama:{plan.model}" + ("" if url == DEFAULT_OLLAMA_URL else f"@{url}")
-    registry.register(record.name, base_model=record.base_model, eval_report=record.eval_report,
-                      keywords=record.keywords, description=record.description,
-                      adapter_dir=None if record.full_model else Path(record.adapter_path or ""),
-                      model_dir=Path(record.model_path or "") if record.full_model else None,
-                      data_manifest_hashes=record.data_manifest_hashes, config=record.config,
-                      route_exemplars=record.route_exemplars, served_by=served_by, run_dir=record.run_dir,
-                      force=record.forced)
+    register_served(registry, record, served_by)
     return served_by

@@ -8,7 +8,7 @@ transformers rotates halves (x[i], x[i + d/2]); reordering each head's rows make
 
 The byte-level pre-tokenizer is written under llama.cpp's name for it, "gpt-2" (llama.cpp refuses
 "gpt2"). Whether the file is right is judged by llama.cpp itself: the export's parity check runs it
-in the embedded llama.cpp server (`export_parity.check_parity_in_llamacpp`).
+in the embedded llama.cpp server (`parity.check_parity_in_llamacpp`).
 """
 
 from __future__ import annotations

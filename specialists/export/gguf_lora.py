@@ -7,7 +7,7 @@ every adapted weight `W` of the base (by its GGUF name, e.g. `blk.0.attn_q.weigh
 llama.cpp adds `scale * alpha / rank * B @ A` to `W`'s product, rank being lora_b's inner size.
 
 Two details follow the base's own conversion: lora_B of q_proj and k_proj gets the same row
-permutation as the base's Q/K weights (see `gguf_export.permute`), and when PEFT's scaling is not
+permutation as the base's Q/K weights (see `gguf_writer.permute`), and when PEFT's scaling is not
 a plain alpha / r (rsLoRA, per-module rank or alpha patterns) it is folded into lora_B and the
 file's alpha is 0, which llama.cpp reads as "no further scaling".
 
@@ -44,7 +44,7 @@ def write_lora_gguf(adapter_dir: Path, base_config: Any, path: Path, *, name: st
     import gguf
     from safetensors.numpy import load_file
 
-    from specialists.gguf_export import check_llama, permute
+    from specialists.export.gguf_writer import check_llama, permute
 
     check_llama(base_config)
     adapter_dir = Path(adapter_dir)

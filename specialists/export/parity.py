@@ -17,7 +17,7 @@ from typing import Any
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from specialists.registry import SpecialistRecord, check_adapter_files
+from specialists.registry import SpecialistRecord
 
 NEW_TOKENS, MAX_PROMPTS = 16, 5
 BUILTIN_PROMPTS = ("What does this manual cover?", "What should I check before starting the equipment?",
@@ -80,39 +80,7 @@ class Probe:
         return self.prompt_ids + self.tokens[:-1]
 
 
-# ----------------------------------------------------------------------------- loading and parity
-
-
-def load_specialist(record: SpecialistRecord):
-    """(model, tokenizer): the adapter on its base in fp32 (or the full model), safetensors only, offline."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = _weights_of(record)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
-                                                     local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise AtelierError(f"cannot load {source} for specialist {record.name!r} ({exc}); the base must be "
-                           "on this machine") from None
-    if not record.full_model:
-        model = _attach(model, check_adapter_files(record))
-    return model.eval(), tokenizer
-
-
-def _weights_of(record: SpecialistRecord) -> str:
-    return str(record.model_path if record.full_model else record.base_model)
-
-
-def _attach(model, adapter: Path):
-    import warnings
-
-    from peft import PeftModel
-
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
+# ----------------------------------------------------------------------------- the reference, and parity
 
 
 def held_out_conversations(record: SpecialistRecord) -> list[list[dict]]:
@@ -227,8 +195,8 @@ def check_parity_in_llamacpp(probes: list[Probe], gguf: Path, precision: str, ar
     lora = [{"id": 0, "scale": 1.0}] if adapter else None
     with private_server(gguf, n_ctx=max(128, context), adapters=(adapter,) if adapter else ()) as server:
         for number, probe in enumerate(probes, start=1):
-            got, steps = _llamacpp_greedy(server.url.removesuffix("/v1"), probe.prompt_ids, len(probe.tokens),
-                                          lora=lora)
+            got, steps = llamacpp_greedy(server.url.removesuffix("/v1"), probe.prompt_ids, len(probe.tokens),
+                                         lora=lora)
             reference = probe.logits - np.log(np.exp(probe.logits - probe.logits.max(-1, keepdims=True))
                                               .sum(-1, keepdims=True)) - probe.logits.max(-1, keepdims=True)
             for i, token in enumerate(got[: len(probe.tokens)]):
@@ -252,8 +220,8 @@ def check_parity_in_llamacpp(probes: list[Probe], gguf: Path, precision: str, ar
                         tokens=compared, max_drift_sigma=round(worst, 6), seconds=round(time.perf_counter() - started, 2))
 
 
-def _llamacpp_greedy(address: str, prompt_ids: list[int], count: int, candidates: int = 8,
-                     lora: list[dict] | None = None) -> tuple[list[int], dict[int, list[dict]]]:
+def llamacpp_greedy(address: str, prompt_ids: list[int], count: int, candidates: int = 8,
+                    lora: list[dict] | None = None) -> tuple[list[int], dict[int, list[dict]]]:
     """llama.cpp's greedy continuation of token ids, and {step: top candidates [{"id", "logprob"}]}.
 
     llama.cpp leaves out the probabilities of a token that ends inside a UTF-8 character, so the
