@@ -61,7 +61,7 @@ def _judge(metric: str, base: dict, final: dict, final_stage: str) -> tuple[bool
     """(improved?, a sentence) for one metric; None when either side did not measure it."""
     direction, label = METRICS[metric]
     if metric not in base or metric not in final:
-        return None, f"{metric}: not measured for {'base' if metric not in base else final_stage} (no held-out data)"
+        return None, f"{metric}: not measured for {'base' if metric not in base else final_stage} (no held-out data, or left out to fit the --budget)"
     b, f = base[metric], final[metric]
     better = f < b if direction == "lower" else f > b
     word = "better" if better else ("unchanged" if f == b else "worse")
