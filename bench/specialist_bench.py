@@ -168,7 +168,7 @@ def phase_throughput(args) -> None:
     waste = {}
     for stage, key in (("dapt", "text"), ("sft", "messages")):
         rows = read_rows(data_dir / stage / "train.jsonl", (key,))
-        lengths = [len(tokenizer.apply_chat_template(r[key], tokenize=True)) if key == "messages"
+        lengths = [len(tokenizer.apply_chat_template(r[key], tokenize=True, return_dict=False)) if key == "messages"
                    else len(tokenizer(r[key])["input_ids"]) for r in rows]
         padded = sum(max(lengths[i:i + 8]) * len(lengths[i:i + 8]) for i in range(0, len(lengths), 8))
         waste[stage] = {"rows": len(rows), "tokens": sum(lengths),
