@@ -87,11 +87,16 @@ def open_backend(config: RetrievalConfig, *, dim: int | None, create: bool = Tru
                                   create=create)
     from retrieval.embedded import EmbeddedIndex
 
-    path = embedded_path(config.index)
-    if not create and not path.exists():
+    if not create:
+        require_embedded_index(config)
+    return EmbeddedIndex(embedded_path(config.index), dim=dim, model_name=config.embedding.model, fusion=config.fusion)
+
+
+def require_embedded_index(config: RetrievalConfig) -> None:
+    """Refuse a missing embedded index at once (before seconds of loading the encoder for it)."""
+    if config.backend is BackendName.embedded and not embedded_path(config.index).exists():
         raise AtelierError(f"no index named {config.index!r} under {atelier_home()}; "
                            "build one first with `atelier index DIR`")
-    return EmbeddedIndex(path, dim=dim, model_name=config.embedding.model, fusion=config.fusion)
 
 
 def index_with_progress(docs, store: SearchBackend, encoder: Encoder, config: RetrievalConfig, *,
@@ -120,6 +125,7 @@ class Searcher:
         """Open the configured index; `lexical_only` skips loading the encoder where the backend allows."""
         if lexical_only:
             return cls(open_backend(config, dim=None, create=False), None, config.embedding)
+        require_embedded_index(config)
         encoder = get_encoder(config.embedding)
         return cls(open_backend(config, dim=encoder.dim, create=False), encoder, config.embedding)
 

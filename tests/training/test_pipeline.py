@@ -22,8 +22,8 @@ EXAM = Path(__file__).resolve().parents[2] / "bench" / "exams" / "hx-pumps.jsonl
 SMALL = """
 base: scratch:tiny
 dapt: {max_steps: 40, save_steps: 20, logging_steps: 10}
-sft: {max_steps: 30, save_steps: 10, logging_steps: 5}
-dpo: {max_steps: 10, save_steps: 5, logging_steps: 5}
+sft: {max_steps: 20, save_steps: 10, logging_steps: 5, eval_heldout: false}
+dpo: {max_steps: 8, save_steps: 4, logging_steps: 4, eval_heldout: false}
 eval: {max_perplexity_texts: 20, max_mcq_items: 30, max_generation_items: 4, max_preference_items: 20, max_new_tokens: 8}
 """
 
@@ -98,7 +98,7 @@ def test_killed_during_sft_resumes_from_its_checkpoint(tmp_path, atelier_home, s
     assert "resumed from step" in out.stderr
     assert dapt_result.stat().st_mtime == dapt_mtime  # DAPT was not redone
     sft = json.loads((sft_dir / "result.json").read_text())
-    assert sft["resumed_from_step"] >= 10 and sft["steps"] == 30
+    assert sft["resumed_from_step"] >= 10 and sft["steps"] == 20
 
 
 @pytest.mark.parametrize("make_docs, message", [
