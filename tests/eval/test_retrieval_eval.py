@@ -2,8 +2,6 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -31,7 +29,12 @@ def test_metrics_match_hand_computation():
     assert percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
 
 
-def test_cli_eval_retrieval_json(tmp_path, atelier_home):
+def test_cli_eval_retrieval_json(tmp_path, atelier_home, encoder):
+    """In-process (the command, not a process: loading torch and the encoder again cost ~12 s)."""
+    from typer.testing import CliRunner
+
+    from atelier.cli import app
+
     beir = tmp_path / "tiny"
     (beir / "qrels").mkdir(parents=True)
     with (beir / "corpus.jsonl").open("w") as f:
@@ -43,10 +46,8 @@ def test_cli_eval_retrieval_json(tmp_path, atelier_home):
     (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in queries.items()))
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" +
                                              "".join(f"{q}\t{d}\t1\n" for q, d in gold.items()))
-    out = subprocess.run([sys.executable, "-m", "atelier.cli", "eval", "retrieval", "--beir", str(beir),
-                          "--split", "test", "--json"], capture_output=True, text=True, timeout=240,
-                         env={**__import__("os").environ, "ATELIER_HOME": str(atelier_home)})
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["eval", "retrieval", "--beir", str(beir), "--split", "test", "--json"])
+    assert out.exit_code == 0, (out.output, out.exception)
     result = json.loads(out.stdout)
     assert set(result) == {"hybrid", "bm25", "dense"}
     for mode in result.values():
