@@ -68,7 +68,7 @@ def _counts(path: Path) -> tuple[int, int, int, int]:
     return docs, chunks, distinct, with_terms
 
 
-def test_killed_indexer_leaves_a_usable_index_and_rerun_completes(tmp_path, atelier_home):
+def test_killed_indexer_leaves_a_usable_index_and_rerun_completes(tmp_path, atelier_home, encoder):
     folder = tmp_path / "docs"
     _corpus(folder, 120)
     config = tmp_path / "cfg.yaml"
@@ -90,25 +90,29 @@ def test_killed_indexer_leaves_a_usable_index_and_rerun_completes(tmp_path, atel
     docs, chunks, distinct, with_terms = _counts(db)
     assert 8 <= docs < 120, "the kill should land mid-run"
     assert chunks == distinct == with_terms == docs  # one chunk per doc, nothing half-written
-    hits = json.loads(_run("search", "impeller inspected", "--mode", "bm25", "--json", env=env).stdout)["hits"]
+    # the search and the re-run in-process: only the killed run needs a process of its own
+    hits = json.loads(_invoke("search", "impeller inspected", "--mode", "bm25", "--json"))["hits"]
     assert hits  # the interrupted index answers searches
 
-    out = _run("index", str(folder), "--config", str(config), "-q", env=env).stdout
+    out = _invoke("index", str(folder), "--config", str(config), "-q")
     assert f"{docs} unchanged" in out and f"{120 - docs} added" in out
     assert _counts(db) == (120, 120, 120, 120)
 
 
-def test_cli_index_prunes_and_deletes(tmp_path, atelier_home, encoder):
-    """In-process (the CLI's commands, not its process: a subprocess per call cost 30 s here)."""
+def _invoke(*args: str) -> str:
+    """An `atelier` command in-process (torch and the encoder are loaded once per test session)."""
     from typer.testing import CliRunner
 
     from atelier.cli import app
 
-    def run(*args: str) -> str:
-        result = CliRunner().invoke(app, list(args))
-        assert result.exit_code == 0, (args, result.output, result.exception)
-        return result.stdout
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.stdout
 
+
+def test_cli_index_prunes_and_deletes(tmp_path, atelier_home, encoder):
+    """In-process (the CLI's commands, not its process: a subprocess per call cost 30 s here)."""
+    run = _invoke
     folder = tmp_path / "docs"
     _corpus(folder, 3)
     run("index", str(folder), "-q")
