@@ -118,7 +118,7 @@ from pathlib import Path
 from training.lora import LoraSettings
 from training.sft import SftConfig, train_sft
 base, data, out = map(Path, sys.argv[1:4])
-config = SftConfig(max_steps=40, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
+config = SftConfig(max_steps=20, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
 train_sft(base, data, out, config, LoraSettings(), None, progress=lambda *a, **k: time.sleep(0.3))
 """
 
@@ -142,11 +142,11 @@ def test_sft_resumes_after_sigkill(dapt_result, small_data, tmp_path, recorder):
         child.wait()
     assert not (out / "result.json").exists()
 
-    config = SftConfig(max_steps=40, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
+    config = SftConfig(max_steps=20, save_steps=5, logging_steps=1, seq_len=64, eval_heldout=False)
     result = train_sft(dapt_result.model_path, small_data, out, config, LoraSettings(), None, progress=recorder)
-    assert result.resumed_from_step is not None and 5 <= result.resumed_from_step < 40
+    assert result.resumed_from_step is not None and 5 <= result.resumed_from_step < 20
     assert recorder.calls[0][0] == result.resumed_from_step + 1  # the global step continues
-    assert result.steps == 40 and (result.adapter_path / "adapter_model.safetensors").is_file()
+    assert result.steps == 20 and (result.adapter_path / "adapter_model.safetensors").is_file()
 
 
 def test_malformed_rows_are_named(dapt_result, tmp_path):
