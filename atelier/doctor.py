@@ -42,7 +42,7 @@ def check_sqlite(path: Path, area: str, fix: str) -> Finding:
 
 def check_specialists(home: Path) -> list[Finding]:
     """Every version of every specialist: its record reads and its weights match the recorded hash."""
-    from specialists.registry import Registry, check_adapter_files, validate_full_model
+    from specialists.registry import Registry, check_adapter_files, check_model_files
 
     registry = Registry(home)
     findings = []
@@ -57,13 +57,7 @@ def check_specialists(home: Path) -> list[Finding]:
             folder = registry.root / name / f"v{version}"
             try:
                 record = registry.get(name, version)
-                if record.full_model:
-                    sha = validate_full_model(Path(record.model_path or ""))
-                    if record.model_sha256 and sha != record.model_sha256:
-                        raise AtelierError(f"the weights of {name!r} v{version} do not match the SHA-256 recorded at "
-                                           "registration (changed or tampered with); register it again")
-                else:
-                    check_adapter_files(record)
+                (check_model_files if record.full_model else check_adapter_files)(record)
             except AtelierError as exc:
                 findings.append(Finding("specialists", str(folder), False, str(exc)))
                 continue

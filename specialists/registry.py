@@ -165,6 +165,16 @@ def check_adapter_files(record: SpecialistRecord) -> Path:
     return folder
 
 
+def check_model_files(record: SpecialistRecord) -> Path:
+    """The full model folder of `record`, refused unless its weights match the registered hash."""
+    folder = Path(record.model_path or "")
+    sha = validate_full_model(folder)
+    if record.model_sha256 and sha != record.model_sha256:
+        raise AtelierError(f"the weights of {record.name!r} v{record.version} at {folder} do not match the SHA-256 "
+                           "recorded at registration (changed or tampered with); register it again")
+    return folder
+
+
 def gate_refusal(eval_report: dict[str, Any], exam_report: dict[str, Any] | None = None) -> str | None:
     """Why the gate refuses a specialist (None when it may be registered).
 

@@ -3,6 +3,7 @@ answer can end a <data> block or open a new one when it reaches the orchestrator
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 
@@ -42,8 +43,8 @@ def test_no_content_or_source_can_close_or_open_a_block(name, content):
     opener, _, rest = wrapped.partition("\n")
     assert opener.startswith('<data source="') and opener.endswith('">') and opener.count('"') == 2
     assert rest.endswith("\n</data>")
-    [(source, body)] = BLOCK.findall(wrapped)
-    assert len(source) <= 200 * len("&quot;")
+    [(source, _body)] = BLOCK.findall(wrapped)
+    assert len(html.unescape(source)) <= 200 and "\n" not in html.unescape(source)
 
 
 @settings(max_examples=100, deadline=None)

@@ -298,3 +298,17 @@ def test_doctor_finds_tampered_weights_and_damaged_databases(registry, artifacts
     assert result.exit_code == 1 and "2 problem(s)" in result.stdout
     assert "does not match the SHA-256" in result.stdout and "memory.sqlite" in result.stdout
     assert record.adapter_sha256 not in result.stdout
+
+
+def test_a_full_model_whose_weights_changed_is_refused(registry, artifacts):
+    from specialists.registry import check_model_files
+
+    record = registry.register("scratch", base_model="scratch:tiny", eval_report=BEATS.to_dict(),
+                               model_dir=artifacts / "model")
+    assert check_model_files(record) == registry.root / "scratch" / "v1" / "model"
+    weights = registry.root / "scratch" / "v1" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AtelierError, match="do not match the SHA-256"):
+        check_model_files(registry.get("scratch"))
