@@ -69,6 +69,13 @@ class SpecialistRecord(StrictModel):
     forced: bool = Field(False, description="Registered with --force although the gate refused it.")
     created_at: str = Field(description="ISO 8601 time of registration (UTC).")
     run_dir: str | None = Field(None, description="The training run folder it came from.")
+    parent_version: int | None = Field(None, description="The version it was trained from (`specialist improve`); "
+                                       "None for a version built from the documents.")
+    lineage: dict[str, Any] = Field(default_factory=dict, description="What an improvement round used: feedback "
+                                    "ids, pair files with their SHA-256, pair counts and the regression gate's result.")
+    candidate: bool = Field(False, description="Kept but never activated: the regression gate refused it "
+                            "(`specialist show NAME --candidates`); rollback skips it.")
+    candidate_reasons: list[str] = Field(default_factory=list, description="Why the gate refused the candidate.")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -290,6 +297,17 @@ class Registry:
         folder = self._folder(name)
         return sorted(v for v in (_version_of(p) for p in folder.iterdir()) if v is not None)
 
+    def candidates(self, name: str) -> list[int]:
+        """Versions kept as candidates (refused by the improvement gate), oldest first; unreadable ones left out."""
+        found = []
+        for version in self.versions(name):
+            try:
+                if self.get(name, version).candidate:
+                    found.append(version)
+            except AtelierError:
+                continue
+        return found
+
     def current_version(self, name: str) -> int:
         try:
             text = (self._folder(name) / "current").read_text(encoding="utf-8").strip()
@@ -330,16 +348,20 @@ class Registry:
                  data_manifest_hashes: dict[str, str] | None = None, config: dict[str, Any] | None = None,
                  route_exemplars: list[str] | None = None, served_by: str | None = None,
                  run_dir: Path | str | None = None, force: bool = False, exam_report: dict[str, Any] | None = None,
-                 exam_sha256: str | None = None) -> SpecialistRecord:
+                 exam_sha256: str | None = None, parent_version: int | None = None,
+                 lineage: dict[str, Any] | None = None, candidate_reasons: list[str] | None = None) -> SpecialistRecord:
         """Add a new version of `name` and make it active. Exactly one of adapter_dir / model_dir.
 
-        Order matters: name, evaluation gate and artifacts are all checked before the first
-        byte is written; the version folder appears by one rename; `current` moves last.
+        With `candidate_reasons` (a refused improvement round) the version is stored as a candidate:
+        on disk with its record, never made active, skipped by rollback. Order matters: name,
+        evaluation gate and artifacts are all checked before the first byte is written; the version
+        folder appears by one rename; `current` moves last.
         """
+        candidate = candidate_reasons is not None
         validate_name(name)
         if (adapter_dir is None) == (model_dir is None):
             raise AtelierError("give exactly one of an adapter folder (LoRA) or a full model folder to register")
-        if not force:
+        if not force and not candidate:
             _check_beats_base(name, eval_report, exam_report)
         sha = validate_adapter(adapter_dir) if adapter_dir else validate_full_model(model_dir)
         artifact, source = ("adapter", adapter_dir) if adapter_dir else ("model", model_dir)
@@ -353,13 +375,15 @@ class Registry:
             exam_report=dict(exam_report or {}), exam_sha256=exam_sha256 or (exam_report or {}).get("exam_sha256"),
             served_by=served_by, forced=force and gate_refusal(eval_report, exam_report) is not None,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            run_dir=str(Path(run_dir).resolve()) if run_dir else None,
+            run_dir=str(Path(run_dir).resolve()) if run_dir else None, parent_version=parent_version,
+            lineage=dict(lineage or {}), candidate=candidate, candidate_reasons=list(candidate_reasons or []),
             **({"adapter_path": artifact, "adapter_sha256": sha} if adapter_dir else
                {"model_path": artifact, "model_sha256": sha}))
         folder = self.root / name
         with _locked(folder):
             version = self._publish(folder, artifact, Path(source), sha, fields)
-            atomic_write_text(folder / "current", f"{version}\n")
+            if not candidate:
+                atomic_write_text(folder / "current", f"{version}\n")
         return self.get(name, version)
 
     def _publish(self, folder: Path, artifact: str, source: Path, sha: str, fields: dict[str, Any]) -> int:
@@ -386,11 +410,12 @@ class Registry:
         return version
 
     def rollback(self, name: str) -> SpecialistRecord:
-        """Make the newest version older than the active one active; the newer one stays on disk."""
+        """Make the newest version older than the active one active (candidates skipped); the newer one stays."""
         folder = self._folder(name)
         with _locked(folder):
             current = self.current_version(name)
-            older = [v for v in self.versions(name) if v < current]
+            refused = set(self.candidates(name))
+            older = [v for v in self.versions(name) if v < current and v not in refused]
             if not older:
                 raise AtelierError(f"specialist {name!r} has no version before v{current}; nothing to roll back to")
             atomic_write_text(folder / "current", f"{older[-1]}\n")
