@@ -28,6 +28,7 @@ from pydantic import Field
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home, atomic_write_text
+from eval.specialist import SpecialistEvalConfig
 from training.dpo import DpoConfig
 from training.improve_gate import ImproveVerdict, compare_set, decide
 from training.improve_pairs import (
@@ -76,6 +77,11 @@ class ImproveConfig(StrictModel):
     )
     index: str | None = Field(None, description="Search index for grounded answers; unset: the default index.")
     seed: int = Field(0, description="Seed of the held-out split of the feedback pairs.")
+    eval: SpecialistEvalConfig | None = Field(
+        None,
+        description="How the gate scores both versions (caps, batch sizes, the paired test's alpha); "
+        "unset: the specialist's own evaluation settings, as it was registered with.",
+    )
     dpo: DpoConfig = Field(
         default_factory=lambda: DpoConfig(eval_heldout=False),
         description="The preference stage of the round; unset steps and learning rate follow the recipe for the base.",
@@ -206,18 +212,43 @@ def check_enough(pairs: PairSet, config: ImproveConfig, name: str) -> None:
 # ----------------------------------------------------------------------------- 3. the gate
 
 
+def _feedback_items(pairs: list) -> list:
+    """Feedback pairs as QA items (the chosen answer is the reference): multiple choice among the chosen answers."""
+    from eval.specialist import QAItem
+
+    return [QAItem([{"role": "user", "content": p.question}], p.chosen, p.kind) for p in pairs]
+
+
+def _feedback_ids(pairs: list, eval_config) -> dict[str, list[str]]:
+    """Item names of the feedback outcomes, in the order `mcq_accuracy` and `preference_accuracy` give them."""
+    from eval.specialist import build_mcq
+
+    items = _feedback_items(pairs)
+    mcq = [
+        p.source
+        for i, p in enumerate(pairs)
+        if len(build_mcq(items, i, eval_config.mcq_options, eval_config.seed)) >= 2
+    ]
+    return {"mcq_accuracy": mcq, "preference_accuracy": [p.source for p in pairs]}
+
+
 def _side(model_dir: Path, adapters: list[Path], data_dir: Path, pairs: PairSet, exam, eval_config) -> dict:
     """Per-item outcomes of one version on every gate set."""
-    from eval.specialist import evaluate_loaded, load_for_eval, preference_accuracy
+    from eval.specialist import evaluate_loaded, load_for_eval, mcq_accuracy, preference_accuracy
 
     model, tokenizer = load_for_eval(model_dir, adapters or None, eval_config.device)
     scoring = eval_config.model_copy(update={"max_generation_items": 0, "max_preference_items": 0})  # not gated on
     heldout = evaluate_loaded(model, tokenizer, data_dir, scoring)["outcomes"]
-    every = eval_config.model_copy(update={"max_preference_items": 10**6})  # every feedback pair, in order
+    every = eval_config.model_copy(update={"max_preference_items": 10**6, "max_mcq_items": 10**6})  # all, in order
     outcomes = {"heldout": {m: v for m, v in heldout.items() if m in eval_config.gate.required}}
     for name, rows in (("feedback", pairs.feedback), ("feedback_heldout", pairs.heldout)):
-        scored = preference_accuracy(model, tokenizer, [trl_row(p) for p in rows], every) if rows else {}
-        outcomes[name] = scored.get("outcomes", {})
+        outcomes[name] = {}
+        if rows:
+            for scored in (
+                mcq_accuracy(model, tokenizer, _feedback_items(rows), every),
+                preference_accuracy(model, tokenizer, [trl_row(p) for p in rows], every),
+            ):
+                outcomes[name] |= scored.get("outcomes", {})
     del model
     if exam is not None:
         from eval.exam_eval import run_system
@@ -282,6 +313,8 @@ def improve(
     registry = Registry(home)
     record = registry.get(name)
     spec = _specialist_config(record)
+    if config.eval is not None:
+        spec = spec.model_copy(update={"eval": config.eval})
     model_dir, adapter, lora = _artifacts(record)
     data_dir = heldout_dir(record)
     the_exam = read_exam(exam) if exam is not None else None

@@ -3,10 +3,12 @@
 Current and candidate are scored on the same items of each set (the specialist's held-out split,
 the feedback pairs held out from training, the `--exam` when given, and all feedback pairs). Per
 metric, the paired test of `eval.gate.paired_test` compares them. A set *regresses* when a metric
-is significantly worse (p < alpha) or worse by more than the stated tolerance (absolute for scores
-in [0, 1], relative for perplexity), even when the test cannot tell that drop from noise. The
-candidate is accepted when no set regresses and it is better on the feedback items (it learned
-what the feedback taught). Flips (right -> wrong, and wrong -> right) are listed either way.
+is worse by more than the stated tolerance (absolute for scores in [0, 1], relative for perplexity)
+and the paired test says the drop is real (p < alpha): a tiny but significant shift (DPO always
+moves perplexity a little) passes, and so does a large drop the test cannot tell from noise, with
+a warning that says so. The candidate is accepted when no set regresses and it is better on the
+feedback items (it learned what the feedback taught: multiple choice over the feedback answers,
+else preference accuracy). Flips (right -> wrong, and wrong -> right) are listed either way.
 
 Pure functions over per-item outcomes, so the rule is tested without a model.
 """
@@ -29,6 +31,7 @@ class SetResult(BaseModel):
     name: str  # "heldout", "feedback_heldout", "exam", "feedback"
     tests: dict[str, MetricTest] = Field(default_factory=dict)
     regressed: list[str] = Field(default_factory=list)  # sentences, one per metric that got worse
+    warnings: list[str] = Field(default_factory=list)  # worse beyond the tolerance, but not significantly
     flips_to_wrong: list[str] = Field(default_factory=list)  # item ids right before, wrong after
     flips_to_right: list[str] = Field(default_factory=list)
 
@@ -73,8 +76,8 @@ def compare_set(
         direction = "lower" if metric in LOWER_IS_BETTER else "higher"
         test = paired_test(metric, direction, before, after, gate)
         result.tests[metric] = test
-        if test.outcome == "worse" or _beyond_tolerance(test, tolerance):
-            result.regressed.append(f"{name} {said(test)}")
+        if _beyond_tolerance(test, tolerance):
+            (result.regressed if test.outcome == "worse" else result.warnings).append(f"{name} {said(test)}")
         names = (ids or {}).get(metric)
         if names and len(names) == len(before) and all(v in (0, 1) for v in before + after):
             result.flips_to_wrong += [n for n, a, b in zip(names, before, after) if a and not b]
@@ -82,13 +85,15 @@ def compare_set(
     return result
 
 
-def decide(
-    sets: dict[str, SetResult], tolerance: float, feedback_metric: str = "preference_accuracy"
-) -> ImproveVerdict:
+FEEDBACK_METRICS = ("mcq_accuracy", "preference_accuracy")  # the first one measured decides "better"
+
+
+def decide(sets: dict[str, SetResult], tolerance: float) -> ImproveVerdict:
     """Accepted: no set regressed, and the candidate is better on the feedback items (`sets['feedback']`)."""
     reasons = [sentence for s in sets.values() if s.name != "feedback" for sentence in s.regressed]
     feedback = sets.get("feedback")
-    test = feedback.tests.get(feedback_metric) if feedback else None
+    tests = feedback.tests if feedback else {}
+    test = next((tests[m] for m in FEEDBACK_METRICS if m in tests), None)
     if test is None:
         reasons.append("no feedback items to measure the round on")
     elif not (test.delta or 0) > 0:
