@@ -82,6 +82,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=192)
     parser.add_argument("--perplexity-texts", type=int, default=100, help="Held-out texts the gate scores.")
     parser.add_argument("--mcq-items", type=int, default=100, help="Held-out MCQ items the gate scores.")
+    parser.add_argument("--sft-weight", type=float, default=1.0, help="Weight of the chosen answer's NLL beside DPO.")
+    parser.add_argument("--min-pairs", type=int, default=8)
+    parser.add_argument("--limit", type=int, default=None, help="Smoke test: only this many items per exam half.")
     args = parser.parse_args()
 
     home = args.home.resolve()
@@ -110,6 +113,9 @@ def main() -> None:
     started = time.perf_counter()
     prepare_home(home, args.source_home.resolve(), args.name)
     train_half, other_half = split_exam_file(args.exam, home / "bench", seed=args.seed)
+    if args.limit:
+        for half in (train_half, other_half):
+            half.write_text("".join(half.read_text(encoding="utf-8").splitlines(keepends=True)[: args.limit]))
     registry = Registry(home)
     v1 = registry.get(args.name)
     result["base_model"], result["parent_version"] = v1.base_model, v1.version
@@ -129,12 +135,14 @@ def main() -> None:
         update={"max_perplexity_texts": args.perplexity_texts, "max_mcq_items": args.mcq_items}
     )
     config = ImproveConfig(
+        min_pairs=args.min_pairs,
         eval=gate_eval,
         dpo=DpoConfig(
             epochs=args.epochs,
             learning_rate=args.learning_rate,
             beta=args.beta,
             seq_len=args.seq_len,
+            sft_weight=args.sft_weight,
             eval_heldout=False,
         ),
     )

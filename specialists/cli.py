@@ -115,8 +115,8 @@ def _show_candidates(registry, name: str, as_json: bool) -> None:
         for reason in record.candidate_reasons:
             typer.echo(f"  - {reason}")
         for set_name, found in ((record.lineage.get("gate") or {}).get("sets") or {}).items():
-            if found.get("flips_to_wrong"):
-                typer.echo(f"  {set_name} right -> wrong: {', '.join(found['flips_to_wrong'])}")
+            for metric, items in (found.get("flips_to_wrong") or {}).items():
+                typer.echo(f"  {set_name} {metric} right -> wrong: {', '.join(items) or 'none'}")
 
 
 @specialist_app.command("remove")

@@ -97,10 +97,10 @@ def _print_verdict(result) -> None:
                 f"  {name}: {test.metric} {test.base:.4g} -> {test.specialist:.4g}"
                 + (f" (p = {test.p_value:.3g}, n = {test.n})" if test.p_value is not None else "")
             )
-        if found.flips_to_wrong:
-            typer.echo(f"  {name}: right -> wrong: {', '.join(found.flips_to_wrong)}")
-        if found.flips_to_right:
-            typer.echo(f"  {name}: wrong -> right: {', '.join(found.flips_to_right)}")
+        for metric, items in found.flips_to_wrong.items():
+            typer.echo(f"  {name} {metric}: right -> wrong: {', '.join(items) or 'none'}")
+        for metric, items in found.flips_to_right.items():
+            typer.echo(f"  {name} {metric}: wrong -> right: {', '.join(items) or 'none'}")
     if result.activated:
         typer.echo(
             f"{result.name} v{record.version} (from v{result.parent_version}) is active: the gate accepts it. "

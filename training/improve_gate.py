@@ -32,8 +32,8 @@ class SetResult(BaseModel):
     tests: dict[str, MetricTest] = Field(default_factory=dict)
     regressed: list[str] = Field(default_factory=list)  # sentences, one per metric that got worse
     warnings: list[str] = Field(default_factory=list)  # worse beyond the tolerance, but not significantly
-    flips_to_wrong: list[str] = Field(default_factory=list)  # item ids right before, wrong after
-    flips_to_right: list[str] = Field(default_factory=list)
+    flips_to_wrong: dict[str, list[str]] = Field(default_factory=dict)  # metric -> items right before, wrong after
+    flips_to_right: dict[str, list[str]] = Field(default_factory=dict)  # metric -> items wrong before, right after
 
 
 class ImproveVerdict(BaseModel):
@@ -80,8 +80,8 @@ def compare_set(
             (result.regressed if test.outcome == "worse" else result.warnings).append(f"{name} {said(test)}")
         names = (ids or {}).get(metric)
         if names and len(names) == len(before) and all(v in (0, 1) for v in before + after):
-            result.flips_to_wrong += [n for n, a, b in zip(names, before, after) if a and not b]
-            result.flips_to_right += [n for n, a, b in zip(names, before, after) if b and not a]
+            result.flips_to_wrong[metric] = [n for n, a, b in zip(names, before, after) if a and not b]
+            result.flips_to_right[metric] = [n for n, a, b in zip(names, before, after) if b and not a]
     return result
 
 

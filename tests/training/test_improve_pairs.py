@@ -113,10 +113,11 @@ def test_the_gate_refuses_a_real_drop_accepts_noise_and_lists_flips():
     right, ids = [1] * 30 + [0] * 10, [f"q{i}" for i in range(40)]
     worse = [0] * 12 + [1] * 18 + [0] * 10  # 12 right -> wrong: significant and beyond the tolerance
     dropped = compare_set("exam", {"mcq_accuracy": right}, {"mcq_accuracy": worse}, gate, 0.05, {"mcq_accuracy": ids})
-    assert dropped.regressed and dropped.flips_to_wrong == ids[:12] and dropped.flips_to_right == []
+    assert dropped.regressed and dropped.flips_to_wrong == {"mcq_accuracy": ids[:12]}
+    assert dropped.flips_to_right == {"mcq_accuracy": []}
     noisy = [0] * 3 + [1] * 27 + [1] + [0] * 9  # 3 flips away, 1 back: 0.05 down, not significant
     wobble = compare_set("exam", {"mcq_accuracy": right}, {"mcq_accuracy": noisy}, gate, 0.02, {"mcq_accuracy": ids})
-    assert not wobble.regressed and wobble.warnings and wobble.flips_to_right == ["q30"]
+    assert not wobble.regressed and wobble.warnings and wobble.flips_to_right == {"mcq_accuracy": ["q30"]}
     ppl = [(100.0, 20)] * 30
     shifted = compare_set("heldout", {"perplexity": ppl}, {"perplexity": [(100.5, 20)] * 30}, gate, 0.05)
     assert shifted.tests["perplexity"].outcome == "worse" and not shifted.regressed  # 2.5% up: real, but within 5%
