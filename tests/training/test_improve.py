@@ -29,11 +29,12 @@ def tiny_specialist(atelier_home, dapt_result, sft_result, small_data, tmp_path)
         run_dir=run_dir, config=config, keywords=["pump"])
 
 
+@pytest.mark.timeout(900)  # about a minute on a quiet machine; several when the cores are shared
 def test_simulated_use_trains_on_the_corrections_and_the_gate_decides(tiny_specialist, atelier_home, tmp_path):
     """The loop on scratch:tiny: 40 exam questions asked through the runtime, rated in the real feedback store,
     one DPO round, the gate on the held-out split, the other exam half and the feedback items.
 
-    The toy base cannot learn 40 facts in 40 steps without hurting its perplexity (measured: +20-200% for
+    The toy base cannot learn 40 facts in a short round without hurting its perplexity (measured: +20-200% for
     every setting tried), so what must hold here is the loop, not the quality: the round learned the
     corrections as preferences (significantly), and the gate's verdict follows its rule from what it
     measured. Fixing facts is measured on SmolLM2 in bench/improve_bench.py."""
@@ -55,7 +56,7 @@ def test_simulated_use_trains_on_the_corrections_and_the_gate_decides(tiny_speci
     assert use["asked"] == 40 and len(use["corrected"]) >= 30  # the tiny model knows nothing yet
 
     started = time.perf_counter()
-    config = ImproveConfig(dpo=DpoConfig(max_steps=40, learning_rate=5e-4, sft_weight=1.0, eval_heldout=False))
+    config = ImproveConfig(dpo=DpoConfig(max_steps=20, learning_rate=5e-4, sft_weight=1.0, eval_heldout=False))
     result = improve("hx", config, from_feedback=True, exam=other_half, home=atelier_home)
     seconds = time.perf_counter() - started
     verdict, registry = result.verdict, Registry(atelier_home)
