@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
 from atelier.errors import AtelierError
 
@@ -68,21 +69,33 @@ def load_config(cls: type[C], path: Path | None = None, overrides: dict[str, Any
 
 
 def config_field(cls: type[BaseModel], dotted: str) -> tuple[FieldInfo, Any]:
-    """The field `dotted` ("fusion.alpha") of `cls` and its default value (None below a section that defaults to
-    None, such as `teacher.name`)."""
+    """The field `dotted` ("fusion.alpha") of `cls` and its default value, as the sections' own defaults set it
+    (None below a section that defaults to None, such as `teacher.name`)."""
     model: type[BaseModel] | None = cls
-    value: Any = cls()
+    value: Any = PydanticUndefined  # the default of the field walked so far, when its section gave one
     info = None
     for key in dotted.split("."):
         if model is None or key not in model.model_fields:
             raise KeyError(f"{cls.__name__} has no field {dotted!r}")
         info = model.model_fields[key]
-        value = getattr(value, key, None) if value is not None else None
+        if isinstance(value, BaseModel):
+            value = getattr(value, key)
+        elif value is not None:
+            value = _default(info)
         model = _model_of(info.annotation)
     assert info is not None
     if not info.description:
         raise ValueError(f"{cls.__name__}.{dotted} has no description: give it Field(description=...)")
     return info, value
+
+
+def _default(info: FieldInfo) -> Any:
+    """A field's default; undefined when it has none or building it fails (a malformed $ELASTICSEARCH_URL:
+    the command that uses it says so, `atelier --help` must not)."""
+    try:
+        return info.get_default(call_default_factory=True)
+    except (ValidationError, ValueError):
+        return PydanticUndefined
 
 
 def _model_of(annotation: Any) -> type[BaseModel] | None:
@@ -106,6 +119,8 @@ def shown_value(value: Any) -> str:
     """A config value as the command line writes it: enums by value, lists comma-separated, None as none."""
     if value is None:
         return "none"
+    if value is PydanticUndefined:
+        return "required"
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, list | tuple):

@@ -40,7 +40,7 @@ def config_class(kind: ConfigKind):
 
 def default_config_yaml(kind: ConfigKind) -> str:
     """The defaults of `kind` as YAML with every field's description above it (what `show` prints)."""
-    from atelier.config import config_yaml
+    from atelier.config import config_yaml, load_config
 
     kind = ConfigKind(kind)
     cls = config_class(kind)
@@ -51,7 +51,7 @@ def default_config_yaml(kind: ConfigKind) -> str:
         f"  {KINDS[kind][2]}\n"
         "Unknown keys are errors; leave out what you do not change; options given on the command line win."
     )
-    return config_yaml(cls(), header)
+    return config_yaml(load_config(cls), header)  # a bad $ELASTICSEARCH_URL is a one-line error
 
 
 KIND = typer.Argument(..., help="Which config: specialist, serve, index or orchestrator.")

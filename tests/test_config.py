@@ -136,6 +136,17 @@ def test_help_is_the_fields_description_with_its_default_and_key(monkeypatch):
     assert "--embedding-model" in index.stdout and "--model " not in index.stdout  # the old name is hidden
 
 
+def test_a_malformed_environment_default_breaks_no_help_and_config_show_names_it(monkeypatch):
+    from agents.config import OrchestratorConfig
+    from atelier.errors import AtelierError
+
+    monkeypatch.setenv("ELASTICSEARCH_URL", "not a url")
+    assert config_field(OrchestratorConfig, "retrieval.index")[1] == "default"
+    assert invoke("index", "--help").exit_code == 0
+    with pytest.raises(AtelierError, match="set ELASTICSEARCH_URL"):
+        default_config_yaml(ConfigKind.index)
+
+
 def test_a_field_without_a_description_cannot_become_an_option():
     from atelier.config import StrictModel, config_option
 
