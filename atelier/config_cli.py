@@ -5,10 +5,14 @@ The files under examples/configs/ are this command's output, and a test keeps th
 
 from __future__ import annotations
 
-import importlib
 from enum import Enum
 
 import typer
+from pydantic import BaseModel
+
+from agents.config import OrchestratorConfig, ServeConfig
+from retrieval.config import RetrievalConfig
+from training.config import SpecialistConfig
 
 config_app = typer.Typer(help="The configs behind --config FILE: print their defaults.", no_args_is_help=True)
 
@@ -20,22 +24,17 @@ class ConfigKind(str, Enum):
     orchestrator = "orchestrator"
 
 
-# kind -> (module, class, the commands whose --config takes it)
-KINDS: dict[ConfigKind, tuple[str, str, str]] = {
-    ConfigKind.specialist: ("training.config", "SpecialistConfig", "atelier specialist add NAME --docs DIR"),
-    ConfigKind.serve: ("agents.config", "ServeConfig", "atelier serve"),
-    ConfigKind.index: (
-        "retrieval.config",
-        "RetrievalConfig",
-        "atelier index DIR, atelier search, atelier eval retrieval",
-    ),
-    ConfigKind.orchestrator: ("agents.config", "OrchestratorConfig", "atelier ask, atelier chat"),
+# kind -> (the config, the commands whose --config takes it)
+KINDS: dict[ConfigKind, tuple[type[BaseModel], str]] = {
+    ConfigKind.specialist: (SpecialistConfig, "atelier specialist add NAME --docs DIR"),
+    ConfigKind.serve: (ServeConfig, "atelier serve"),
+    ConfigKind.index: (RetrievalConfig, "atelier index DIR, atelier search, atelier eval retrieval"),
+    ConfigKind.orchestrator: (OrchestratorConfig, "atelier ask, atelier chat"),
 }
 
 
-def config_class(kind: ConfigKind):
-    module, name, _ = KINDS[ConfigKind(kind)]
-    return getattr(importlib.import_module(module), name)
+def config_class(kind: ConfigKind) -> type[BaseModel]:
+    return KINDS[ConfigKind(kind)][0]
 
 
 def default_config_yaml(kind: ConfigKind) -> str:
@@ -48,7 +47,7 @@ def default_config_yaml(kind: ConfigKind) -> str:
     header = (
         f"{cls.__name__}: {summary}\n"
         f"Defaults, as `atelier config show {kind.value}` prints them. Use a copy with `--config FILE` on:\n"
-        f"  {KINDS[kind][2]}\n"
+        f"  {KINDS[kind][1]}\n"
         "Unknown keys are errors; leave out what you do not change; options given on the command line win."
     )
     return config_yaml(load_config(cls), header)  # a bad $ELASTICSEARCH_URL is a one-line error
