@@ -136,6 +136,21 @@ def test_help_is_the_fields_description_with_its_default_and_key(monkeypatch):
     assert "--embedding-model" in index.stdout and "--model " not in index.stdout  # the old name is hidden
 
 
+def test_every_command_renders_its_help(monkeypatch):
+    """Help is rich markup: a description with [brackets] must not break it (it did for `specialist add`)."""
+    import typer.main
+
+    def commands(group, path=()):
+        for name, command in getattr(group, "commands", {}).items():
+            yield from commands(command, (*path, name)) if hasattr(command, "commands") else [(*path, name)]
+
+    names = list(commands(typer.main.get_command(app)))
+    assert ("specialist", "add") in names and ("config", "show") in names and len(names) > 12
+    for name in names:
+        result = invoke(*name, "--help")
+        assert result.exit_code == 0, (name, result.output, result.exception)
+
+
 def test_a_malformed_environment_default_breaks_no_help_and_config_show_names_it(monkeypatch):
     from agents.config import OrchestratorConfig
     from atelier.errors import AtelierError
