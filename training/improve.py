@@ -392,25 +392,13 @@ def improve(
         "config": config.model_dump(mode="json"),
         "stage": stage.model_dump(mode="json"),
     }
-    result.record = registry.register(
-        name,
-        base_model=str(cand_model) if record.full_model else record.base_model,
-        eval_report=record.eval_report,
-        keywords=record.keywords,
-        description=record.description,
-        adapter_dir=cand_adapters[0] if cand_adapters else None,
-        model_dir=None if cand_adapters else cand_model,
-        data_manifest_hashes=record.data_manifest_hashes,
-        config=record.config,
-        route_exemplars=record.route_exemplars,
-        served_by=record.served_by,
-        run_dir=record.run_dir,
-        force=record.forced,
-        exam_report=record.exam_report,
-        exam_sha256=record.exam_sha256,
+    result.record = registry.register_from(
+        record,
+        weights=cand_adapters[0] if cand_adapters else cand_model,
         parent_version=record.version,
         lineage=lineage,
-        candidate_reasons=None if verdict.accepted else verdict.reasons,
+        candidate=not verdict.accepted,
+        candidate_reasons=[] if verdict.accepted else verdict.reasons,
     )
     return result
 
