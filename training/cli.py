@@ -135,7 +135,4 @@ def _summary(result) -> None:
 
 
 def register(specialist_app: typer.Typer) -> None:
-    from training.improve_cli import improve
-
     specialist_app.command("add")(add)
-    specialist_app.command("improve")(improve)

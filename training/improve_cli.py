@@ -110,3 +110,8 @@ def _print_verdict(result) -> None:
     typer.echo(f"{result.name} v{record.version} is kept as a candidate; v{result.parent_version} stays active:")
     for reason in verdict.reasons:
         typer.echo(f"  - {reason}")
+
+
+def register(specialist_app: typer.Typer) -> None:
+    """`atelier specialist improve` (mounted by the root command, beside `add`)."""
+    specialist_app.command("improve")(improve)
