@@ -103,8 +103,6 @@ class ServeConfig(StrictModel):
     max_messages: int = Field(200, ge=1, le=100_000, description="Most messages in one chat request (400 above).")
     max_message_chars: int = Field(32_000, ge=1, le=10_000_000, description="Longest message content in "
                                    "characters (400 above).")
-    max_tokens_cap: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for "
-                                "(400 above).")
     max_concurrency: int = Field(4, ge=1, le=1024, description="Requests answered at once; more wait in the queue.")
     max_queue: int = Field(128, ge=0, le=100_000, description="Requests waiting for a free slot, served in order "
                            "(like OLLAMA_MAX_QUEUE); one more gets 429 + Retry-After.")
@@ -326,9 +324,9 @@ def _check_limits(body: ChatCompletionRequest, config: ServeConfig) -> None:
         if len(message.text()) > config.max_message_chars:
             raise ApiError(400, f"message {i} has {len(message.text())} characters; at most "
                            f"{config.max_message_chars}", param=f"messages.{i}.content")
-    limit = body.token_limit()
-    if limit is not None and limit > config.max_tokens_cap:
-        raise ApiError(400, f"max_tokens {limit} is above this server's cap of {config.max_tokens_cap}",
+    limit, cap = body.token_limit(), config.orchestrator.runtime.max_tokens_cap
+    if limit is not None and limit > cap:
+        raise ApiError(400, f"max_tokens {limit} is above this server's cap of {cap}",
                        param="max_tokens", code="max_tokens_too_large")
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 HOME_ENV = "ATELIER_HOME"
@@ -34,12 +38,50 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder `path` (a rename into it, a new file) survive a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """A folder that appears at `target` complete, or not at all.
+
+    Yields a new hidden folder beside `target` to build in. When the block ends without an
+    error, every file and folder in it is fsynced, an existing `target` is renamed aside, the
+    new folder is renamed into place, the parent is fsynced and the old folder deleted; on an
+    error the temporary folder is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            if path.is_file():
+                with path.open("rb") as handle:
+                    os.fsync(handle.fileno())
+            elif path.is_dir():
+                fsync_dir(path)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}") if target.exists() else None
+    if old is not None:
+        os.rename(target, old)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -28,9 +28,9 @@ from training.trainer_common import (
     finish_stage,
     open_stage,
     quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
+    resolve_stage_config,
     run_trainer,
     training_kwargs,
 )
@@ -73,7 +73,8 @@ def _train(base: Path, texts: list[str], heldout: list[str], out_dir: Path, conf
     """Build the model and blocks, score held-out text, train (or resume), save."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from training.models import is_scratch_base, load_tokenizer
+    from atelier.loading import load_tokenizer
+    from training.models import is_scratch_base
 
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
     full = lora.method == "full" or is_scratch_base(base)

@@ -43,9 +43,9 @@ from training.trainer_common import (
     last_logged,
     open_stage,
     quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
+    resolve_stage_config,
     run_trainer,
     training_kwargs,
 )
@@ -113,7 +113,7 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
     from datasets import Dataset
     from transformers import set_seed
 
-    from training.models import load_tokenizer
+    from atelier.loading import load_tokenizer
 
     data_dir = Path(data_dir)
     config = resolve_stage_config("dpo", config, Path(out_dir), Path(base), lora)

@@ -37,9 +37,9 @@ from training.trainer_common import (
     finish_stage,
     open_stage,
     quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
+    resolve_stage_config,
     run_trainer,
     training_kwargs,
 )
@@ -96,7 +96,7 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from training.models import load_tokenizer
+    from atelier.loading import load_tokenizer
 
     base, data_dir = Path(base), Path(data_dir)
     config = resolve_stage_config("sft", config, Path(out_dir), base, lora)

@@ -28,8 +28,8 @@ from pydantic import BaseModel, Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.jsonl import iter_jsonl
 from atelier.home import atomic_write_text
+from atelier.jsonl import iter_jsonl
 
 log = logging.getLogger(__name__)
 # transformers 5 deprecates a name its own Trainer still calls: one line of noise per stage, nothing to fix here

@@ -7,11 +7,8 @@ pipeline renames the staging folder into place only once everything in it passed
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from atelier.errors import AtelierError
-from atelier.home import atomic_write_text
+from atelier.home import atomic_dir, atomic_write_text
+from atelier.loading import load_model, load_tokenizer
 from specialists.export.parity import ParityReport
 from specialists.registry import Registry, SpecialistRecord, check_adapter_files
 
+FP32 = {"dtype": "float32", "use_safetensors": True}  # how every export loads: exact, and no pickles
 MANIFEST = "export.json"  # written last into every export folder; marks folders an export may replace
 
 
@@ -43,39 +42,12 @@ class Staged:
 
 def load_specialist(record: SpecialistRecord):
     """(model, tokenizer): the adapter on its base in fp32 (or the full model), safetensors only, offline."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = weights_of(record)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
-                                                     local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise AtelierError(f"cannot load {source} for specialist {record.name!r} ({exc}); the base must be "
-                           "on this machine") from None
-    if not record.full_model:
-        model = attach(model, check_adapter_files(record))
-    return model.eval(), tokenizer
+    adapter = None if record.full_model else check_adapter_files(record)
+    return load_model(weights_of(record), adapter, **FP32), load_tokenizer(weights_of(record))
 
 
 def weights_of(record: SpecialistRecord) -> str:
     return str(record.model_path if record.full_model else record.base_model)
-
-
-def attach(model, adapter: Path):
-    import warnings
-
-    from peft import PeftModel
-
-    with warnings.catch_warnings():  # peft 0.21 asks transformers 5 a deprecated question; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()
-
-
-def merge(model):
-    """The plain transformers model with the adapter folded into its weights (a full model as it is)."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def copy_adapter(record: SpecialistRecord, folder: Path) -> dict[str, Any]:
@@ -91,11 +63,7 @@ def copy_adapter(record: SpecialistRecord, folder: Path) -> dict[str, Any]:
 
 def adapter_on_base(record: SpecialistRecord, adapter: Path):
     """A fresh base with the exported adapter files attached: what vLLM / Ollama will be given."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return attach(AutoModelForCausalLM.from_pretrained(record.base_model, dtype=torch.float32, use_safetensors=True,
-                                                       local_files_only=True), adapter)
+    return load_model(record.base_model, adapter, **FP32)
 
 
 def hub_id(base_model: str) -> str | None:
@@ -130,20 +98,9 @@ def check_replaceable(out_dir: Path) -> None:
 @contextmanager
 def staging(out_dir: Path) -> Iterator[Path]:
     """A hidden sibling folder to build in; renamed over `out_dir` (an older export) only on success."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir) as tmp:
         yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _readable(tmp)
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}") if out_dir.exists() else None
-    if old:
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+        _readable(tmp)
 
 
 def _readable(folder: Path) -> None:

@@ -1,0 +1,31 @@
+"""Atomic folders: complete at the target, or not there at all."""
+
+from __future__ import annotations
+
+import pytest
+
+from atelier.home import atomic_dir
+
+
+def test_a_folder_appears_complete_and_replaces_the_old_one(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_dir(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".out.tmp-")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "new.txt").write_text("new")
+        assert (target / "old.txt").read_text() == "old"  # untouched until the block ends
+    assert sorted(p.relative_to(target).as_posix() for p in target.rglob("*")) == ["sub", "sub/new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old folder left
+
+
+def test_an_error_leaves_the_target_as_it_was(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half.txt").write_text("half")
+        raise RuntimeError("killed")
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
