@@ -24,8 +24,13 @@ def test_an_error_leaves_the_target_as_it_was(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
-        (tmp / "half.txt").write_text("half")
-        raise RuntimeError("killed")
+
+    def killed_mid_build():
+        with atomic_dir(target) as tmp:
+            (tmp / "half.txt").write_text("half")
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        killed_mid_build()
     assert [p.name for p in target.iterdir()] == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]

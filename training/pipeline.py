@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from atelier.errors import AtelierError
-from atelier.home import atelier_home, atomic_write_text
+from atelier.home import atelier_home, atomic_dir, atomic_write_text
 from retrieval.documents import Document, DocumentsConfig, load_folder
 from training.config import SpecialistConfig
 
@@ -173,10 +172,8 @@ def keep_base(model: Path, run_dir: Path) -> Path:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     target = atelier_home() / "bases" / digest.hexdigest()[:16]
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("checkpoint-*"))
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("checkpoint-*"), dirs_exist_ok=True)
     return target
 
 

@@ -1,4 +1,4 @@
-"""What the DAPT, SFT and DPO stages share: config fields, data reading, resume, results.
+"""What the DAPT, SFT and DPO stages share: config fields, data reading, `run_stage` (resume, train, save), results.
 
 A stage writes everything under its `out_dir`:
 
@@ -30,6 +30,7 @@ from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from atelier.jsonl import iter_jsonl
+from training.lora import save_trained
 
 log = logging.getLogger(__name__)
 # transformers 5 deprecates a name its own Trainer still calls: one line of noise per stage, nothing to fix here
@@ -239,6 +240,37 @@ def training_kwargs(config: StageConfig, out_dir: Path, progress: ProgressFn | N
 
 
 # ---------------------------------------------------------------- running
+
+
+Scores = Callable[[Any, bool], dict[str, float]]
+"""(trainer, trained) -> a stage's own metrics, measured before (trained=False) and after training."""
+
+
+def run_stage(stage: Literal["dapt", "sft", "dpo"], base: Path, data_dir: Path, out_dir: Path, config: StageConfig,
+              lora, adapter: Path | None, progress: ProgressFn | None, build: Callable[[StageConfig], Any],
+              scores: Scores | None = None) -> StageResult:
+    """What every stage does around its trainer, top to bottom.
+
+    Claim `out_dir` for these inputs (a finished run's result is returned as it is), fix the recipe's
+    choices for the life of `out_dir`, build the trainer (`build(config)`, progress already attached)
+    with the libraries' progress bars hidden, score, train (resuming from the newest complete
+    checkpoint, so a killed stage goes on where it was), score again, save the adapter or model,
+    and write result.json last (the DONE marker).
+    """
+    stamp = fingerprint(stage=stage, base=base, adapter=adapter, train=data_dir / stage / "train.jsonl",
+                        heldout=data_dir / stage / "heldout.jsonl", config=config, lora=lora)
+    if (done := open_stage(out_dir, stage, stamp)) is not None:
+        return done
+    config = resolve_stage_config(stage, config, out_dir, base, lora)
+    with quiet_progress(progress is not None):
+        trainer = build(config)
+        metrics = scores(trainer, False) if scores else {}
+        stats = run_trainer(trainer, out_dir)
+        metrics.update(scores(trainer, True) if scores else {})
+        model_path, adapter_path = save_trained(trainer.model, trainer.processing_class, out_dir, base)
+    result = StageResult(stage=stage, model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
+    return finish_stage(out_dir, result)
+
 
 
 def _progress_callback(progress: ProgressFn):
