@@ -75,9 +75,7 @@ def trainable_model(base: Path, adapter: Path | None, lora: LoraSettings, *, ful
     if adapter is not None:
         validate_adapter(adapter)
     if full:
-        model = load_model(base, adapter, trainable=True, dtype=torch.float32)
-        if adapter is not None:
-            model = model.merge_and_unload()
+        model = load_model(base, adapter, trainable=True, merge=True, dtype=torch.float32)
         model.train()
         return model
     if adapter is not None:
