@@ -76,7 +76,7 @@ def side_by_side(console, question: str = SIDE_BY_SIDE) -> None:
     """The base's answer and the specialist's to one domain question, greedy, the same prompt."""
     from rich.markup import escape
 
-    from atelier.loading import load_model, load_tokenizer
+    from specialists.loading import load_model, load_tokenizer
     from specialists.registry import Registry
 
     record = Registry().get("demo")

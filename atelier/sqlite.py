@@ -1,11 +1,5 @@
-"""Opening Atelier's SQLite files: one connect, the same pragmas, forward-only migrations, one error.
-
-Every SQLite user (the search index, conversation memory, feedback, the teacher's cache) opens
-its file with `connect`: WAL journal (readers never wait for the writer), a `synchronous`
-level chosen by the caller, and the schema brought up to date by numbered migrations counted
-in `PRAGMA user_version` (as simonw/llm's migrations do), each in its own transaction. A file
-that is not a usable database is an `AtelierError` naming the file and the fix.
-"""
+"""Opening Atelier's SQLite files (index, memory, feedback, teacher cache): one connect, WAL, forward-only
+migrations counted in `PRAGMA user_version` (as simonw/llm's are), one error naming the file and the fix."""
 
 from __future__ import annotations
 
@@ -32,14 +26,13 @@ def connect(
     timeout: float = 5.0,
     probe: str | None = None,
 ) -> sqlite3.Connection:
-    """An open connection to the SQLite file at `path` (created when missing), shareable between threads.
+    """A connection to the SQLite file at `path` (created when missing), shareable between threads.
 
-    what / fix:  name the file and the way out in the error, e.g. ("index", "delete it and run `atelier index`").
-    migrations:  applied in order from the file's `user_version`; step N leaves user_version = N.
-    synchronous: NORMAL survives a process crash (WAL); FULL survives a power cut too, at an fsync per commit.
-    autocommit:  no implicit transactions (the caller writes BEGIN/COMMIT); False keeps Python's default.
-    rows:        rows come back as `sqlite3.Row` (by name as well as by position).
-    probe:       a query run once, so a damaged table shows here rather than in the middle of a request.
+    what / fix:  name the file and the way out in the error ("index", "rebuild it with ...").
+    migrations:  run in order from the file's user_version, each in its own transaction; step N leaves N.
+    synchronous: NORMAL survives a process crash (with WAL); FULL a power cut too, at an fsync per commit.
+    autocommit:  the caller writes BEGIN/COMMIT; False keeps Python's implicit transactions.
+    rows / probe: rows as `sqlite3.Row`; a query run once, so a damaged table shows here, not mid-request.
     """
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:

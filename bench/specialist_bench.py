@@ -129,7 +129,7 @@ def phase_throughput(args) -> None:
     """Trainer tokens/s vs raw forward+backward+AdamW on the same packed DAPT blocks."""
     import torch
 
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt
     from training.lora import LoraSettings, trainable_model
     from training.models import resolve_base

@@ -22,10 +22,10 @@ from pydantic import Field
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.jsonl import iter_jsonl
-from atelier.loading import load_model, load_tokenizer, pick_device
 from eval.answers import normalize_answer, token_f1
 from eval.gate import GateConfig
 from eval.scoring import left_pad, score_continuations, score_options
+from specialists.loading import load_model, load_tokenizer, pick_device
 
 MCQNorm = Literal["bytes", "tokens", "none"]
 

@@ -370,7 +370,8 @@ class Registry:
                 copy_artifacts(source, staging / artifact)
                 weights = "adapter_model.safetensors" if artifact == "adapter" else None
                 if weights and sha256_file(staging / artifact / weights) != sha:
-                    raise AtelierError(f"{source} changed while it was being copied; register again when training is done")
+                    raise AtelierError(f"{source} changed while it was being copied; register again when "
+                                       "training is done")
                 record = SpecialistRecord(version=version, **fields)
                 atomic_write_text(staging / "record.json", record.model_dump_json(indent=2) + "\n")
         except BaseException:

@@ -39,7 +39,6 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.loading import attach_adapter, load_model, load_tokenizer, pick_device
 from specialists.generation import (
     Emit,
     FinishReason,
@@ -52,6 +51,7 @@ from specialists.generation import (
     decode,
     run_to_completion,
 )
+from specialists.loading import attach_adapter, load_model, load_tokenizer, pick_device
 from specialists.registry import Registry, SpecialistRecord, check_adapter_files
 from specialists.served import DEFAULT_NUM_CTX, backend_for
 
@@ -154,7 +154,8 @@ class _Base:
         log.info("attached adapter %s v%d to %s", record.name, record.version, self.path)
 
     def _load_adapter(self, folder: Path, name: str) -> None:
-        self.peft = attach_adapter(self.model if self.peft is None else self.peft, folder, name=name, device=self.device)
+        model = self.model if self.peft is None else self.peft
+        self.peft = attach_adapter(model, folder, name=name, device=self.device)
 
     def detach(self, name: str) -> None:
         if name in self.adapters:

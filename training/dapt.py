@@ -47,30 +47,29 @@ def train_dapt(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lo
                adapter: Path | None = None, progress: ProgressFn | None = None,
                time_limit_s: float | None = None) -> StageResult:
     """Continue pretraining `base` (+ `adapter`) on data_dir/dapt; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    texts = [row["text"] for row in read_rows(data_dir / "dapt" / "train.jsonl", ("text",))]
-    heldout = [row["text"] for row in read_optional_rows(data_dir / "dapt" / "heldout.jsonl", ("text",))]
-
-    def build(config: DaptConfig):
-        return _trainer(base, texts, heldout, out_dir, config, lora, adapter, progress, time_limit_s)
-
-    return run_stage("dapt", base, data_dir, out_dir, config, lora, adapter, progress, build, _perplexity)
+    read_rows(Path(data_dir) / "dapt" / "train.jsonl", ("text",))  # bad data fails before out_dir is claimed
+    return run_stage("dapt", build_dapt_trainer, _perplexity, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
 
 
-def _trainer(base: Path, texts: list[str], heldout: list[str], out_dir: Path, config: DaptConfig,
-             lora: LoraSettings, adapter: Path | None, progress: ProgressFn | None, time_limit_s: float | None):
+def build_dapt_trainer(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lora: LoraSettings,
+                       adapter: Path | None = None, progress: ProgressFn | None = None,
+                       time_limit_s: float | None = None):
     """A plain Trainer on the model and its blocks; the held-out blocks ride along as its eval_dataset."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.models import is_scratch_base
 
+    texts = [row["text"] for row in read_rows(data_dir / "dapt" / "train.jsonl", ("text",))]
+    heldout = [row["text"] for row in read_optional_rows(data_dir / "dapt" / "heldout.jsonl", ("text",))
+               ] if config.eval_heldout else []
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
     full = lora.method == "full" or is_scratch_base(base)
     tokenizer = load_tokenizer(base)
     model = trainable_model(base, adapter, lora, full=full)
     blocks = to_blocks(texts, tokenizer, config.seq_len, packing=config.packing)
-    eval_blocks = to_blocks(heldout, tokenizer, config.seq_len, packing=True) if config.eval_heldout else []
+    eval_blocks = to_blocks(heldout, tokenizer, config.seq_len, packing=True)
     args = TrainingArguments(**training_kwargs(config, out_dir, progress), label_names=["labels"])
     trainer = Trainer(model=model, args=args, train_dataset=blocks, eval_dataset=eval_blocks or None,
                       data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer)

@@ -74,13 +74,9 @@ def train_dpo(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora
               adapter: Path | None = None, progress: ProgressFn | None = None,
               time_limit_s: float | None = None) -> StageResult:
     """Preference-tune `base` + the SFT `adapter` on data_dir/dpo; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    read_pairs(data_dir / "dpo" / "train.jsonl", required=True)
-
-    def build(config: DpoConfig):
-        return build_dpo_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
-
-    return run_stage("dpo", base, data_dir, out_dir, config, lora, adapter, progress, build, _rewards)
+    read_pairs(Path(data_dir) / "dpo" / "train.jsonl", required=True)  # bad data fails before out_dir is claimed
+    return run_stage("dpo", build_dpo_trainer, _rewards, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
 
 
 def _rewards(trainer, trained: bool) -> dict[str, float]:
@@ -109,7 +105,7 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
     from datasets import Dataset
     from transformers import set_seed
 
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
 
     data_dir = Path(data_dir)
     config = resolve_stage_config("dpo", config, Path(out_dir), Path(base), lora)

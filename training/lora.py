@@ -15,7 +15,7 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.loading import load_model
+from specialists.loading import load_model
 from specialists.registry import validate_adapter
 from training.models import inherit_marker
 

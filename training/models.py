@@ -24,14 +24,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from atelier.errors import AtelierError
 from atelier.home import atomic_dir, atomic_write_text
-from atelier.loading import BASE_MARKER, base_marker, load_gguf, load_model, pick_device
+from specialists.loading import BASE_MARKER, base_marker, load_gguf, load_model, pick_device
+from specialists.registry import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     """
     from atelier.home import atelier_home
 
-    digest = _sha256_file(gguf)
+    digest = sha256_file(gguf)
     target = atelier_home() / "bases" / f"gguf-{digest[:16]}"
     fingerprint = _hash_json({"gguf": digest, "version": _GGUF_CONVERSION_VERSION})
     if _marker_matches(target, fingerprint):
@@ -196,23 +195,12 @@ def convert_gguf(gguf: Path, name: str) -> Path:
         tokenizer.chat_template = default_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with _fresh_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": name, "kind": "gguf", "fingerprint": fingerprint, "gguf": str(gguf),
-                            "gguf_sha256": digest, "parameters": model.num_parameters()})
-    return target
+    return _save_base(target, model, tokenizer, {"name": name, "kind": "gguf", "fingerprint": fingerprint,
+                                                  "gguf": str(gguf), "gguf_sha256": digest,
+                                                  "parameters": model.num_parameters()})
 
 
 _GGUF_CONVERSION_VERSION = 2  # 2: bos-led default template
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _local_or_downloaded(name: str) -> Path:
@@ -302,11 +290,7 @@ def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = load_model(path, dtype="auto")  # a copy: the checkpoint's own dtype
-    with _fresh_dir(work_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": name, "kind": "hf-copy", "fingerprint": fingerprint})
-    return work_dir
+    return _save_base(work_dir, model, tokenizer, {"name": name, "kind": "hf-copy", "fingerprint": fingerprint})
 
 
 # ---------------------------------------------------------------- scratch bases
@@ -324,11 +308,8 @@ def build_scratch_base(size: str, *, work_dir: Path, corpus_texts: list[str], se
         return work_dir
     tokenizer = train_tokenizer(texts, spec.vocab_size, spec.max_position_embeddings)
     model = _init_llama(spec, tokenizer, seed)
-    with _fresh_dir(work_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": f"scratch:{size}", "kind": "scratch", "fingerprint": fingerprint,
-                            "parameters": model.num_parameters()})
+    _save_base(work_dir, model, tokenizer, {"name": f"scratch:{size}", "kind": "scratch",
+                                            "fingerprint": fingerprint, "parameters": model.num_parameters()})
     log.info("built scratch:%s base (%d parameters) in %s", size, model.num_parameters(), work_dir)
     return work_dir
 
@@ -403,13 +384,15 @@ def _write_marker(path: Path, data: dict) -> None:
     atomic_write_text(path / BASE_MARKER, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-@contextmanager
-def _fresh_dir(target: Path) -> Iterator[Path]:
-    """A folder to build a base in, swapped in whole (`atomic_dir`): a killed build never looks complete.
+def _save_base(target: Path, model, tokenizer, marker: dict) -> Path:
+    """Save a base whole into `target` (`atomic_dir`: a killed build never looks complete), its marker last.
 
     Refuses to replace a non-empty directory that this module did not write.
     """
     if target.exists() and any(target.iterdir()) and not (target / BASE_MARKER).is_file():
         raise AtelierError(f"{target} already holds files Atelier did not write; choose an empty work_dir")
     with atomic_dir(target) as tmp:
-        yield tmp
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_marker(tmp, marker)
+    return target

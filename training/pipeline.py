@@ -345,7 +345,7 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
     """Everything that can fail cheaply, checked before the first expensive step: the base's
     tokenizer and chat template (as SFT will render them), non-empty data for every stage,
     and a training micro-batch that fits in memory at each stage's sequence length."""
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.models import uses_scratch_recipe
     from training.recipe import micro_batch, training_length
     from training.sft import check_chat_template
@@ -369,7 +369,7 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
 
 def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:
     """Training tokens/s of this base on this machine, measured once per run (run_dir/throughput.json)."""
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.dapt import PadCollator, to_blocks
     from training.recipe import measure_throughput
     from training.trainer_common import read_rows
@@ -429,7 +429,7 @@ def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistCon
                 spent_s: float, final_eval_s: float):
     """Step counts that fit the run into `config.budget_minutes` (training/recipe.py), kept in
     run_dir/budget.json so that a resumed run trains the same plan."""
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.recipe import EFFECTIVE_BATCH, StagePlan, plan_budget
     from training.trainer_common import read_rows
 

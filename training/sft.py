@@ -56,13 +56,9 @@ def train_sft(base: Path, data_dir: Path, out_dir: Path, config: SftConfig, lora
               adapter: Path | None = None, progress: ProgressFn | None = None,
               time_limit_s: float | None = None) -> StageResult:
     """Fine-tune `base` (+ `adapter`) on data_dir/sft conversations; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    read_sft_rows(data_dir / "sft" / "train.jsonl", required=True)
-
-    def build(config: SftConfig):
-        return build_sft_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
-
-    return run_stage("sft", base, data_dir, out_dir, config, lora, adapter, progress, build, _heldout_loss)
+    read_sft_rows(Path(data_dir) / "sft" / "train.jsonl", required=True)  # bad data fails before out_dir is claimed
+    return run_stage("sft", build_sft_trainer, _heldout_loss, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
 
 
 def _heldout_loss(trainer, trained: bool) -> dict[str, float]:
@@ -86,7 +82,7 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from atelier.loading import load_tokenizer
+    from specialists.loading import load_tokenizer
 
     base, data_dir = Path(base), Path(data_dir)
     config = resolve_stage_config("sft", config, Path(out_dir), base, lora)

@@ -151,38 +151,6 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def open_stage(out_dir: Path, stage: str, stamp: str) -> StageResult | None:
-    """Claim `out_dir` for a stage run; return the saved result if that run already finished.
-
-    A directory holding a run with other inputs is refused rather than silently mixed.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage_file = out_dir / STAGE_FILE
-    if stage_file.is_file():
-        saved = json.loads(stage_file.read_text(encoding="utf-8"))
-        if saved.get("stage") != stage or saved.get("fingerprint") != stamp:
-            raise AtelierError(f"{out_dir} holds a {saved.get('stage')} run with different inputs; "
-                               "delete it or pass a new output directory")
-    else:
-        atomic_write_text(stage_file, json.dumps({"stage": stage, "fingerprint": stamp}) + "\n")
-    result_file = out_dir / RESULT_FILE
-    if result_file.is_file():
-        log.info("%s already done in %s; reusing it", stage, out_dir)
-        return StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-    return None
-
-
-def finish_stage(out_dir: Path, result: StageResult) -> StageResult:
-    """Write result.json last, atomically, then drop the checkpoints it no longer needs
-    (TensorBoard logs in checkpoints/runs stay)."""
-    atomic_write_text(out_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
-    for checkpoint in (out_dir / "checkpoints").glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        (out_dir / "checkpoints").rmdir()  # only when empty
-    return result
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """Newest complete checkpoint; a half-written one (killed mid-save) is removed.
 
@@ -246,30 +214,45 @@ Scores = Callable[[Any, bool], dict[str, float]]
 """(trainer, trained) -> a stage's own metrics, measured before (trained=False) and after training."""
 
 
-def run_stage(stage: Literal["dapt", "sft", "dpo"], base: Path, data_dir: Path, out_dir: Path, config: StageConfig,
-              lora, adapter: Path | None, progress: ProgressFn | None, build: Callable[[StageConfig], Any],
-              scores: Scores | None = None) -> StageResult:
+def run_stage(stage: Literal["dapt", "sft", "dpo"], build: Callable[..., Any], scores: Scores, base: Path,
+              data_dir: Path, out_dir: Path, config: StageConfig, lora, adapter: Path | None,
+              progress: ProgressFn | None, time_limit_s: float | None) -> StageResult:
     """What every stage does around its trainer, top to bottom.
 
     Claim `out_dir` for these inputs (a finished run's result is returned as it is), fix the recipe's
-    choices for the life of `out_dir`, build the trainer (`build(config)`, progress already attached)
-    with the libraries' progress bars hidden, score, train (resuming from the newest complete
-    checkpoint, so a killed stage goes on where it was), score again, save the adapter or model,
-    and write result.json last (the DONE marker).
+    choices for the life of `out_dir`, build the trainer (`build` takes the arguments after `scores`,
+    the config resolved; it attaches progress) with the libraries' progress bars hidden, score, train
+    (resuming from the newest complete checkpoint, so a killed stage goes on where it was), score
+    again, save the adapter or model, and write result.json last (the DONE marker).
     """
     stamp = fingerprint(stage=stage, base=base, adapter=adapter, train=data_dir / stage / "train.jsonl",
                         heldout=data_dir / stage / "heldout.jsonl", config=config, lora=lora)
-    if (done := open_stage(out_dir, stage, stamp)) is not None:
-        return done
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage_file, result_file = out_dir / STAGE_FILE, out_dir / RESULT_FILE
+    if stage_file.is_file():  # a directory holding a run with other inputs is refused rather than mixed
+        saved = json.loads(stage_file.read_text(encoding="utf-8"))
+        if saved.get("stage") != stage or saved.get("fingerprint") != stamp:
+            raise AtelierError(f"{out_dir} holds a {saved.get('stage')} run with different inputs; "
+                               "delete it or pass a new output directory")
+    else:
+        atomic_write_text(stage_file, json.dumps({"stage": stage, "fingerprint": stamp}) + "\n")
+    if result_file.is_file():
+        log.info("%s already done in %s; reusing it", stage, out_dir)
+        return StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
     config = resolve_stage_config(stage, config, out_dir, base, lora)
     with quiet_progress(progress is not None):
-        trainer = build(config)
-        metrics = scores(trainer, False) if scores else {}
+        trainer = build(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
+        metrics = scores(trainer, False)
         stats = run_trainer(trainer, out_dir)
-        metrics.update(scores(trainer, True) if scores else {})
+        metrics.update(scores(trainer, True))
         model_path, adapter_path = save_trained(trainer.model, trainer.processing_class, out_dir, base)
     result = StageResult(stage=stage, model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
-    return finish_stage(out_dir, result)
+    atomic_write_text(result_file, result.model_dump_json(indent=2) + "\n")  # last: the DONE marker
+    for checkpoint in (out_dir / "checkpoints").glob("checkpoint-*"):  # TensorBoard logs in checkpoints/runs stay
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out_dir / "checkpoints").rmdir()  # only when empty
+    return result
 
 
 

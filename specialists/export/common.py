@@ -1,7 +1,7 @@
-"""What every export target shares: the specialist loaded, the adapter copied out, the staging folder.
+"""What every export target shares: the specialist loaded, the adapter copied out, the output folder.
 
-A target writer gets the loaded specialist and a staging folder and returns a `Staged`; the
-pipeline renames the staging folder into place only once everything in it passed its checks.
+A target writer gets the loaded specialist and a staging folder (`atelier.home.atomic_dir`) and returns
+a `Staged`; the pipeline lets the folder into place only once everything in it passed its checks.
 """
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from atelier.errors import AtelierError
-from atelier.home import atomic_dir, atomic_write_text
-from atelier.loading import load_model, load_tokenizer
+from atelier.home import atomic_write_text
 from specialists.export.parity import ParityReport
+from specialists.loading import load_model, load_tokenizer
 from specialists.registry import Registry, SpecialistRecord, check_adapter_files
 
 FP32 = {"dtype": "float32", "use_safetensors": True}  # how every export loads: exact, and no pickles
@@ -87,28 +85,3 @@ def register_served(registry: Registry, record: SpecialistRecord, served_by: str
 def check_replaceable(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file())):
         raise AtelierError(f"{out_dir} already holds files that no export wrote; choose another --out")
-
-
-@contextmanager
-def staging(out_dir: Path) -> Iterator[Path]:
-    """A hidden sibling folder to build in; renamed over `out_dir` (an older export) only on success."""
-    with atomic_dir(out_dir) as tmp:
-        yield tmp
-        _readable(tmp)
-
-
-def _readable(folder: Path) -> None:
-    """Usual permissions (umask applied): mkdtemp/mkstemp make 0700/0600, which a server running as
-    another user (vLLM in a container, llama-server under systemd) could not read."""
-    mask = umask()
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
-
-
-def umask() -> int:
-    """The process umask, read without os.umask(), which would briefly change it for every thread."""
-    try:
-        status = Path("/proc/self/status").read_text(encoding="utf-8")
-        return int(re.search(r"^Umask:\s*([0-7]+)", status, re.MULTILINE).group(1), 8)
-    except (OSError, AttributeError):
-        return 0o022

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from atelier.loading import base_marker, load_model, merge_adapter
 from specialists.export.common import FP32, Staged
 from specialists.export.parity import check_parity_in_llamacpp
+from specialists.loading import base_marker, load_model, merge_adapter
 from specialists.registry import SpecialistRecord, check_adapter_files, sha256_file
 
 log = logging.getLogger("specialists.export")  # the export's one log

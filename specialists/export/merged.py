@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atelier.loading import load_model, merge_adapter
 from specialists.export.common import FP32, Staged, weights_of
 from specialists.export.parity import check_parity, torch_logits
+from specialists.loading import load_model, merge_adapter
 from specialists.registry import SpecialistRecord
 
 

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from atelier.errors import AtelierError
+from atelier.home import umask
 from specialists.export import gguf_writer
 from specialists.export.cli import register_export
-from specialists.export.common import load_specialist, umask
+from specialists.export.common import load_specialist
 from specialists.export.ollama import CHATML_GO_TEMPLATE, ollama_template
 from specialists.export.parity import (
     BUILTIN_PROMPTS,

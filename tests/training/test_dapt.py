@@ -7,7 +7,7 @@ import json
 import pytest
 
 from atelier.errors import AtelierError
-from atelier.loading import load_tokenizer
+from specialists.loading import load_tokenizer
 from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt
 from training.lora import LoraSettings
 

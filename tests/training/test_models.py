@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from atelier.errors import AtelierError
-from atelier.loading import BASE_MARKER, load_model, load_tokenizer, pick_device
+from specialists.loading import BASE_MARKER, load_model, load_tokenizer, pick_device
 from specialists.registry import validate_adapter
 from training.lora import LoraSettings
 from training.models import is_scratch_base, precision_kwargs, resolve_base
@@ -159,7 +159,7 @@ def test_smollm2_gguf_base_is_converted_once_with_its_template(smollm2_base, tmp
     """`--base smollm2-135m` resolves to the GGUF in its package, dequantised into safetensors."""
     import json
 
-    from atelier.loading import BASE_MARKER, load_tokenizer
+    from specialists.loading import BASE_MARKER, load_tokenizer
     from training.sft import check_chat_template
 
     marker = json.loads((smollm2_base / BASE_MARKER).read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atelier.errors import AtelierError
-from atelier.loading import load_model, load_tokenizer, pick_device
+from specialists.loading import load_model, load_tokenizer, pick_device
 from tests.tinymodels import build_adapter, build_base, build_tokenizer
 
 

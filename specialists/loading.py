@@ -1,11 +1,9 @@
-"""Loading a causal LM: the device and dtype, the tokenizer, a base with its LoRA adapter(s) attached or merged.
+"""Loading a causal LM: device, dtype, tokenizer, a base with its LoRA adapter(s) attached or merged.
 
-Training, the specialist runtime, export and evaluation all load models here, so a base reads
-the same everywhere: from local files only (the one download is `training.models.download_base`),
-fp32 off CUDA (bf16 matmuls on a CPU without native support run at a few GFLOPS), an adapter
-validated before PEFT reads it (safetensors only, real weights). The bases Atelier builds
-(GGUF conversions, scratch Llamas; see `training.models`) carry an `atelier-base.json` marker
-saying what they are, read here with `base_marker`. Heavy imports happen inside the functions.
+Training, the specialist runtime, export and evaluation load models here, so a base reads the same
+everywhere: local files only (the one download is `training.models.download_base`), fp32 off CUDA,
+an adapter checked by the registry before PEFT reads it. It lives in specialists/ because every user
+may import it there (the kernel in atelier/ imports no package). Heavy imports happen inside functions.
 """
 
 from __future__ import annotations
@@ -123,11 +121,10 @@ def base_marker(path: Path | str) -> dict[str, Any]:
 
 
 def load_gguf(gguf: Path):
-    """(fp32 model, tokenizer) dequantised from a GGUF file, as a model that `save_pretrained` can write.
+    """(fp32 model, tokenizer) dequantised from a GGUF file, without per-tensor progress bars.
 
-    transformers loads GGUF files but refuses to save them ("quantized with gguf"), so the weights
-    move into a model built from the same config without the quantization entry. The per-tensor
-    progress bars of the dequantisation are hidden.
+    transformers loads GGUF files but refuses to save them ("quantized with gguf"), so the weights move
+    into a model built from the same config without the quantization entry, which `save_pretrained` writes.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
