@@ -75,10 +75,9 @@ class RuntimeConfig(StrictModel):
                            "the least recently used one.")
     max_tokens_cap: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens one request may ask a "
                                 "specialist for; a larger request is refused (the API answers 400).")
-    served_num_ctx: int = Field(DEFAULT_NUM_CTX, ge=512, description="Context window of specialists on a model "
+    served_num_ctx: int = Field(DEFAULT_NUM_CTX, ge=1, description="Context window of specialists on a model "
                                 "server: sent to Ollama with every request (it truncates silently otherwise), and "
                                 "the window of an in-process llama.cpp server.")
-
 
 
 class LoadedBase(StrictModel):

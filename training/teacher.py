@@ -222,7 +222,6 @@ _BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {
 
 _ANSWERS_TABLE = ("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
                   "answer TEXT NOT NULL, created REAL NOT NULL);")
-_CACHE_MIGRATIONS = (_ANSWERS_TABLE,)
 
 
 class ResponseCache:
@@ -232,7 +231,7 @@ class ResponseCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = connect(path, what="teacher cache", fix="delete it (answers are asked again)", timeout=30,
-                           autocommit=False, migrations=_CACHE_MIGRATIONS)
+                           autocommit=False, migrations=(_ANSWERS_TABLE,))
 
     def get(self, key: str) -> str | None:
         with self._lock:

@@ -30,7 +30,7 @@ from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from atelier.jsonl import iter_jsonl
-from training.lora import save_trained
+from training.lora import LoraSettings, save_trained
 
 log = logging.getLogger(__name__)
 # transformers 5 deprecates a name its own Trainer still calls: one line of noise per stage, nothing to fix here
@@ -215,7 +215,7 @@ Scores = Callable[[Any, bool], dict[str, float]]
 
 
 def run_stage(stage: Literal["dapt", "sft", "dpo"], build: Callable[..., Any], scores: Scores, base: Path,
-              data_dir: Path, out_dir: Path, config: StageConfig, lora, adapter: Path | None,
+              data_dir: Path, out_dir: Path, config: StageConfig, lora: LoraSettings, adapter: Path | None,
               progress: ProgressFn | None, time_limit_s: float | None) -> StageResult:
     """What every stage does around its trainer, top to bottom.
 
@@ -253,47 +253,6 @@ def run_stage(stage: Literal["dapt", "sft", "dpo"], build: Callable[..., Any], s
     with contextlib.suppress(OSError):
         (out_dir / "checkpoints").rmdir()  # only when empty
     return result
-
-
-
-def _progress_callback(progress: ProgressFn):
-    from transformers import TrainerCallback
-
-    class ReportProgress(TrainerCallback):
-        """Forwards (step, max_steps, loss, tokens_seen=...) to the caller's progress function."""
-
-        loss: float | None = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            progress(state.global_step, state.max_steps, self.loss, tokens_seen=state.num_input_tokens_seen)
-
-    return ReportProgress()
-
-
-def _time_limit_callback(seconds: float):
-    from transformers import TrainerCallback
-
-    class TimeLimit(TrainerCallback):
-        """Ends training at the first step boundary past `seconds` (a budgeted stage's share):
-        the adapter trained so far is saved as the stage's result."""
-
-        started: float | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            late = self.started is not None and time.perf_counter() - self.started > seconds
-            if late and state.global_step < state.max_steps:
-                log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
-                            seconds, state.global_step, state.max_steps)
-                control.should_training_stop = True
-
-    return TimeLimit()
 
 
 def resolve_stage_config(stage: str, config: StageConfig, out_dir: Path, base: Path, lora) -> StageConfig:
@@ -335,15 +294,37 @@ def quiet_progress(enabled: bool) -> Iterator[None]:
 
 
 def attach_progress(trainer, progress: ProgressFn | None, time_limit_s: float | None = None):
-    """Route step reports to `progress` instead of the Trainer's own printing, and end training
-    after `time_limit_s` seconds when given; returns trainer."""
+    """Route step reports to `progress` instead of the Trainer's own printing, and end training at the first
+    step boundary past `time_limit_s` seconds when given (a budgeted stage's share: the adapter trained so far
+    is saved as the stage's result); returns trainer."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
+
+    class Steps(TrainerCallback):
+        """Forwards (step, max_steps, loss, tokens_seen=...) to `progress`; stops at the time limit."""
+
+        loss: float | None = None
+        started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress is not None:
+                progress(state.global_step, state.max_steps, self.loss, tokens_seen=state.num_input_tokens_seen)
+            late = time_limit_s is not None and time.perf_counter() - self.started > time_limit_s
+            if late and state.global_step < state.max_steps:
+                log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
+                            time_limit_s, state.global_step, state.max_steps)
+                control.should_training_stop = True
 
     if progress is not None:
         trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict to stdout
-        trainer.add_callback(_progress_callback(progress))
-    if time_limit_s is not None:
-        trainer.add_callback(_time_limit_callback(time_limit_s))
+    trainer.add_callback(Steps())
     return trainer
 
 
