@@ -49,9 +49,11 @@ def _assemble() -> None:
     from specialists.export.cli import register_export
     from training.cli import register as register_training
 
+    from atelier.config_cli import config_app
     from atelier.doctor import doctor
 
     app.command("doctor")(doctor)
+    app.add_typer(config_app, name="config")
     register_retrieval(app)
     register_agents(app)
     register_serve(app)

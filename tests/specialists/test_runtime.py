@@ -336,7 +336,7 @@ def test_importing_the_runtime_does_not_import_torch():
 
 def test_the_runtime_config_comes_from_the_serve_yaml(registry, tmp_path):
     """device, max_bases, the one max_tokens cap and the served window are set in the serve config file."""
-    from agents.api import ServeConfig
+    from agents.config import ServeConfig
     from atelier.config import load_config
 
     assert all(field.description for field in RuntimeConfig.model_fields.values())
