@@ -14,6 +14,7 @@ from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from retrieval.config import RetrievalConfig
 from specialists.generation import GenerationParams
+from specialists.runtime import RuntimeConfig
 
 
 class OrchestratorConfig(StrictModel):
@@ -36,8 +37,10 @@ class OrchestratorConfig(StrictModel):
     max_steps: int = Field(
         4, ge=1, le=20, description="Most tool-calling rounds of the orchestrator model per request."
     )
-    max_bases: int = Field(
-        2, ge=1, description="Base models kept loaded for specialists (least recently used unloaded)."
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig,
+        description="The specialist runtime: device, loaded bases, the max_tokens cap, the context window of "
+        "served specialists.",
     )
     generation: GenerationParams = Field(
         default_factory=lambda: GenerationParams(max_tokens=128),
@@ -82,9 +85,6 @@ class ServeConfig(StrictModel):
     max_messages: int = Field(200, ge=1, le=100_000, description="Most messages in one chat request (400 above).")
     max_message_chars: int = Field(
         32_000, ge=1, le=10_000_000, description="Longest message content in characters (400 above)."
-    )
-    max_tokens_cap: int = Field(
-        1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for (400 above)."
     )
     max_concurrency: int = Field(4, ge=1, le=1024, description="Requests answered at once; more wait in the queue.")
     max_queue: int = Field(
