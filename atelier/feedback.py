@@ -31,6 +31,7 @@ from pathlib import Path
 
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
+from atelier.sqlite import connect
 
 MIGRATIONS = [
     """CREATE TABLE exchanges (
@@ -60,19 +61,10 @@ def _now() -> str:
 
 
 def _connect(path: Path | str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: survives a process crash, no fsync
-        db.execute("PRAGMA synchronous=NORMAL")  # per answer
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script} PRAGMA user_version={number}; COMMIT;")
-        db.execute("SELECT 1 FROM exchanges LIMIT 1").fetchone()  # a damaged table shows here, not mid-request
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """The store's connection (WAL, synchronous=NORMAL: survives a process crash with no fsync per answer);
+    a damaged table shows here, not mid-request."""
+    return connect(path, what="feedback store", fix=f"move it aside (mv {path} {path}.broken) and restart",
+                   migrations=MIGRATIONS, rows=True, probe="SELECT 1 FROM exchanges LIMIT 1")
 
 
 class FeedbackStore:
@@ -91,10 +83,8 @@ class FeedbackStore:
         if self._conn is None:
             try:
                 self._conn = _connect(self.path)
-            except sqlite3.DatabaseError as exc:
-                log.warning("%s is unreadable (%s): answers, ratings and thread owners are kept in memory until "
-                            "restart; move the file aside (mv %s %s.broken) and restart to start a fresh one",
-                            self.path, exc, self.path, self.path)
+            except AtelierError as exc:
+                log.warning("%s; until then answers, ratings and thread owners are kept in memory", exc)
                 self.in_memory = True
                 self._conn = _connect(":memory:")
         return self._conn

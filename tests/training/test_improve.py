@@ -118,3 +118,24 @@ def test_a_candidate_that_regresses_is_kept_but_never_activated(tiny_specialist,
     assert shown.exit_code == 0 and "v2 (candidate, from v1" in shown.output and "heldout" in shown.output
     with pytest.raises(AtelierError, match="no version before v1"):
         registry.rollback("hx")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_round_on_100_pairs_takes_under_two_minutes(tiny_specialist, atelier_home, tmp_path):
+    """The issue's budget: pairs, a DPO round (the recipe's 60 steps for a scratch base) and the gate."""
+    from tests.training.conftest import make_data_dir
+    from training.improve import ImproveConfig, improve
+
+    data = make_data_dir(tmp_path / "data", n_sft=200, n_dpo=120)
+    rows = [json.loads(line) for split in ("train", "heldout")
+            for line in (data / "dpo" / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()][:100]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({k: r[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for r in rows),
+                     encoding="utf-8")
+    started = time.perf_counter()
+    result = improve("hx", ImproveConfig(), from_feedback=False, pair_files=[pairs], home=atelier_home)
+    seconds = time.perf_counter() - started
+    print(f"\n100 pairs: {seconds:.1f} s ({result.timings}), {result.record.lineage['pairs']}")
+    assert result.record.lineage["pairs"]["train"] >= 90 and result.record.parent_version == 1
+    assert seconds < 120
