@@ -38,8 +38,9 @@ class _Loaded:
     def collect(self):
         loaded = self.runtime.loaded() if self.runtime is not None and hasattr(self.runtime, "loaded") else {}
         specialists = sum(len(b.adapters) + len(b.full_model) for b in loaded.values())
-        yield GaugeMetricFamily("atelier_specialists_loaded", "Specialists (adapters and full models) in memory.",
-                                value=specialists)
+        yield GaugeMetricFamily(
+            "atelier_specialists_loaded", "Specialists (adapters and full models) in memory.", value=specialists
+        )
         yield GaugeMetricFamily("atelier_bases_loaded", "Base models in memory.", value=len(loaded))
 
 
@@ -47,27 +48,49 @@ class Metrics:
     def __init__(self, runtime: Any = None):
         self.registry = CollectorRegistry()
         self.runtime = runtime
-        self.requests = Counter("atelier_requests", "Chat requests by route and HTTP status.", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("atelier_request_duration_seconds", "Chat request latency by route.", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.model_latency = Histogram("atelier_model_call_duration_seconds", "Model call latency by model.",
-                                       ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.tokens = Counter("atelier_model_tokens", "Tokens in (input) and out (output) by model.",
-                              ["model", "type"], registry=self.registry)
-        self.fallbacks = Counter("atelier_route_fallbacks", "Requests the semantic router was not confident about "
-                                 "(the orchestrator model or the direct route decided).", ["route"],
-                                 registry=self.registry)
-        self.rate_limited = Counter("atelier_rate_limited", "Requests refused with 429, by reason.", ["code"],
-                                    registry=self.registry)
-        self.adapter_switches = Counter("atelier_adapter_switches", "Changes of a base model's active adapter.",
-                                        registry=self.registry)
+        self.requests = Counter(
+            "atelier_requests", "Chat requests by route and HTTP status.", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "atelier_request_duration_seconds",
+            "Chat request latency by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.model_latency = Histogram(
+            "atelier_model_call_duration_seconds",
+            "Model call latency by model.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "atelier_model_tokens",
+            "Tokens in (input) and out (output) by model.",
+            ["model", "type"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "atelier_route_fallbacks",
+            "Requests the semantic router was not confident about "
+            "(the orchestrator model or the direct route decided).",
+            ["route"],
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "atelier_rate_limited", "Requests refused with 429, by reason.", ["code"], registry=self.registry
+        )
+        self.adapter_switches = Counter(
+            "atelier_adapter_switches", "Changes of a base model's active adapter.", registry=self.registry
+        )
         self.registry.register(_Loaded(runtime))
         self._active: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
-    def request(self, route: str, status: int, seconds: float | None = None,
-                record: RequestRecord | None = None) -> None:
+    def request(
+        self, route: str, status: int, seconds: float | None = None, record: RequestRecord | None = None
+    ) -> None:
         """One finished (or refused) chat request."""
         self.requests.labels(route, str(status)).inc()
         if seconds is not None:

@@ -50,8 +50,10 @@ def _assemble() -> None:
     from training.cli import register as register_training
 
     from atelier.doctor import doctor
+    from atelier.trace_view import register as register_traces
 
     app.command("doctor")(doctor)
+    register_traces(app)
     register_retrieval(app)
     register_agents(app)
     register_serve(app)

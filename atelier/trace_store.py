@@ -58,11 +58,20 @@ class SqliteSpanExporter:
     def export(self, spans: Sequence[Any]):
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        rows = [(f"{s.context.trace_id:032x}", f"{s.context.span_id:016x}",
-                 f"{s.parent.span_id:016x}" if s.parent is not None else None, s.name, s.kind.name,
-                 s.start_time or 0, s.end_time or 0, s.status.status_code.name,
-                 json.dumps({k: _value(v) for k, v in (s.attributes or {}).items()}, ensure_ascii=False))
-                for s in spans]
+        rows = [
+            (
+                f"{s.context.trace_id:032x}",
+                f"{s.context.span_id:016x}",
+                f"{s.parent.span_id:016x}" if s.parent is not None else None,
+                s.name,
+                s.kind.name,
+                s.start_time or 0,
+                s.end_time or 0,
+                s.status.status_code.name,
+                json.dumps({k: _value(v) for k, v in (s.attributes or {}).items()}, ensure_ascii=False),
+            )
+            for s in spans
+        ]
         try:
             with self._lock:
                 if self._db is None:
@@ -74,14 +83,19 @@ class SqliteSpanExporter:
         except (sqlite3.Error, OSError) as exc:
             if not self._warned:  # one warning, then quiet: a broken store costs traces, never requests
                 self._warned = True
-                log.warning("trace store %s cannot be written (%s); traces are dropped. Move the file aside to "
-                            "start a new one", self.path, exc)
+                log.warning(
+                    "trace store %s cannot be written (%s); traces are dropped. Move the file aside to start a new one",
+                    self.path,
+                    exc,
+                )
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
     def _trim(self) -> None:
-        oldest_kept = self._db.execute("SELECT start_ns FROM spans WHERE parent_id IS NULL ORDER BY start_ns DESC "
-                                       "LIMIT 1 OFFSET ?", (self.keep - 1,)).fetchone()
+        oldest_kept = self._db.execute(
+            "SELECT start_ns FROM spans WHERE parent_id IS NULL ORDER BY start_ns DESC LIMIT 1 OFFSET ?",
+            (self.keep - 1,),
+        ).fetchone()
         if oldest_kept is not None:
             self._db.execute("DELETE FROM spans WHERE start_ns < ?", (oldest_kept[0],))
 
@@ -108,18 +122,23 @@ class TraceStore:
     def __init__(self, path: Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise AtelierError(f"no trace store at {self.path}; traces are recorded as requests are answered "
-                               "(`atelier ask`, `atelier chat`, `atelier serve`) unless ATELIER_TRACING=off")
+            raise AtelierError(
+                f"no trace store at {self.path}; traces are recorded as requests are answered "
+                "(`atelier ask`, `atelier chat`, `atelier serve`) unless ATELIER_TRACING=off"
+            )
         try:
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             self.db.row_factory = sqlite3.Row
             self.db.execute("SELECT count(*) FROM spans").fetchone()
         except sqlite3.Error as exc:
-            raise AtelierError(f"the trace store {self.path} cannot be read ({exc}); move it aside, a new one is "
-                               "started with the next request") from None
+            raise AtelierError(
+                f"the trace store {self.path} cannot be read ({exc}); move it aside, a new one is "
+                "started with the next request"
+            ) from None
 
-    def traces(self, last: int = 20, thread: str | None = None, route: str | None = None,
-               since_ns: int | None = None) -> list[dict[str, Any]]:
+    def traces(
+        self, last: int = 20, thread: str | None = None, route: str | None = None, since_ns: int | None = None
+    ) -> list[dict[str, Any]]:
         """Root spans, newest first, filtered by conversation id, route and start time."""
         where, args = ["parent_id IS NULL"], []
         if thread is not None:
@@ -131,16 +150,18 @@ class TraceStore:
         if since_ns is not None:
             where.append("start_ns >= ?")
             args.append(since_ns)
-        rows = self.db.execute(f"SELECT * FROM spans WHERE {' AND '.join(where)} ORDER BY start_ns DESC LIMIT ?",
-                               [*args, last]).fetchall()
+        rows = self.db.execute(
+            f"SELECT * FROM spans WHERE {' AND '.join(where)} ORDER BY start_ns DESC LIMIT ?", [*args, last]
+        ).fetchall()
         return [_row(r) for r in rows]
 
     def spans(self, trace_id: str) -> list[dict[str, Any]]:
         """Every span of one trace (an id prefix of at least 6 characters works), in start order."""
         if len(trace_id) < 6:
             raise AtelierError(f"trace id {trace_id!r} is too short; give at least 6 characters of it")
-        rows = self.db.execute("SELECT * FROM spans WHERE trace_id LIKE ? ORDER BY start_ns",
-                               (trace_id.lower() + "%",)).fetchall()
+        rows = self.db.execute(
+            "SELECT * FROM spans WHERE trace_id LIKE ? ORDER BY start_ns", (trace_id.lower() + "%",)
+        ).fetchall()
         ids = {r["trace_id"] for r in rows}
         if len(ids) > 1:
             raise AtelierError(f"trace id {trace_id!r} matches {len(ids)} traces; give more of it")
@@ -148,8 +169,9 @@ class TraceStore:
 
     def named(self, name: str, since_ns: int | None = None) -> list[dict[str, Any]]:
         """Every span called `name` (the route decisions, for drift), oldest first."""
-        rows = self.db.execute("SELECT * FROM spans WHERE name = ? AND start_ns >= ? ORDER BY start_ns",
-                               (name, since_ns or 0)).fetchall()
+        rows = self.db.execute(
+            "SELECT * FROM spans WHERE name = ? AND start_ns >= ? ORDER BY start_ns", (name, since_ns or 0)
+        ).fetchall()
         return [_row(r) for r in rows]
 
     def close(self) -> None:

@@ -79,20 +79,30 @@ def _env_flag(name: str, default: bool) -> bool:
 class TracingConfig(StrictModel):
     """Whether and where request traces go. Defaults come from the environment, so every command agrees."""
 
-    enabled: bool = Field(default_factory=lambda: _env_flag("ATELIER_TRACING", True) and not _env_flag(
-        "OTEL_SDK_DISABLED", False), description="Trace requests (ATELIER_TRACING=off or OTEL_SDK_DISABLED=true: no).")
-    store: bool = Field(default_factory=lambda: _env_flag("ATELIER_TRACE_STORE", True), description="Keep traces in "
-                        "the local SQLite store ATELIER_HOME/traces.sqlite (ATELIER_TRACE_STORE=off: no).")
-    keep_traces: int = Field(default_factory=lambda: int(os.environ.get("ATELIER_TRACE_KEEP") or 10_000), ge=1,
-                             description="Most traces the local store keeps; older ones are deleted "
-                             "(ATELIER_TRACE_KEEP).")
-    capture_content: bool = Field(default_factory=lambda: _env_flag("ATELIER_TRACE_CONTENT", False),
-                                  description="Record questions, prompts and answers in traces (privacy: off by "
-                                  "default; ATELIER_TRACE_CONTENT=on). `atelier eval drift` lists fallback "
-                                  "questions only when they were recorded.")
-    otlp_endpoint: str | None = Field(default_factory=lambda: os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
-                                      description="Also export over OTLP/HTTP to this collector "
-                                      "(OTEL_EXPORTER_OTLP_ENDPOINT; /v1/traces is appended).")
+    enabled: bool = Field(
+        default_factory=lambda: _env_flag("ATELIER_TRACING", True) and not _env_flag("OTEL_SDK_DISABLED", False),
+        description="Trace requests (ATELIER_TRACING=off or OTEL_SDK_DISABLED=true: no).",
+    )
+    store: bool = Field(
+        default_factory=lambda: _env_flag("ATELIER_TRACE_STORE", True),
+        description="Keep traces in the local SQLite store ATELIER_HOME/traces.sqlite (ATELIER_TRACE_STORE=off: no).",
+    )
+    keep_traces: int = Field(
+        default_factory=lambda: int(os.environ.get("ATELIER_TRACE_KEEP") or 10_000),
+        ge=1,
+        description="Most traces the local store keeps; older ones are deleted (ATELIER_TRACE_KEEP).",
+    )
+    capture_content: bool = Field(
+        default_factory=lambda: _env_flag("ATELIER_TRACE_CONTENT", False),
+        description="Record questions, prompts and answers in traces (privacy: off by "
+        "default; ATELIER_TRACE_CONTENT=on). `atelier eval drift` lists fallback "
+        "questions only when they were recorded.",
+    )
+    otlp_endpoint: str | None = Field(
+        default_factory=lambda: os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        description="Also export over OTLP/HTTP to this collector "
+        "(OTEL_EXPORTER_OTLP_ENDPOINT; /v1/traces is appended).",
+    )
 
 
 # -- the per-request record: timings and model calls, with tracing on or off ------------------------------
@@ -152,7 +162,7 @@ def setup(config: TracingConfig | None = None) -> None:
     config = config or TracingConfig()
     key = (config.model_dump_json(), str(store_path().resolve()) if config.store else None)
     with _lock:
-        if _state.key == key:
+        if _state.key == key or (_state.key and _state.key[0] == "use"):  # an explicit `use` wins (tests)
             return
         _shutdown_locked()
         _state.key, _state.capture = key, config.capture_content
@@ -280,8 +290,9 @@ _OFF = Span()
 
 
 @contextmanager
-def span(name: str, kind: str | None = None, attributes: dict[str, Any] | None = None,
-         span_kind: str = "INTERNAL") -> Iterator[Span]:
+def span(
+    name: str, kind: str | None = None, attributes: dict[str, Any] | None = None, span_kind: str = "INTERNAL"
+) -> Iterator[Span]:
     """A child span of the current one; `kind` adds its wall time to the request's timings."""
     started = time.perf_counter()
     tracer = _state.tracer
@@ -301,8 +312,9 @@ def span(name: str, kind: str | None = None, attributes: dict[str, Any] | None =
 
 
 @contextmanager
-def request(name: str, attributes: dict[str, Any] | None = None, span_kind: str = "INTERNAL"
-            ) -> Iterator[tuple[Span, RequestRecord]]:
+def request(
+    name: str, attributes: dict[str, Any] | None = None, span_kind: str = "INTERNAL"
+) -> Iterator[tuple[Span, RequestRecord]]:
     """The span of one request and its record. Nested (the orchestrator inside an API request), it is a child
     span and shares the outer request's record."""
     outer = _record.get()
@@ -317,14 +329,19 @@ def request(name: str, attributes: dict[str, Any] | None = None, span_kind: str 
 
 
 @contextmanager
-def model_call(model: str, operation: str = "chat", provider: str | None = None,
-               attributes: dict[str, Any] | None = None) -> Iterator[Span]:
+def model_call(
+    model: str, operation: str = "chat", provider: str | None = None, attributes: dict[str, Any] | None = None
+) -> Iterator[Span]:
     """A model call's span, `{operation} {model}` (a CLIENT span as the GenAI conventions say), timed as "model".
     Set its usage with `usage(span, model, input_tokens, output_tokens)`."""
     provider = provider or (model.split(":", 1)[0] if ":" in model else "atelier")
     started = time.perf_counter()
-    with span(f"{operation} {model}", kind="model", span_kind="CLIENT", attributes={
-            OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model, **(attributes or {})}) as s:
+    with span(
+        f"{operation} {model}",
+        kind="model",
+        span_kind="CLIENT",
+        attributes={OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model, **(attributes or {})},
+    ) as s:
         call = ModelCall(model, 0.0)
         s_call = _CallSpan(s, call)
         try:
@@ -345,8 +362,13 @@ class _CallSpan(Span):
 
     def usage(self, input_tokens: int | None, output_tokens: int | None, response_model: str | None = None) -> None:
         self.call.input_tokens, self.call.output_tokens = int(input_tokens or 0), int(output_tokens or 0)
-        self.update({INPUT_TOKENS: self.call.input_tokens, OUTPUT_TOKENS: self.call.output_tokens,
-                     RESPONSE_MODEL: response_model or self.call.model})
+        self.update(
+            {
+                INPUT_TOKENS: self.call.input_tokens,
+                OUTPUT_TOKENS: self.call.output_tokens,
+                RESPONSE_MODEL: response_model or self.call.model,
+            }
+        )
 
 
 _SECRETS = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|\b(sk-|hf_|ghp_|xox[bp]-)[A-Za-z0-9_-]{8,}")

@@ -86,10 +86,15 @@ def by_name(exporter) -> dict:
 
 
 def test_the_tool_route_has_a_route_span_and_an_execute_tool_span(exporter):
-    decision = Decision("tool:calculator", 0.93, True, candidates=[("tool:calculator", 0.93), ("search", 0.04),
-                                                                  ("direct", 0.02), ("tool:convert_units", 0.01)])
-    final, record = run(Services(router=Router(decision), tools={t.name: t for t in builtin_tools()}),
-                        "what is 17 * 23?")
+    decision = Decision(
+        "tool:calculator",
+        0.93,
+        True,
+        candidates=[("tool:calculator", 0.93), ("search", 0.04), ("direct", 0.02), ("tool:convert_units", 0.01)],
+    )
+    final, record = run(
+        Services(router=Router(decision), tools={t.name: t for t in builtin_tools()}), "what is 17 * 23?"
+    )
     assert final["messages"][-1].text == "391"
     spans = by_name(exporter)
     route = spans[tracing.ROUTE_SPAN].attributes
@@ -108,8 +113,9 @@ def test_the_tool_route_has_a_route_span_and_an_execute_tool_span(exporter):
 
 
 def test_the_search_route_records_mode_hits_and_top_scores(exporter, searcher):  # noqa: F811
-    final, record = run(Services(router=Router(Decision("search", 0.8, True)), searcher=searcher),
-                        "what is the seal leakage limit?")
+    final, record = run(
+        Services(router=Router(Decision("search", 0.8, True)), searcher=searcher), "what is the seal leakage limit?"
+    )
     search = by_name(exporter)["retrieval search"].attributes
     assert search[tracing.OPERATION] == "retrieval" and search[tracing.SEARCH_MODE] == "hybrid"
     assert search[tracing.SEARCH_HITS] == len(final["sources"]) == 2
@@ -118,8 +124,10 @@ def test_the_search_route_records_mode_hits_and_top_scores(exporter, searcher): 
 
 
 def test_the_specialist_route_is_a_chat_span_with_its_token_usage(exporter):
-    final, record = run(Services(router=Router(Decision("specialist:pumps", 0.7, True)), runtime=Runtime(),
-                                 specialists=["pumps"]), "how do I bleed the pump?")
+    final, record = run(
+        Services(router=Router(Decision("specialist:pumps", 0.7, True)), runtime=Runtime(), specialists=["pumps"]),
+        "how do I bleed the pump?",
+    )
     assert final["messages"][-1].text == "Bleed the pump."
     chat = by_name(exporter)["chat specialist:pumps"]
     assert chat.kind.name == "CLIENT"
@@ -141,19 +149,32 @@ def test_the_direct_route_falls_back_and_says_so(exporter):
 
 
 def test_the_agent_route_traces_each_model_call_and_tool_call(exporter):
-    model = ScriptedModel(responses=[
-        AIMessage("", tool_calls=[{"name": "calculator", "args": {"expression": "6*7"}, "id": "c1"}],
-                  usage_metadata={"input_tokens": 50, "output_tokens": 9, "total_tokens": 59}),
-        AIMessage("It is 42.", usage_metadata={"input_tokens": 70, "output_tokens": 4, "total_tokens": 74})])
-    services = Services(router=Router(Decision("tool:calculator", 0.3, False)), model=model,
-                        model_name="llamacpp:smollm2-135m", tools={t.name: t for t in builtin_tools()})
+    model = ScriptedModel(
+        responses=[
+            AIMessage(
+                "",
+                tool_calls=[{"name": "calculator", "args": {"expression": "6*7"}, "id": "c1"}],
+                usage_metadata={"input_tokens": 50, "output_tokens": 9, "total_tokens": 59},
+            ),
+            AIMessage("It is 42.", usage_metadata={"input_tokens": 70, "output_tokens": 4, "total_tokens": 74}),
+        ]
+    )
+    services = Services(
+        router=Router(Decision("tool:calculator", 0.3, False)),
+        model=model,
+        model_name="llamacpp:smollm2-135m",
+        tools={t.name: t for t in builtin_tools()},
+    )
     final, record = run(services, "six times seven?")
     assert final["messages"][-1].text == "It is 42."
     spans = exporter.get_finished_spans()
     route = next(s for s in spans if s.name == tracing.ROUTE_SPAN).attributes
     assert route[tracing.ROUTE] == "agent" and route[tracing.FALLBACK] is True
     chats = [s for s in spans if s.name == "chat llamacpp:smollm2-135m"]
-    assert [(s.attributes[tracing.INPUT_TOKENS], s.attributes[tracing.OUTPUT_TOKENS]) for s in chats] == [(50, 9), (70, 4)]
+    assert [(s.attributes[tracing.INPUT_TOKENS], s.attributes[tracing.OUTPUT_TOKENS]) for s in chats] == [
+        (50, 9),
+        (70, 4),
+    ]
     assert all(s.attributes[tracing.PROVIDER] == "llamacpp" for s in chats)
     tool = next(s for s in spans if s.name == "execute_tool calculator").attributes
     assert tool["gen_ai.tool.call.id"] == "c1"
@@ -165,8 +186,10 @@ def test_content_is_recorded_only_when_configured_and_never_a_secret():
     tracing.use([exporter], capture_content=True)
     try:
         question = "what is 2 + 2? my key is sk-abcdefghijklmnop1234 and Bearer abcdefgh12345678"
-        run(Services(router=Router(Decision("tool:calculator", 0.9, True)),
-                     tools={t.name: t for t in builtin_tools()}), question)
+        run(
+            Services(router=Router(Decision("tool:calculator", 0.9, True)), tools={t.name: t for t in builtin_tools()}),
+            question,
+        )
     finally:
         tracing.shutdown()
     route = by_name(exporter)[tracing.ROUTE_SPAN].attributes
@@ -179,6 +202,8 @@ def test_content_is_recorded_only_when_configured_and_never_a_secret():
 def test_tracing_off_records_timings_and_no_spans():
     tracing.shutdown()
     assert not tracing.enabled()
-    _, record = run(Services(router=Router(Decision("tool:calculator", 0.9, True)),
-                             tools={t.name: t for t in builtin_tools()}), "what is 2 + 2?")
+    _, record = run(
+        Services(router=Router(Decision("tool:calculator", 0.9, True)), tools={t.name: t for t in builtin_tools()}),
+        "what is 2 + 2?",
+    )
     assert record.timings_ms["tool"] > 0 and record.timings_ms["route"] > 0
