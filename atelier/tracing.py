@@ -242,6 +242,16 @@ def flush(timeout_ms: int = 5000) -> None:
         provider.force_flush(timeout_ms)
 
 
+def pause(paused: bool = True) -> None:
+    """Stop (or resume) tracing new spans, keeping the provider and its exporters (a bench interleaves on and off)."""
+    with _lock:
+        provider = _state.provider
+        if provider is not None:
+            from atelier import __version__
+
+            _state.tracer = None if paused else provider.get_tracer("atelier", __version__)
+
+
 def enabled() -> bool:
     return _state.tracer is not None
 
@@ -300,15 +310,30 @@ def span(
         if tracer is None:
             yield _OFF
         else:
-            from opentelemetry.trace import SpanKind
-
-            attrs = {k: v for k, v in (attributes or {}).items() if v is not None}
-            with tracer.start_as_current_span(name, kind=SpanKind[span_kind], attributes=attrs) as s:
-                yield Span(s)
+            yield from _traced(tracer, name, attributes, span_kind)
     finally:
         record = _record.get() if kind else None
         if record is not None:
             record.timings_ms[kind] = record.timings_ms.get(kind, 0.0) + (time.perf_counter() - started) * 1000
+
+
+def _traced(tracer: Any, name: str, attributes: dict[str, Any] | None, span_kind: str) -> Iterator[Span]:
+    """start_span + attach, by hand: what start_as_current_span does, without its two generator frames."""
+    from opentelemetry import context, trace
+
+    attrs = {k: v for k, v in attributes.items() if v is not None} if attributes else None
+    otel_span = tracer.start_span(name, kind=trace.SpanKind[span_kind], attributes=attrs)
+    token = context.attach(trace.set_span_in_context(otel_span))
+    try:
+        yield Span(otel_span)
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            otel_span.record_exception(exc)
+            otel_span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        context.detach(token)
+        otel_span.end()
 
 
 @contextmanager
