@@ -485,16 +485,13 @@ def _timestamp(iso: str) -> int:
 
 
 def list_specialists(request: Request) -> dict:
-    from eval.report import METRICS
-
     data = []
     for record in request.app.state.orchestrator.registry.list():
-        report = record.eval_report or {}
-        final = (report.get("stages") or {}).get(report.get("final_stage"), {})
-        metrics = {k: float(v) for k, v in final.items() if k in METRICS and isinstance(v, int | float)}
+        report = record.eval_report
         data.append({"name": record.name, "version": record.version, "description": record.description,
-                     "base_model": public_path(record.base_model), "keywords": record.keywords, "metrics": metrics,
-                     "beats_base": report.get("beats_base")})
+                     "base_model": public_path(record.base_model), "keywords": record.keywords,
+                     "metrics": report.final_metrics() if report else {},
+                     "beats_base": report.beats_base if report else None})
     return {"object": "list", "data": data}
 
 

@@ -63,12 +63,10 @@ def build_specialist(console) -> None:
     console.print(f"base {DEMO_BASE}, budget {DEMO_BUDGET_MINUTES:g} min (the full recipe takes longer and learns more)")
     with Display() as display:
         result = run_pipeline("demo", DOCS, config, force=True, hooks=display.hooks())
-    final = result.report["stages"][result.report["final_stage"]]
-    base = result.report["stages"]["base"]
     report = result.report
-    verdict = ("beats its base" if report["beats_base"] else
-               "is not significantly better than its base yet" if report.get("accepted") else
-               "does not beat its base yet (registered anyway)")
+    final, base = report.final, report.base
+    verdict = {"beats": "beats its base", "accepted": "is not significantly better than its base yet",
+               "refused": "does not beat its base yet (registered anyway)"}[report.verdict]
     console.print(f"specialist 'demo' v{result.record.version} {verdict}: held-out perplexity "
                   f"{base['perplexity']:.1f} -> {final['perplexity']:.1f}, multiple-choice accuracy "
                   f"{base['mcq_accuracy']:.2f} -> {final['mcq_accuracy']:.2f}")

@@ -14,47 +14,16 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-
 from typing import Any
 
-from pydantic import BaseModel, Field
-
 from atelier.home import atomic_write_bytes, atomic_write_text
+from atelier.reports import METRICS, EvalReport
 from eval.gate import GateConfig, paired_test, verdict
 
-# metric -> (better direction, label). "lower"/"higher" are judged; None is context only.
-METRICS: dict[str, tuple[str | None, str]] = {
-    "perplexity": ("lower", "held-out perplexity"),
-    "mcq_accuracy": ("higher", "multiple-choice accuracy"),
-    "mcq_chance": (None, "multiple-choice chance level"),
-    "token_f1": ("higher", "token F1 of greedy answers"),
-    "rouge_l": ("higher", "ROUGE-L of greedy answers"),
-    "preference_accuracy": ("higher", "chosen ranked above rejected"),
-}
 REQUIRED = ("perplexity", "mcq_accuracy")  # GateConfig.required's default
-OUTCOMES = "outcomes"  # the per-item key of a metrics dict; never stored in Report.stages
+OUTCOMES = "outcomes"  # the per-item key of a metrics dict; never stored in EvalReport.stages
 COUNTS = ("perplexity_tokens", "perplexity_windows", "mcq_items", "generation_items", "preference_items")
 ARROWS = {"lower": "↓", "higher": "↑", None: ""}
-
-
-class Report(BaseModel):
-    """Metrics per stage (`base` first, then pipeline order), the final stage and the verdict.
-
-    `beats_base`: significantly better than the base on every required metric. `accepted`: the
-    gate lets it be registered (not significantly worse on any). Reports written before the
-    statistical gate have no `accepted` and no `gate`; readers treat `accepted` as `beats_base`.
-    """
-
-    stages: dict[str, dict[str, int | float]]
-    final_stage: str
-    beats_base: bool
-    reasons: list[str]
-    accepted: bool | None = None
-    warnings: list[str] = Field(default_factory=list)
-    gate: dict[str, Any] = Field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
 
 
 def _judge(metric: str, base: dict, final: dict, final_stage: str) -> tuple[bool | None, str]:
@@ -72,7 +41,7 @@ def _without_outcomes(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != OUTCOMES}
 
 
-def compare(base: dict[str, Any], stages: dict[str, dict[str, Any]], gate: GateConfig | None = None) -> Report:
+def compare(base: dict[str, Any], stages: dict[str, dict[str, Any]], gate: GateConfig | None = None) -> EvalReport:
     """Is the last stage accepted against the base? The statistical rule of `eval.gate` on `gate.required`.
 
     `stages` is in pipeline order (e.g. dapt, sft, dpo); the last one is the specialist. Other
@@ -105,7 +74,7 @@ def compare(base: dict[str, Any], stages: dict[str, dict[str, Any]], gate: GateC
     else:
         head = f"{final_stage} is accepted with a warning: not significantly better than the base on {needs}"
     reasons = [head, *[f"{t.sentence()} (gate)" for t in tests.values()], *reasons]
-    return Report(stages={"base": _without_outcomes(base), **{k: _without_outcomes(v) for k, v in stages.items()}},
+    return EvalReport(stages={"base": _without_outcomes(base), **{k: _without_outcomes(v) for k, v in stages.items()}},
                   final_stage=final_stage, beats_base=decision.significant, reasons=reasons,
                   accepted=decision.accepted, warnings=decision.warnings + decision.reasons,
                   gate={"config": gate.model_dump(mode="json"), **decision.to_dict()})
@@ -120,7 +89,7 @@ def _cell(value: float | None) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def render_markdown(report: Report) -> str:
+def render_markdown(report: EvalReport) -> str:
     """A table of metrics (rows) by stage (columns), the items used, and the verdict with its reasons."""
     names = list(report.stages)
     head = "| metric | better | " + " | ".join(names) + " |\n|---|:-:|" + "---:|" * len(names) + "\n"
@@ -128,9 +97,8 @@ def render_markdown(report: Report) -> str:
             for m, (d, _) in METRICS.items() if any(m in report.stages[s] for s in names)]
     counts = [f"| {c} | " + " | ".join(_cell(report.stages[s].get(c)) for s in names) + " |"
               for c in COUNTS if any(c in report.stages[s] for s in names)]
-    accepted = report.beats_base if report.accepted is None else report.accepted
-    verdict = ("**beats the base**" if report.beats_base else
-               "**is accepted, but does not significantly beat the base**" if accepted else "**is refused**")
+    verdict = {"beats": "**beats the base**", "accepted": "**is accepted, but does not significantly beat the base**",
+               "refused": "**is refused**"}[report.verdict]
     lines = ["# Specialist evaluation on the held-out split\n",
              f"Verdict: `{report.final_stage}` {verdict}.\n",
              head + "\n".join(rows) + "\n",
@@ -157,7 +125,7 @@ def _test_row(test: dict) -> str:
             f"{test.get('n', 0)} | {test['outcome']} |")
 
 
-def render_plot(report: Report):
+def render_plot(report: EvalReport):
     """A matplotlib Figure (Agg, no pyplot global state): one subplot per metric, value by stage."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -177,13 +145,13 @@ def render_plot(report: Report):
             ax.set_yscale("log")
         ax.set_title(f"{metric} {ARROWS[METRICS[metric][0]]}")
         ax.grid(alpha=0.3)
-    word = "beats" if report.beats_base else ("accepted, not significantly better than" if report.accepted
-                                              else "does not beat")
+    word = {"beats": "beats", "accepted": "accepted, not significantly better than", "refused": "does not beat"}[
+        report.verdict]
     fig.suptitle(f"{report.final_stage}: {word} the base")
     return fig
 
 
-def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
+def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
     """Write eval.json, eval.md and eval.png atomically into `out_dir`; returns their paths."""
     out_dir = Path(out_dir)
     paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md", "png": out_dir / "eval.png"}
@@ -195,6 +163,6 @@ def write_report(report: Report, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def load_report(path: Path) -> Report:
+def load_report(path: Path) -> EvalReport:
     """Read an eval.json back (the registry stores the same dict in the record)."""
-    return Report.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))

@@ -26,10 +26,7 @@ def _registry():
 
 def _final_metrics(record) -> dict[str, Any]:
     """The active version's key held-out metrics, base -> final stage, from its eval report."""
-    report = record.eval_report or {}
-    stages = report.get("stages", {})
-    base, final = stages.get("base", {}), stages.get(report.get("final_stage", ""), {})
-    return {m: (base.get(m), final.get(m)) for m in ("perplexity", "mcq_accuracy") if m in base or m in final}
+    return record.eval_report.headline() if record.eval_report else {}
 
 
 def _metric_cell(before: float | None, after: float | None) -> str:
@@ -87,7 +84,7 @@ def show(
     typer.echo(f"  created:     {record.created_at}{'  (registered with --force)' if record.forced else ''}")
     if record.served_by:
         typer.echo(f"  served by:   {record.served_by}")
-    for reason in (record.eval_report or {}).get("reasons", []):
+    for reason in record.eval_report.reasons if record.eval_report else []:
         typer.echo(f"  - {reason}")
 
 

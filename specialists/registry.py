@@ -30,11 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.home import atelier_home, atomic_write_text
+from atelier.reports import EvalReport, ExamReport, none_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_FILES = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
+_ARTIFACT_FIELDS = ("adapter_path", "adapter_sha256", "model_path", "model_sha256")
 
 
 class SpecialistRecord(StrictModel):
@@ -60,15 +62,25 @@ class SpecialistRecord(StrictModel):
     model_sha256: str | None = Field(None, description="SHA-256 of the full model's safetensors weights.")
     data_manifest_hashes: dict[str, str] = Field(default_factory=dict, description="Hashes of the generated data.")
     config: dict[str, Any] = Field(default_factory=dict, description="The training configuration used.")
-    eval_report: dict[str, Any] = Field(default_factory=dict, description="eval.report.Report.to_dict() vs the base.")
+    eval_report: EvalReport | None = Field(None, description="Its held-out evaluation against the base.")
     route_exemplars: list[str] = Field(default_factory=list, description="Sample training instructions for the router.")
     served_by: str | None = Field(None, description="External server that serves it, e.g. 'ollama:NAME'.")
-    exam_report: dict[str, Any] = Field(default_factory=dict, description="eval.exam_eval.summarise() of base and "
-                                        "specialist on the user's exam (`specialist add --exam`); empty without one.")
+    exam_report: ExamReport | None = Field(None, description="Base and specialist on the user's exam "
+                                           "(`specialist add --exam`); None without one.")
     exam_sha256: str | None = Field(None, description="SHA-256 of the exam file the exam_report was measured on.")
     forced: bool = Field(False, description="Registered with --force although the gate refused it.")
     created_at: str = Field(description="ISO 8601 time of registration (UTC).")
     run_dir: str | None = Field(None, description="The training run folder it came from.")
+
+    @field_validator("eval_report", "exam_report", mode="before")
+    @classmethod
+    def empty_is_none(cls, value: Any) -> Any:
+        return none_if_empty(value)
+
+    @property
+    def artifact(self) -> Path:
+        """The folder of its weights: the adapter, or the full model."""
+        return Path((self.model_path if self.full_model else self.adapter_path) or "")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -175,34 +187,16 @@ def check_model_files(record: SpecialistRecord) -> Path:
     return folder
 
 
-def gate_refusal(eval_report: dict[str, Any], exam_report: dict[str, Any] | None = None) -> str | None:
-    """Why the gate refuses a specialist (None when it may be registered).
-
-    Reports written by the statistical gate carry `accepted` (refused only when significantly
-    worse than the base on a required metric); older ones only `beats_base`. An exam result is
-    refused when its `gate` is not accepted.
-    """
-    if not eval_report:
+def gate_refusal(report: EvalReport | None, exam: ExamReport | None = None) -> str | None:
+    """Why the gate refuses a specialist (None when it may be registered): its held-out evaluation,
+    and its exam result when it has one."""
+    if report is None:
         return "it has no evaluation against its base; evaluate it first"
-    accepted = eval_report.get("accepted", eval_report.get("beats_base"))
-    if accepted is not True:
-        gate = eval_report.get("gate") or {}
-        reasons = gate.get("reasons") or [r for r in eval_report.get("reasons", []) if "(required)" in r] \
-            or eval_report.get("reasons", [])
-        return f"on the held-out split: {'; '.join(reasons) or 'no reasons recorded'}"
-    exam_gate = (exam_report or {}).get("gate")
-    if exam_report and (not exam_gate or exam_gate.get("accepted") is not True):
-        reasons = (exam_gate or {}).get("reasons") or ["the exam result has no gate verdict (no base/specialist pair)"]
-        return f"on the exam {exam_report.get('exam', '')}: {'; '.join(reasons)}"
+    if (why := report.refusal()) is not None:
+        return f"on the held-out split: {why}"
+    if exam is not None and (why := exam.refusal()) is not None:
+        return f"on the exam {exam.exam}: {why}"
     return None
-
-
-def _check_beats_base(name: str, eval_report: dict[str, Any], exam_report: dict[str, Any] | None = None) -> None:
-    """Refuse a specialist that the evaluation gate (held-out split, and the exam when given) refuses."""
-    why = gate_refusal(eval_report, exam_report)
-    if why is not None:
-        raise AtelierError(f"specialist {name!r} is refused {why}. Improve the data or training, "
-                           "or pass --force to register it anyway")
 
 
 # ----------------------------------------------------------------------------- file plumbing
@@ -325,12 +319,13 @@ class Registry:
 
     # --- writing
 
-    def register(self, name: str, *, base_model: str, eval_report: dict[str, Any], keywords: list[str] | None = None,
-                 adapter_dir: Path | None = None, model_dir: Path | None = None, description: str | None = None,
-                 data_manifest_hashes: dict[str, str] | None = None, config: dict[str, Any] | None = None,
-                 route_exemplars: list[str] | None = None, served_by: str | None = None,
-                 run_dir: Path | str | None = None, force: bool = False, exam_report: dict[str, Any] | None = None,
-                 exam_sha256: str | None = None) -> SpecialistRecord:
+    def register(self, name: str, *, base_model: str, eval_report: EvalReport | dict[str, Any] | None,
+                 keywords: list[str] | None = None, adapter_dir: Path | None = None, model_dir: Path | None = None,
+                 description: str | None = None, data_manifest_hashes: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None, route_exemplars: list[str] | None = None,
+                 served_by: str | None = None, run_dir: Path | str | None = None, force: bool = False,
+                 exam_report: ExamReport | dict[str, Any] | None = None, exam_sha256: str | None = None,
+                 ) -> SpecialistRecord:
         """Add a new version of `name` and make it active. Exactly one of adapter_dir / model_dir.
 
         Order matters: name, evaluation gate and artifacts are all checked before the first
@@ -339,26 +334,40 @@ class Registry:
         validate_name(name)
         if (adapter_dir is None) == (model_dir is None):
             raise AtelierError("give exactly one of an adapter folder (LoRA) or a full model folder to register")
-        if not force:
-            _check_beats_base(name, eval_report, exam_report)
-        sha = validate_adapter(adapter_dir) if adapter_dir else validate_full_model(model_dir)
-        artifact, source = ("adapter", adapter_dir) if adapter_dir else ("model", model_dir)
+        report = EvalReport.model_validate(eval_report) if none_if_empty(eval_report) is not None else None
+        exam = ExamReport.model_validate(exam_report) if none_if_empty(exam_report) is not None else None
         keywords = list(keywords or [])
         if Path(base_model).exists():
             base_model = str(Path(base_model).resolve())
-        fields = dict(
-            name=name, description=description or _describe(name, keywords), keywords=keywords, base_model=base_model,
-            full_model=model_dir is not None, data_manifest_hashes=dict(data_manifest_hashes or {}),
-            config=dict(config or {}), eval_report=dict(eval_report), route_exemplars=list(route_exemplars or []),
-            exam_report=dict(exam_report or {}), exam_sha256=exam_sha256 or (exam_report or {}).get("exam_sha256"),
-            served_by=served_by, forced=force and gate_refusal(eval_report, exam_report) is not None,
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-            run_dir=str(Path(run_dir).resolve()) if run_dir else None,
-            **({"adapter_path": artifact, "adapter_sha256": sha} if adapter_dir else
-               {"model_path": artifact, "model_sha256": sha}))
+        fields = {
+            "name": name, "description": description or _describe(name, keywords), "keywords": keywords,
+            "base_model": base_model, "full_model": model_dir is not None, "config": dict(config or {}),
+            "data_manifest_hashes": dict(data_manifest_hashes or {}), "route_exemplars": list(route_exemplars or []),
+            "eval_report": report, "exam_report": exam, "exam_sha256": exam_sha256 or (exam and exam.exam_sha256),
+            "served_by": served_by, "run_dir": str(Path(run_dir).resolve()) if run_dir else None}
+        return self._add(fields, Path(adapter_dir or model_dir), force=force)
+
+    def register_from(self, record: SpecialistRecord, **changes: Any) -> SpecialistRecord:
+        """A new active version of `record.name` that is `record` with `changes` (e.g. `served_by=...`),
+        its weights copied from the record's own folder. The gate is applied again unless it was forced."""
+        kept = set(SpecialistRecord.model_fields) - {"version", "created_at", "forced", *_ARTIFACT_FIELDS}
+        fields = {key: getattr(record, key) for key in kept} | changes
+        return self._add(fields, record.artifact, force=record.forced)
+
+    def _add(self, fields: dict[str, Any], source: Path, *, force: bool) -> SpecialistRecord:
+        """Gate, validate and publish one version described by `fields`; `current` moves last."""
+        name = fields["name"]
+        refusal = gate_refusal(fields.get("eval_report"), fields.get("exam_report"))
+        if refusal is not None and not force:
+            raise AtelierError(f"specialist {name!r} is refused {refusal}. Improve the data or training, "
+                               "or pass --force to register it anyway")
+        artifact = "model" if fields["full_model"] else "adapter"
+        sha = validate_full_model(source) if fields["full_model"] else validate_adapter(source)
+        fields = {**fields, "forced": refusal is not None, "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                  f"{artifact}_path": artifact, f"{artifact}_sha256": sha}
         folder = self.root / name
         with _locked(folder):
-            version = self._publish(folder, artifact, Path(source), sha, fields)
+            version = self._publish(folder, artifact, source, sha, fields)
             atomic_write_text(folder / "current", f"{version}\n")
         return self.get(name, version)
 

@@ -1,14 +1,71 @@
-"""Shared fixtures: an isolated ATELIER_HOME per test, the real packaged encoder, offline."""
+"""Shared fixtures: an isolated ATELIER_HOME per test, the real packaged encoder, offline.
+
+Tests never reach the network: a guard lets sockets connect only to loopback (and to the live
+servers named by ELASTICSEARCH_URL / OLLAMA_HOST when those are set for the marked live tests).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
+from urllib.parse import urlsplit
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+LIVE_SERVER_VARIABLES = ("ELASTICSEARCH_URL", "OLLAMA_HOST")
+
+
+class NetworkBlocked(RuntimeError):
+    """A test tried to connect beyond loopback (not an OSError, so no code can mistake it for a server being down)."""
+
+
+def _live_hosts() -> set[str]:
+    hosts = set()
+    for variable in LIVE_SERVER_VARIABLES:
+        if value := os.environ.get(variable):
+            hosts.add(urlsplit(value if "://" in value else f"http://{value}").hostname or "")
+    return hosts - {""}
+
+
+def allowed_address(address, allowed_hosts: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Loopback, Unix sockets and the named live hosts may be reached; nothing else."""
+    if not isinstance(address, tuple):  # AF_UNIX path (str or bytes)
+        return True
+    host = str(address[0])
+    if host in allowed_hosts or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guard_sockets() -> None:
+    real_connect, real_connect_ex, allowed = socket.socket.connect, socket.socket.connect_ex, _live_hosts()
+
+    def check(address) -> None:
+        if not allowed_address(address, allowed):
+            raise NetworkBlocked(f"tests block the network: a connection to {address!r} was refused "
+                                 "(only 127.0.0.1/::1, or a live server named by " + "/".join(LIVE_SERVER_VARIABLES)
+                                 + ", may be reached)")
+
+    def connect(self, address):
+        check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        check(address)
+        return real_connect_ex(self, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+
+
+_guard_sockets()
 
 
 @pytest.fixture(autouse=True)

@@ -111,21 +111,18 @@ def _summary(result) -> None:
     metrics = ("perplexity", "mcq_accuracy", "token_f1", "rouge_l", "preference_accuracy")
     table = Table(title=f"{result.name}: held-out evaluation (run {result.run_dir.name})")
     table.add_column("metric")
-    for stage in report["stages"]:
+    for stage in report.stages:
         table.add_column(stage, justify="right")
     for metric in metrics:
-        table.add_row(metric, *(f"{report['stages'][s].get(metric, float('nan')):.3f}" for s in report["stages"]))
+        table.add_row(metric, *(f"{report.stages[s].get(metric, float('nan')):.3f}" for s in report.stages))
     console.print(table)
     if result.exam_report:
         from eval.exam_report import print_table
 
         print_table(result.exam_report, console)
-    if report["beats_base"]:
-        verdict = "beats its base (significantly, on every required metric)"
-    elif report.get("accepted", report["beats_base"]):
-        verdict = "is accepted: not significantly worse than its base, but not significantly better either"
-    else:
-        verdict = "does NOT beat its base"
+    verdict = {"beats": "beats its base (significantly, on every required metric)",
+               "accepted": "is accepted: not significantly worse than its base, but not significantly better either",
+               "refused": "does NOT beat its base"}[report.verdict]
     total = sum(v for k, v in result.timings.items())
     record = result.record
     console.print(f"{result.name} {verdict}; registered as v{record.version}" + (" (forced)" if record.forced else "")

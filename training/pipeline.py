@@ -33,6 +33,7 @@ from typing import Any
 
 from atelier.errors import AtelierError
 from atelier.home import atelier_home, atomic_write_text
+from atelier.reports import EvalReport
 from retrieval.documents import Document, DocumentsConfig, load_folder
 from training.config import SpecialistConfig
 
@@ -54,7 +55,7 @@ class PipelineHooks:
 class PipelineResult:
     name: str
     run_dir: Path
-    report: dict[str, Any]
+    report: EvalReport | None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     record: Any = None  # the SpecialistRecord when registered
@@ -297,7 +298,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
 
     report = compare(metrics["base"], {s: metrics[s] for s in config.stages if s in metrics}, config.eval.gate)
     write_report(report, eval_dir)
-    result.report = report.to_dict()
+    result.report = report
 
     exam_report = None
     if exam is not None:
@@ -335,7 +336,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
     else:
         hooks.done("register", time.perf_counter() - started, f"{name} v{result.record.version}")
     finally:
-        atomic_write_text(run_dir / DONE_FILE, json.dumps({"report": result.report, "timings": result.timings,
+        atomic_write_text(run_dir / DONE_FILE, json.dumps({"report": result.report and result.report.to_dict(), "timings": result.timings,
                                                            "stages": result.stages}, indent=2, default=str) + "\n")
     return result
 

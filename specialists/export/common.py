@@ -110,13 +110,7 @@ def hub_id(base_model: str) -> str | None:
 
 def register_served(registry: Registry, record: SpecialistRecord, served_by: str) -> SpecialistRecord:
     """A new version of `record`, the same in every respect but served by `served_by`."""
-    return registry.register(record.name, base_model=record.base_model, eval_report=record.eval_report,
-                             keywords=record.keywords, description=record.description,
-                             adapter_dir=None if record.full_model else Path(record.adapter_path or ""),
-                             model_dir=Path(record.model_path or "") if record.full_model else None,
-                             data_manifest_hashes=record.data_manifest_hashes, config=record.config,
-                             route_exemplars=record.route_exemplars, served_by=served_by, run_dir=record.run_dir,
-                             force=record.forced)
+    return registry.register_from(record, served_by=served_by)
 
 
 # ----------------------------------------------------------------------------- output folder

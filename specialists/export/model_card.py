@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from atelier.reports import METRICS
 from specialists.export.common import Staged, hub_id
 from specialists.registry import SpecialistRecord
 
@@ -17,10 +18,8 @@ def model_card(record: SpecialistRecord, target: str, staged: Staged) -> str:
     """README.md: Hugging Face YAML front matter (base_model, tags, datasets, model-index) and a body."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    from eval.report import METRICS
-
-    report, hashes, lora, parity = record.eval_report or {}, record.data_manifest_hashes, record.config.get("lora", {}), staged.parity
-    stages, final = report.get("stages", {}), report.get("final_stage", "")
+    report, hashes, lora, parity = record.eval_report, record.data_manifest_hashes, record.config.get("lora", {}), staged.parity
+    stages, final = (report.stages, report.final_stage) if report else ({}, "")
     base = hub_id(record.base_model) or record.config.get("base") or record.base_model
     results = [EvalResult(task_type="text-generation", dataset_type="atelier-heldout", metric_type=metric,
                           dataset_name=f"{record.name} held-out split", metric_value=value, metric_name=METRICS[metric][1])
@@ -51,7 +50,7 @@ def model_card(record: SpecialistRecord, target: str, staged: Staged) -> str:
         "Evaluation (held-out split)": [
             "| metric | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages),
             *[f"| {METRICS[m][1]} | " + " | ".join(_fmt(stages[s].get(m)) for s in stages) + " |"
-              for m in METRICS if any(m in row for row in stages.values())], "", *report.get("reasons", [])[:1]],
+              for m in METRICS if any(m in row for row in stages.values())], "", *(report.reasons[:1] if report else [])],
         "Data": ["| file | sha256 |", "|---|---|", *[f"| {k} | `{v}` |" for k, v in sorted(hashes.items())]],
         "Export check": [(f"The {parity.artefact} ({parity.precision}) gave the same greedy continuations as the "
                           f"adapter on its base for {parity.prompts} held-out prompts ({parity.tokens} tokens); "

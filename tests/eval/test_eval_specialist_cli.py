@@ -111,6 +111,7 @@ def test_user_mistakes_are_one_line_errors(registered, args, message):
 
 
 def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
+    from atelier.reports import EvalReport, ExamReport
     from eval.side_by_side import exam_gate
     from eval.specialist import SpecialistEvalConfig
     from specialists.registry import Registry, gate_refusal
@@ -124,10 +125,10 @@ def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
     assert same["paired"]["specialist_vs_base"]["mcq_delta"] == 0 and same["gate"]["accepted"]
     assert not same["gate"]["significant"], "a model is never significantly better than itself"
     held_out_ok = {"stages": {}, "final_stage": "sft", "beats_base": True, "reasons": [], "accepted": True}
-    assert gate_refusal(held_out_ok, same) is None
+    assert gate_refusal(EvalReport.model_validate(held_out_ok), ExamReport.model_validate(same)) is None
     record = Registry().register("pumps", base_model=str(tiny / "base"), eval_report=held_out_ok,
                                  adapter_dir=tiny / "adapter", exam_report=same)
-    assert record.exam_sha256 == same["exam_sha256"] and record.exam_report["gate"]["accepted"]
+    assert record.exam_sha256 == same["exam_sha256"] and record.exam_report.gate["accepted"]
 
 
 def test_rag_adds_search_and_the_specialist_with_passages(registered, tmp_path, encoder):

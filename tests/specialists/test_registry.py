@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -208,8 +209,8 @@ def test_names_are_validated(registry, artifacts, name):
 def test_noise_is_accepted_with_a_warning_and_the_exam_gate_can_refuse(registry, artifacts):
     noise = compare(_metrics(400.0, 12), {"sft": _metrics(300.0, 11)})
     record = _register(registry, artifacts / "adapter", report=noise)
-    assert not record.forced and record.eval_report["accepted"] and not record.eval_report["beats_base"]
-    assert record.exam_report == {} and record.exam_sha256 is None
+    assert not record.forced and record.eval_report.accepted and not record.eval_report.beats_base
+    assert record.eval_report.verdict == "accepted" and record.exam_report is None and record.exam_sha256 is None
     exam = {"exam": "my-exam.jsonl", "exam_sha256": "f" * 64,
             "gate": {"accepted": False, "significant": False, "reasons": ["mcq_accuracy: significantly worse"],
                      "warnings": [], "tests": {}}}
@@ -217,9 +218,24 @@ def test_noise_is_accepted_with_a_warning_and_the_exam_gate_can_refuse(registry,
         _register(registry, artifacts / "adapter", report=BEATS, exam_report=exam)
     assert registry.versions("pumps") == [1]
     forced = _register(registry, artifacts / "adapter", report=BEATS, exam_report=exam, force=True)
-    assert forced.forced and forced.exam_sha256 == "f" * 64 and forced.exam_report["exam"] == "my-exam.jsonl"
+    assert forced.forced and forced.exam_sha256 == "f" * 64 and forced.exam_report.exam == "my-exam.jsonl"
     passed = {**exam, "gate": {**exam["gate"], "accepted": True, "reasons": []}}
     assert not _register(registry, artifacts / "adapter", report=BEATS, exam_report=passed).forced
+
+
+def test_a_record_is_registered_again_from_itself_with_only_the_changes(registry, artifacts):
+    first = _register(registry, artifacts / "adapter", exam_report={"exam": "e.jsonl", "exam_sha256": "e" * 64,
+                                                                     "gate": {"accepted": True}, "systems": {"x": 1}})
+    again = registry.register_from(first, served_by="ollama:pumps")
+    assert (again.version, again.served_by, registry.current_version("pumps")) == (2, "ollama:pumps", 2)
+    same = {"version", "created_at", "served_by", "adapter_path"}
+    assert again.model_dump(exclude=same) == first.model_dump(exclude=same)
+    assert again.exam_report.systems == {"x": 1}  # the untyped part of an exam summary is kept as it came
+    assert Path(again.adapter_path) == registry.root / "pumps" / "v2" / "adapter"
+    assert sha256_file(Path(again.adapter_path) / "adapter_model.safetensors") == first.adapter_sha256
+    with pytest.raises(AtelierError, match="refused on the held-out split"):  # the gate applies to the changes too
+        registry.register_from(again, eval_report=LOSES)
+    assert registry.versions("pumps") == [1, 2]
 
 
 def test_records_written_before_the_statistical_gate_still_load(registry, artifacts):
@@ -232,12 +248,14 @@ def test_records_written_before_the_statistical_gate_still_load(registry, artifa
                           "beats_base": True, "reasons": ["sft beats the base"]}
     path.write_text(json.dumps(old))
     loaded = registry.get("pumps")
-    assert loaded.exam_report == {} and loaded.adapter_sha256 == record.adapter_sha256
-    from eval.report import Report
-
-    assert Report.model_validate(loaded.eval_report).accepted is None  # readers fall back to beats_base
+    assert loaded.exam_report is None and loaded.adapter_sha256 == record.adapter_sha256
+    assert loaded.eval_report.accepted is None and loaded.eval_report.is_accepted  # falls back to beats_base
     assert registry_module.gate_refusal(loaded.eval_report) is None
-    assert "no reasons" not in (registry_module.gate_refusal({**loaded.eval_report, "beats_base": False}) or "")
+    refused = loaded.eval_report.model_copy(update={"beats_base": False})
+    assert registry_module.gate_refusal(refused) == "on the held-out split: sft beats the base"
+    old["eval_report"], old["exam_report"] = {}, {}  # how records said "none" before the typed reports
+    path.write_text(json.dumps(old))
+    assert registry.get("pumps").eval_report is None and registry.get("pumps").exam_report is None
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "garbled", "wrong-name", "current"])

@@ -1,4 +1,5 @@
-"""No import cycles between Atelier's modules, counting every import: at the top, inside a function
+"""The plan of the house, checked: no import cycles between Atelier's modules, and the import rules of
+its architecture (which package may import which). Every import counts: at the top, inside a function
 (a late import that dodges a cycle is still one) and under TYPE_CHECKING. Read with `ast`, nothing imported."""
 
 from __future__ import annotations
@@ -8,6 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("atelier", "agents", "specialists", "training", "retrieval", "eval")
+# The root modules that assemble the product from every package (the command, the demo, the doctor);
+# the rest of `atelier/` is the shared kernel that every package may use, so it uses none of them.
+ASSEMBLY = {"atelier.cli", "atelier.demo", "atelier.doctor"}
+# (importer, imported): the arrows the architecture forbids.
+FORBIDDEN = [("retrieval", "agents"), ("training", "agents"), ("specialists", "agents"),
+             *(("atelier", package) for package in PACKAGES if package != "atelier")]
 
 
 def modules() -> dict[str, Path]:
@@ -86,3 +93,28 @@ def test_the_import_graph_has_no_cycles():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def violations(graph: dict[str, set[str]]) -> list[str]:
+    """`importer -> imported` for every import an architecture rule forbids."""
+    found = []
+    for importer, targets in sorted(graph.items()):
+        if importer in ASSEMBLY:
+            continue
+        found += [f"{importer} -> {target}" for target in sorted(targets)
+                  if (importer.split(".")[0], target.split(".")[0]) in FORBIDDEN]
+    return found
+
+
+def test_the_import_rules_of_the_architecture_hold():
+    files = modules()
+    graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    assert not violations(graph), ("imports that ARCHITECTURE.md forbids (retrieval, training and specialists never "
+                                   "import agents; the kernel in atelier/ imports no package):\n"
+                                   + "\n".join(violations(graph)))
+
+
+def test_the_rule_checker_finds_a_forbidden_import():
+    graph = {"specialists.runtime": {"agents.graph", "atelier.home"}, "atelier.home": {"training.data"},
+             "atelier.cli": {"agents.cli"}, "agents.graph": {"specialists.runtime"}}
+    assert violations(graph) == ["atelier.home -> training.data", "specialists.runtime -> agents.graph"]
