@@ -423,7 +423,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     try:
         return await _chat_completions(body, request)
     except ApiError as exc:  # refused before its worker ran (a worker's own errors are counted by _recorded)
-        if not getattr(exc, "counted", False):
+        if not exc.counted:
             request.app.state.metrics.refused(exc.status, exc.code)
         raise
 

@@ -294,11 +294,15 @@ def trace_route(span: tracing.Span, decision: Any, chosen: str, question: str) -
         record.fallback = fell_back
     span.update({tracing.ROUTE: chosen, tracing.ROUTE_TOP: decision.route or "none",
                  tracing.CONFIDENCE: round(float(decision.confidence), 4),
-                 tracing.THRESHOLD: getattr(decision, "threshold", None), tracing.FALLBACK: fell_back,
-                 tracing.IN_SCOPE: getattr(decision, "in_scope", None),
+                 tracing.THRESHOLD: _rounded(getattr(decision, "threshold", None)), tracing.FALLBACK: fell_back,
+                 tracing.IN_SCOPE: _rounded(getattr(decision, "in_scope", None)),
                  tracing.ALTERNATIVES: [str(r) for r, _ in candidates],
                  tracing.ALTERNATIVE_CONFIDENCES: [round(float(c), 4) for _, c in candidates]})
     span.content(tracing.QUESTION, question)
+
+
+def _rounded(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
 
 
 def tool_span(name: str, call_id: str | None = None):

@@ -168,9 +168,9 @@ class TraceStore:
         return [_row(r) for r in rows]
 
     def named(self, name: str, since_ns: int | None = None) -> list[dict[str, Any]]:
-        """Every span called `name` (the route decisions, for drift), oldest first."""
+        """Every span called `name` that ended at or after `since_ns` (the route decisions, for drift), oldest first."""
         rows = self.db.execute(
-            "SELECT * FROM spans WHERE name = ? AND start_ns >= ? ORDER BY start_ns", (name, since_ns or 0)
+            "SELECT * FROM spans WHERE name = ? AND end_ns >= ? ORDER BY start_ns", (name, since_ns or 0)
         ).fetchall()
         return [_row(r) for r in rows]
 

@@ -127,7 +127,7 @@ def print_list(console, roots: list[dict[str, Any]]) -> None:
     console.print(table)
 
 
-def _console():
+def wide_console():
     import sys
 
     from rich.console import Console
@@ -162,7 +162,7 @@ def traces(
                 if as_json:
                     typer.echo(json.dumps([summary(r) for r in roots], indent=2))
                 else:
-                    print_list(_console(), roots) if roots else typer.echo("no traces match")
+                    print_list(wide_console(), roots) if roots else typer.echo("no traces match")
                 return
             trace_id = roots[0]["trace_id"]
         spans = store.spans(trace_id)
@@ -175,7 +175,7 @@ def traces(
     if as_json:
         typer.echo(json.dumps(waterfall_rows(spans), indent=2, default=str))
         return
-    print_waterfall(_console(), spans)
+    print_waterfall(wide_console(), spans)
 
 
 def register(app: typer.Typer) -> None:

@@ -35,6 +35,7 @@ from typing import Any
 from pydantic import Field
 
 from atelier.config import StrictModel
+from atelier.errors import AtelierError
 from atelier.redact import scrub
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,16 @@ KINDS = ("route", "search", "model", "tool")  # the timing breakdown of an answe
 STORE_FILE = "traces.sqlite"
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise AtelierError(
+            f"{name}={value!r} is not a whole number; set it to how many traces to keep (default {default})"
+        ) from None
+
+
 def _env_flag(name: str, default: bool) -> bool:
     value = os.environ.get(name, "").strip().lower()
     return default if not value else value not in ("0", "false", "off", "no")
@@ -88,7 +99,7 @@ class TracingConfig(StrictModel):
         description="Keep traces in the local SQLite store ATELIER_HOME/traces.sqlite (ATELIER_TRACE_STORE=off: no).",
     )
     keep_traces: int = Field(
-        default_factory=lambda: int(os.environ.get("ATELIER_TRACE_KEEP") or 10_000),
+        default_factory=lambda: _env_int("ATELIER_TRACE_KEEP", 10_000),
         ge=1,
         description="Most traces the local store keeps; older ones are deleted (ATELIER_TRACE_KEEP).",
     )

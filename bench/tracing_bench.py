@@ -19,23 +19,29 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sqlite3  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.metrics import percentile  # noqa: E402
+from eval.metrics import percentile
 
-QUESTIONS = ["what is 17 * 23?", "how many psi is 3 bar", "what is the tightening torque of the HX-65 impeller nut?",
-             "hello, who are you?", "convert 80 N m to lbf ft", "what is 2 ^ 10"]
+QUESTIONS = [
+    "what is 17 * 23?",
+    "how many psi is 3 bar",
+    "what is the tightening torque of the HX-65 impeller nut?",
+    "hello, who are you?",
+    "convert 80 N m to lbf ft",
+    "what is 2 ^ 10",
+]
 
 
 def one_request_spans(n: int) -> float:
@@ -46,8 +52,14 @@ def one_request_spans(n: int) -> float:
     for _ in range(n):
         with tracing.request("invoke_agent atelier", {tracing.CONVERSATION: "bench"}) as (span, _):
             with tracing.span(tracing.ROUTE_SPAN, kind="route") as route:
-                route.update({tracing.ROUTE: "search", tracing.CONFIDENCE: 0.9, tracing.FALLBACK: False,
-                              tracing.ALTERNATIVES: ["search", "direct", "tool:calculator"]})
+                route.update(
+                    {
+                        tracing.ROUTE: "search",
+                        tracing.CONFIDENCE: 0.9,
+                        tracing.FALLBACK: False,
+                        tracing.ALTERNATIVES: ["search", "direct", "tool:calculator"],
+                    }
+                )
             with tracing.span("retrieval search", kind="search") as search:
                 search.update({tracing.SEARCH_HITS: 5, tracing.SEARCH_TOP_SCORES: [0.9, 0.8, 0.7]})
             with tracing.span("atelier.respond"):
@@ -66,8 +78,18 @@ def main() -> None:
     from atelier import tracing
     from retrieval.cli import index
 
-    index(ROOT / "examples" / "docs", backend=None, index_name=None, model=None, config_file=None, prune=True,
-          delete=[], follow_symlinks=None, max_file_mb=None, quiet=True)
+    index(
+        ROOT / "examples" / "docs",
+        backend=None,
+        index_name=None,
+        model=None,
+        config_file=None,
+        prune=True,
+        delete=[],
+        follow_symlinks=None,
+        max_file_mb=None,
+        quiet=True,
+    )
     tracing.setup(tracing.TracingConfig(enabled=True, store=True, capture_content=False, otlp_endpoint=None))
     orchestrator = Orchestrator(OrchestratorConfig())
     for question in QUESTIONS:  # warm up: router fit, first embeddings, extractive answers
@@ -77,7 +99,7 @@ def main() -> None:
     for i in range(args.requests):
         question = QUESTIONS[i % len(QUESTIONS)]
         pair = {}
-        for traced in ((True, False) if i % 2 == 0 else (False, True)):
+        for traced in (True, False) if i % 2 == 0 else (False, True):
             tracing.pause(not traced)
             started = time.perf_counter()
             orchestrator.ask(question, thread_id=f"t{i}-{int(traced)}")
@@ -92,14 +114,16 @@ def main() -> None:
     tracing.pause(False)
     tracing.flush()
     db = sqlite3.connect(tracing.store_path())
-    stored_traces, stored_spans = db.execute("SELECT count(*) FILTER (WHERE parent_id IS NULL), count(*) "
-                                             "FROM spans").fetchone()
+    stored_traces, stored_spans = db.execute(
+        "SELECT count(*) FILTER (WHERE parent_id IS NULL), count(*) FROM spans"
+    ).fetchone()
     db.close()
     tracing.shutdown()
     orchestrator.close()
     on, off = times[True], times[False]
     results = {
-        "requests_per_side": args.requests, "questions": QUESTIONS,
+        "requests_per_side": args.requests,
+        "questions": QUESTIONS,
         "traced": {"p50_ms": round(percentile(on, 50), 3), "p95_ms": round(percentile(on, 95), 3)},
         "untraced": {"p50_ms": round(percentile(off, 50), 3), "p95_ms": round(percentile(off, 95), 3)},
         "overhead_p50_ms": round(percentile(on, 50) - percentile(off, 50), 3),

@@ -193,12 +193,13 @@ def _since_ns(since: str | None) -> int | None:
 
 
 def _drift_tables(report: dict) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from atelier.trace_view import wide_console
+
     show = lambda v: "-" if v is None else f"{v:.2f}"
-    console = Console()
+    console = wide_console()
     table = Table(title=f"routing drift: {report['requests']} requests, fallback share {show(report['fallback_share'])}"
                         f" (at fit {show(report['fitted_fallback_share'])}), KS {show(report['ks'])}")
     for column in ("route", "requests", "fallback now", "at fit", "median conf now", "at fit", "KS"):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from atelier import tracing
+from atelier.errors import AtelierError
 from atelier.trace_store import SqliteSpanExporter, TraceStore
 
 
@@ -13,9 +16,11 @@ def test_the_store_keeps_the_newest_traces_with_their_spans(tmp_path):
     tracing.use([exporter])
     try:
         for i in range(5):
-            with tracing.request("invoke_agent atelier", {tracing.CONVERSATION: f"c{i}"}):
-                with tracing.span(tracing.ROUTE_SPAN, kind="route") as span:
-                    span.set(tracing.ROUTE, "search")
+            with (
+                tracing.request("invoke_agent atelier", {tracing.CONVERSATION: f"c{i}"}),
+                tracing.span(tracing.ROUTE_SPAN, kind="route") as span,
+            ):
+                span.set(tracing.ROUTE, "search")
     finally:
         tracing.shutdown()
     store = TraceStore(tmp_path / "traces.sqlite")
@@ -35,9 +40,11 @@ def test_a_broken_store_costs_traces_not_requests_and_warns_once(tmp_path, caplo
     caplog.set_level(logging.WARNING, logger="atelier.trace_store")
     try:
         for _ in range(3):
-            with tracing.request("invoke_agent atelier") as (_, record):
-                with tracing.span("execute_tool calculator", kind="tool"):
-                    pass
+            with (
+                tracing.request("invoke_agent atelier") as (_, record),
+                tracing.span("execute_tool calculator", kind="tool"),
+            ):
+                pass
             assert record.timings_ms["tool"] >= 0
     finally:
         tracing.shutdown()
@@ -63,6 +70,9 @@ def test_setup_follows_the_environment_and_off_means_no_tracer(tmp_path, monkeyp
     finally:
         tracing.shutdown()
     assert tracing.TracingConfig().keep_traces == 7
+    monkeypatch.setenv("ATELIER_TRACE_KEEP", "lots")
+    with pytest.raises(AtelierError, match="ATELIER_TRACE_KEEP='lots' is not a whole number"):
+        tracing.TracingConfig()
 
 
 def test_clean_removes_credentials_and_keeps_the_rest():
