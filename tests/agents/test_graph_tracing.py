@@ -207,3 +207,18 @@ def test_tracing_off_records_timings_and_no_spans():
         "what is 2 + 2?",
     )
     assert record.timings_ms["tool"] > 0 and record.timings_ms["route"] > 0
+
+
+def test_a_streamed_answer_counts_the_tokens_its_server_reports():
+    from langchain_core.messages import AIMessageChunk
+
+    from agents.llm import bounded_stream
+
+    chunks = [
+        AIMessageChunk(content="Hello"),
+        AIMessageChunk(content=" there"),
+        AIMessageChunk(content="", usage_metadata={"input_tokens": 31, "output_tokens": 2, "total_tokens": 33}),
+    ]
+    written = bounded_stream(iter(chunks), time_limit_s=5)
+    assert (written.text, written.input_tokens, written.output_tokens) == ("Hello there", 31, 2)
+    assert bounded_stream(iter([AIMessageChunk(content="x")]), time_limit_s=5).input_tokens == 0

@@ -184,3 +184,22 @@ def test_metrics_count_routes_statuses_latency_and_429s(orchestrator):
     assert got[("atelier_request_duration_seconds_count", (("route", "tool:calculator"),))] == 2
     assert got[("atelier_request_duration_seconds_sum", (("route", "tool:calculator"),))] > 0
     assert got[("atelier_specialists_loaded", ())] == 0 and got[("atelier_bases_loaded", ())] == 0
+
+
+@pytest.mark.slow
+def test_a_real_model_call_is_a_chat_span_with_the_servers_token_counts(home, smollm2):
+    from agents.llm import ModelConfig
+    from tests.conftest import SMOLLM2
+
+    exporter = InMemorySpanExporter()
+    tracing.use([exporter])
+    try:
+        orchestrator = Orchestrator(OrchestratorConfig(model=ModelConfig(name=SMOLLM2, max_tokens=16)))
+        answer = orchestrator.ask("hello, who are you?", thread_id="real")
+        orchestrator.close()
+    finally:
+        tracing.shutdown()
+    [chat] = [s for s in exporter.get_finished_spans() if s.name == f"chat {SMOLLM2}"]
+    assert chat.attributes[tracing.PROVIDER] == "llamacpp" and chat.kind.name == "CLIENT"
+    assert chat.attributes[tracing.INPUT_TOKENS] > 20 and 0 < chat.attributes[tracing.OUTPUT_TOKENS] <= 16
+    assert answer.timings["model"] > 0 and answer.model == SMOLLM2
