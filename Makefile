@@ -18,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-slow bench venv clean
+.PHONY: demo test test-slow bench configs venv clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,14 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/retrieval_bench.py
+
+# examples/configs/ is `atelier config show` output (tests/test_config.py keeps them equal): rewrite them
+# after changing a config field. The Elasticsearch variables are unset so that no local value is written.
+configs: $(STAMP)
+	for kind in specialist serve index orchestrator; do \
+	  env -u ELASTICSEARCH_URL -u ELASTICSEARCH_API_KEY -u ELASTICSEARCH_USERNAME -u ELASTICSEARCH_PASSWORD \
+	    -u ELASTICSEARCH_CA_CERTS $(PY) -m atelier.cli config show $$kind > examples/configs/$$kind.yaml || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .atelier .pytest_cache

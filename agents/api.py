@@ -46,7 +46,6 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents.api_redact import header_value, public_model_name, public_path
@@ -72,62 +71,19 @@ from agents.api_stream import (
     usage_of,
 )
 from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
-from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, check_plain_key, load_keys, owner_of
+from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, load_keys, owner_of
+from agents.config import ServeConfig
 from agents.feedback import FeedbackStore, UnknownCompletion
 from agents.limits import Admission, BodyGuard, RateLimits
 from agents.metrics import CONTENT_TYPE, Metrics
-from agents.orchestrator import Orchestrator, OrchestratorConfig
+from agents.orchestrator import Orchestrator
 from atelier import tracing
-from atelier.config import StrictModel
 from atelier.errors import AtelierError
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ORCHESTRATOR_MODEL = "atelier"
 SPECIALIST_PREFIX = "specialist/"
 log = logging.getLogger(__name__)
-
-
-class ServeConfig(StrictModel):
-    """`atelier serve`: where to listen, who may call, and the limits every request obeys (OWASP LLM10)."""
-
-    host: str = Field("127.0.0.1", description="Interface to listen on; anything but loopback needs an API key.")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
-    api_keys: list[str] = Field(default_factory=list, description="Accepted Bearer keys (each at least 16 "
-                                "printable ASCII characters), besides those in ATELIER_API_KEYS (comma-separated) "
-                                "and api_keys_file; none at all: no authentication (loopback only).")
-    api_keys_file: Path | None = Field(None, description="YAML mapping NAME: sha256:HEX of accepted keys, so the "
-                                       "server stores no key; `python -m agents.auth NAME` makes a key and its line.")
-    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig, description="The orchestrator "
-                                             "behind model 'atelier' (its model, index, routes, specialists).")
-    max_body_bytes: int = Field(1_000_000, ge=1024, le=100_000_000, description="Largest request body; bigger "
-                                "ones get 413.")
-    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="A request body still arriving after this "
-                                  "gets 408 and the connection is closed (slow clients cannot hold it).")
-    max_messages: int = Field(200, ge=1, le=100_000, description="Most messages in one chat request (400 above).")
-    max_message_chars: int = Field(32_000, ge=1, le=10_000_000, description="Longest message content in "
-                                   "characters (400 above).")
-    max_tokens_cap: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens a request may ask for "
-                                "(400 above).")
-    max_concurrency: int = Field(4, ge=1, le=1024, description="Requests answered at once; more wait in the queue.")
-    max_queue: int = Field(128, ge=0, le=100_000, description="Requests waiting for a free slot, served in order "
-                           "(like OLLAMA_MAX_QUEUE); one more gets 429 + Retry-After.")
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Seconds sent in Retry-After when the queue is full.")
-    key_requests_per_minute: int = Field(600, ge=0, le=1_000_000, description="Chat requests per minute per API "
-                                         "key (0: unlimited; none without keys); past it 429 with Retry-After.")
-    key_tokens_per_minute: int = Field(200_000, ge=0, le=1_000_000_000, description="Prompt + completion tokens "
-                                       "per minute per API key (0: unlimited); past it 429 with Retry-After.")
-    request_timeout_s: float = Field(120.0, gt=0, le=86_400, description="A request still unanswered after this "
-                                     "(queue wait included) gets 504 (a stream: an error event, then [DONE]).")
-
-    @field_validator("api_keys")
-    @classmethod
-    def _keys_are_keys(cls, keys: list[str]) -> list[str]:
-        for i, key in enumerate(keys):
-            try:
-                check_plain_key(key, f"api_keys[{i}]")
-            except AtelierError as exc:
-                raise ValueError(str(exc)) from None
-        return keys
 
 
 # ----------------------------------------------------------------------------- errors and security

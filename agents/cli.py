@@ -8,14 +8,16 @@ from typing import Optional
 
 import typer
 
-MODEL_HELP = ("Orchestrator model provider:model (llamacpp:smollm2-135m, llamacpp:PATH.gguf, ollama:qwen2.5:7b, "
-              "openai:gpt-4o-mini); default: router-only.")
+from agents.config import OrchestratorConfig
+from atelier.config import config_file_option, config_option
+
+CONFIG_FILE = config_file_option(OrchestratorConfig, "orchestrator")
 
 
 def _orchestrator(config_file: Optional[Path], model: Optional[str], index: Optional[str]):
     import logging
 
-    from agents.orchestrator import Orchestrator, OrchestratorConfig
+    from agents.orchestrator import Orchestrator
     from atelier.config import load_config
 
     logging.getLogger("agents.llm").setLevel(logging.WARNING)
@@ -46,9 +48,9 @@ def ask(
     as_json: bool = typer.Option(False, "--json", help="Print answer, route, confidence and sources as JSON."),
     thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation (memory across calls); "
                                          "default: a new conversation for each question."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    index: Optional[str] = typer.Option(None, "--index", help="Search index name (default: default)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with an OrchestratorConfig."),
+    model: Optional[str] = config_option(OrchestratorConfig, "model.name", "--model"),
+    index: Optional[str] = config_option(OrchestratorConfig, "retrieval.index", "--index"),
+    config_file: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Ask one question: routed to a specialist, the documents, a tool, or the orchestrator model."""
     from rich.console import Console
@@ -72,9 +74,9 @@ def ask(
 def chat(
     thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation; default: a new one "
                                          "(its id is shown at the start)."),
-    model: Optional[str] = typer.Option(None, "--model", help=MODEL_HELP),
-    index: Optional[str] = typer.Option(None, "--index", help="Search index name (default: default)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with an OrchestratorConfig."),
+    model: Optional[str] = config_option(OrchestratorConfig, "model.name", "--model"),
+    index: Optional[str] = config_option(OrchestratorConfig, "retrieval.index", "--index"),
+    config_file: Optional[Path] = CONFIG_FILE,
 ) -> None:
     """Chat in the terminal. Each answer shows which route answered and its sources. /reset, /exit."""
     from rich.console import Console
@@ -83,7 +85,7 @@ def chat(
     console = Console()
     orchestrator = _orchestrator(config_file, model, index)
     thread = thread or _new_thread()
-    mode = "router-only (no orchestrator model)" if orchestrator.router_only else f"model {model}"
+    mode = "router-only (no orchestrator model)" if orchestrator.router_only else f"model {orchestrator.model_name}"
     console.print(f"[bold]Atelier chat[/bold] — thread {thread!r}, {mode}. /reset forgets, /exit leaves.")
     try:
         while True:

@@ -15,31 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.messages import AIMessageChunk, HumanMessage
-from pydantic import Field
 
+from agents.config import OrchestratorConfig
 from agents.graph import Services, build_graph
-from agents.llm import ModelConfig, load_chat_model
-from agents.routes import RouterCache, RoutesConfig
+from agents.llm import load_chat_model
+from agents.routes import RouterCache
 from agents.tools import load_tools
 from atelier import tracing
-from atelier.config import StrictModel
 from atelier.home import atelier_home
 from retrieval.config import RetrievalConfig
-from specialists.generation import GenerationParams
 
 log = logging.getLogger(__name__)
-
-
-class OrchestratorConfig(StrictModel):
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The orchestrator chat model; none: router-only mode.")
-    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description="The search index the search route uses.")
-    routes: RoutesConfig = Field(default_factory=RoutesConfig, description="Routes and the semantic router fitted on them.")
-    tools: list[str] = Field(default_factory=list, description="Extra tools as module:function (entry points in group atelier.tools load too).")
-    search_k: int = Field(5, ge=1, le=50, description="Passages the search route returns.")
-    max_steps: int = Field(4, ge=1, le=20, description="Most tool-calling rounds of the orchestrator model per request.")
-    max_bases: int = Field(2, ge=1, description="Base models kept loaded for specialists (least recently used unloaded).")
-    generation: GenerationParams = Field(default_factory=lambda: GenerationParams(max_tokens=128),
-                                         description="How specialists generate (max_tokens, temperature, stop).")
 
 
 @dataclass

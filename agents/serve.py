@@ -9,21 +9,22 @@ from pathlib import Path
 
 import typer
 
-from agents.cli import MODEL_HELP
+from agents.config import ServeConfig
+from atelier.config import config_file_option, config_option
+
+CONFIG_FILE = config_file_option(ServeConfig, "serve")
 
 
 def serve(
-    host: str | None = typer.Option(None, "--host", help="Interface to listen on (default 127.0.0.1); "
-                                       "anything but loopback needs an API key (ATELIER_API_KEYS)."),
-    port: int | None = typer.Option(None, "--port", help="TCP port (default 8000)."),
-    config_file: Path | None = typer.Option(None, "--config", help="YAML file with a ServeConfig "  # noqa: B008
-                                               "(host, port, api_keys, limits, orchestrator: {...})."),
-    model: str | None = typer.Option(None, "--model", help=MODEL_HELP),
+    host: str | None = config_option(ServeConfig, "host", "--host"),
+    port: int | None = config_option(ServeConfig, "port", "--port"),
+    config_file: Path | None = CONFIG_FILE,
+    model: str | None = config_option(ServeConfig, "orchestrator.model.name", "--model"),
 ) -> None:
     """Serve the orchestrator and the specialists as an OpenAI-compatible API (/v1/chat/completions)."""
     import logging
 
-    from agents.api import ServeConfig, check_exposure, create_app
+    from agents.api import check_exposure, create_app
     from atelier.config import load_config
 
     config = load_config(ServeConfig, config_file, {"host": host, "port": port, "orchestrator.model.name": model})

@@ -136,7 +136,8 @@ def main() -> None:
     logging.getLogger("agents.llm").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as home:
         os.environ["ATELIER_HOME"] = home
-        from agents.api import ServeConfig, create_app
+        from agents.api import create_app
+        from agents.config import ServeConfig
         from agents.orchestrator import Orchestrator
 
         orchestrator = Orchestrator()

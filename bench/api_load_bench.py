@@ -185,7 +185,8 @@ def main() -> None:
     keys = [f"load-bench-key-{k}-0123456789" for k in range(args.keys)]
     with tempfile.TemporaryDirectory() as home:
         os.environ["ATELIER_HOME"] = home
-        from agents.api import ServeConfig, create_app
+        from agents.api import create_app
+        from agents.config import ServeConfig
         from agents.orchestrator import Orchestrator
 
         orchestrator = Orchestrator()

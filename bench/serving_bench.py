@@ -187,7 +187,8 @@ def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
 
 
 def ask_latency(model: str | None, repeats: int) -> dict:
-    from agents.orchestrator import Orchestrator, OrchestratorConfig
+    from agents.config import OrchestratorConfig
+    from agents.orchestrator import Orchestrator
 
     config = OrchestratorConfig(model={"name": model} if model else {})
     orchestrator = Orchestrator(config)
@@ -219,8 +220,9 @@ def _hit(text: str, item: dict) -> bool:
 
 
 def exam(path: Path, model_questions: int) -> dict:
+    from agents.config import OrchestratorConfig
     from agents.graph import last_question  # noqa: F401  (graph module import: the same code path as ask)
-    from agents.orchestrator import Orchestrator, OrchestratorConfig
+    from agents.orchestrator import Orchestrator
 
     items = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     scores = {"extractive": [], "passage_dump": [], "smollm2": []}

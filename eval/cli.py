@@ -9,7 +9,11 @@ from typing import Optional
 
 import typer
 
+from agents.router import RouterConfig
+from atelier.config import config_file_option, config_option
 from atelier.errors import AtelierError
+from eval.specialist import SpecialistEvalConfig
+from retrieval.config import RetrievalConfig
 
 eval_app = typer.Typer(help="Measure quality and latency.", no_args_is_help=True)
 
@@ -21,8 +25,8 @@ def retrieval(
     mode: list[str] = typer.Option([], "--mode", "-m", help="hybrid, bm25, dense (repeatable; default all three)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
     index_name: Optional[str] = typer.Option(None, "--index", help="Index to build/reuse (default: beir-<folder name>)."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help="embedded or elasticsearch."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+    backend: Optional[str] = config_option(RetrievalConfig, "backend", "--backend", "-b"),
+    config_file: Optional[Path] = config_file_option(RetrievalConfig, "index"),  # noqa: B008
     max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Score only the first N queries."),
 ) -> None:
     """nDCG@10, Recall@100, MRR@10 and latency p50/p95 for each search mode."""
@@ -30,7 +34,7 @@ def retrieval(
     from atelier.progress import progress_bar, stderr
     from eval.beir import load_beir
     from eval.retrieval import evaluate_mode
-    from retrieval.config import RetrievalConfig, Searcher, index_with_progress, open_backend
+    from retrieval.config import Searcher, index_with_progress, open_backend
     from retrieval.embeddings import get_encoder
     from retrieval.types import Mode
 
@@ -79,13 +83,12 @@ def routing(
     routes: Path = typer.Option(..., "--routes", help="JSONL of {\"text\", \"label\"}: exemplars of each route."),
     queries: Path = typer.Option(..., "--queries", help="JSONL of {\"text\", \"label\"}; label null = out of scope."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RouterConfig."),
+    config_file: Optional[Path] = config_file_option(RouterConfig),
 ) -> None:
     """In-scope accuracy, out-of-scope recall and routing latency p50/p95 of the semantic router."""
     from rich.console import Console
     from rich.table import Table
 
-    from agents.router import RouterConfig
     from atelier.config import load_config
     from atelier.progress import progress_bar
     from eval.routing import evaluate_routing, read_labelled
@@ -126,7 +129,7 @@ def specialist(
                                            "perplexity of every local model on it, to show forgetting."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write exam.json, exam.md, exam.png and items.jsonl here."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a SpecialistEvalConfig."),
+    config_file: Optional[Path] = config_file_option(SpecialistEvalConfig),
 ) -> None:
     """A specialist on an exam, side by side with its base and other models, with 95% intervals,
     a paired test against the base and the questions that flipped."""
@@ -134,7 +137,6 @@ def specialist(
     from atelier.progress import stderr
     from eval.exam_report import print_table, write_exam_report
     from eval.side_by_side import evaluate_specialist
-    from eval.specialist import SpecialistEvalConfig
 
     config = load_config(SpecialistEvalConfig, config_file)
     status = None if as_json else (lambda text: stderr.print(f"[dim]{text}[/dim]"))

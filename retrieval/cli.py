@@ -8,31 +8,42 @@ from typing import Optional
 
 import typer
 
+from atelier.config import config_file_option, config_option
 from atelier.errors import AtelierError
+from retrieval.config import RetrievalConfig
 
-BACKEND_HELP = "embedded (SQLite under ATELIER_HOME) or elasticsearch (see ELASTICSEARCH_URL)."
+# `--model` named the embedding model here but the chat model in ask/chat/serve: it is now --embedding-model
+DEPRECATED_MODEL = typer.Option(None, "--model", hidden=True, help="Deprecated: use --embedding-model.")
+CONFIG_FILE = config_file_option(RetrievalConfig, "index")
 
 
-def _config(config_file: Optional[Path], **overrides):
+def _config(config_file: Path | None, command: str, embedding_model: str | None, model: str | None,
+            **overrides):
     from atelier.config import load_config
-    from retrieval.config import RetrievalConfig
 
-    return load_config(RetrievalConfig, config_file, overrides)
+    if model is not None:
+        from atelier.progress import stderr
+
+        stderr.print(f"[yellow]warning:[/yellow] `atelier {command} --model` is deprecated and will be removed in "
+                     "the next release; use --embedding-model", soft_wrap=True)
+        if embedding_model is not None and embedding_model != model:
+            raise AtelierError("--model and --embedding-model name different embedding models; pass only "
+                               "--embedding-model")
+    return load_config(RetrievalConfig, config_file, {**overrides, "embedding.model": embedding_model or model})
 
 
 def index(
     folder: Optional[Path] = typer.Argument(None, help="Folder of .txt, .md, .html, .pdf and .jsonl documents."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help=BACKEND_HELP),
-    index_name: Optional[str] = typer.Option(None, "--index", help="Index name (default: default)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Embedding model (default all-MiniLM-L6-v2, packaged)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+    backend: str | None = config_option(RetrievalConfig, "backend", "--backend", "-b"),
+    index_name: str | None = config_option(RetrievalConfig, "index", "--index"),
+    embedding_model: str | None = config_option(RetrievalConfig, "embedding.model", "--embedding-model"),
+    model: str | None = DEPRECATED_MODEL,
+    config_file: Path | None = CONFIG_FILE,
     prune: bool = typer.Option(True, help="Remove documents indexed from FOLDER that no longer exist there."),
     delete: list[str] = typer.Option([], "--delete", help="Remove this document id from the index (repeatable)."),
-    follow_symlinks: Optional[bool] = typer.Option(
-        None, "--follow-symlinks/--no-follow-symlinks",
-        help="Also load what symlinks lead to outside FOLDER (default: skip and report them)."),
-    max_file_mb: Optional[float] = typer.Option(
-        None, "--max-file-mb", help="Skip (and report) documents bigger than this many MB (default 20)."),
+    follow_symlinks: bool | None = config_option(RetrievalConfig, "documents.follow_symlinks",
+                                                    "--follow-symlinks/--no-follow-symlinks"),
+    max_file_mb: float | None = config_option(RetrievalConfig, "documents.max_file_mb", "--max-file-mb"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Index a folder of documents (incremental: unchanged documents are skipped)."""
@@ -42,8 +53,8 @@ def index(
 
     if folder is None and not delete:
         raise AtelierError("give a folder to index (`atelier index DIR`) or --delete ID")
-    config = _config(config_file, backend=backend, index=index_name, **{
-        "embedding.model": model, "documents.follow_symlinks": follow_symlinks, "documents.max_file_mb": max_file_mb})
+    config = _config(config_file, "index", embedding_model, model, backend=backend, index=index_name, **{
+        "documents.follow_symlinks": follow_symlinks, "documents.max_file_mb": max_file_mb})
     with index_lock(config):
         if folder is None:  # deletions only: no need for the encoder
             store = open_backend(config, dim=None, create=False) if config.backend.value == "embedded" else \
@@ -89,10 +100,11 @@ def search(
     k: int = typer.Option(10, "-k", min=1, max=1000, help="How many hits."),
     mode: str = typer.Option("hybrid", "--mode", "-m", help="hybrid, bm25 or dense."),
     as_json: bool = typer.Option(False, "--json", help="Print hits as JSON."),
-    backend: Optional[str] = typer.Option(None, "--backend", "-b", help=BACKEND_HELP),
-    index_name: Optional[str] = typer.Option(None, "--index", help="Index name (default: default)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Embedding model the index was built with."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a RetrievalConfig."),
+    backend: str | None = config_option(RetrievalConfig, "backend", "--backend", "-b"),
+    index_name: str | None = config_option(RetrievalConfig, "index", "--index"),
+    embedding_model: str | None = config_option(RetrievalConfig, "embedding.model", "--embedding-model"),
+    model: str | None = DEPRECATED_MODEL,
+    config_file: Path | None = CONFIG_FILE,
 ) -> None:
     """Search the index: ranked hits with source, score and snippet."""
     from retrieval.config import Searcher
@@ -102,7 +114,7 @@ def search(
         mode_ = Mode(mode)
     except ValueError:
         raise AtelierError(f"unknown --mode {mode!r}; use hybrid, bm25 or dense") from None
-    config = _config(config_file, backend=backend, index=index_name, **{"embedding.model": model})
+    config = _config(config_file, "search", embedding_model, model, backend=backend, index=index_name)
     searcher = Searcher.open(config, lexical_only=mode_ is Mode.bm25)
     try:
         hits = searcher.search(query, k=k, mode=mode_)

@@ -27,6 +27,8 @@ class BackendName(str, Enum):
 
 
 class RetrievalConfig(StrictModel):
+    """Indexing and search: the backend and index, how documents load and are chunked, embedded and fused."""
+
     backend: BackendName = Field(BackendName.embedded, description="Where the index lives: embedded (SQLite under ATELIER_HOME) or elasticsearch.")
     index: str = Field("default", pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="Index name (lower case), so one home can hold several indexes.")
     batch_chunks: int = Field(1024, ge=1, description="Chunks embedded and committed per transaction while indexing (a killed run loses at most one batch; a longer document spans several).")

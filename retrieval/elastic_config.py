@@ -38,19 +38,23 @@ class ElasticsearchConfig(StrictModel):
     """Where the cluster is and how to talk to it; credentials default to environment variables."""
 
     url: str = Field(default_factory=lambda: _env("ELASTICSEARCH_URL") or "http://localhost:9200",
-                     validate_default=True,
+                     validate_default=True, json_schema_extra={"env": "ELASTICSEARCH_URL"},
                      description="Cluster URL, e.g. https://es.example.com:9200; defaults to $ELASTICSEARCH_URL, "
                                  "else http://localhost:9200.")
     index: str = Field("atelier", description="Name of the chunk index; document records go to '<index>-docs'.")
     api_key: SecretStr | None = Field(default_factory=lambda: _env_secret("ELASTICSEARCH_API_KEY"),
+                                      json_schema_extra={"env": "ELASTICSEARCH_API_KEY"},
                                       description="Encoded API key (defaults to $ELASTICSEARCH_API_KEY); "
                                                   "takes precedence over username/password.")
     username: str | None = Field(default_factory=lambda: _env("ELASTICSEARCH_USERNAME"),
+                                 json_schema_extra={"env": "ELASTICSEARCH_USERNAME"},
                                  description="Basic-auth user (defaults to $ELASTICSEARCH_USERNAME); "
                                              "used only without an API key.")
     password: SecretStr | None = Field(default_factory=lambda: _env_secret("ELASTICSEARCH_PASSWORD"),
+                                       json_schema_extra={"env": "ELASTICSEARCH_PASSWORD"},
                                        description="Basic-auth password (defaults to $ELASTICSEARCH_PASSWORD).")
     ca_certs: str | None = Field(default_factory=lambda: _env("ELASTICSEARCH_CA_CERTS"),
+                                 json_schema_extra={"env": "ELASTICSEARCH_CA_CERTS"},
                                  description="PEM file of the CA that signed the cluster's certificate (defaults to "
                                              "$ELASTICSEARCH_CA_CERTS); needed for self-signed clusters.")
     verify_certs: bool = Field(True, description="Verify the cluster's TLS certificate; off only for a toy cluster.")

@@ -94,7 +94,8 @@ def sample_index(tmp_path_factory, encoder):
     docs = Path(__file__).resolve().parents[1] / "examples" / "docs"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ATELIER_HOME", str(home))
-        index(docs, backend=None, index_name=None, model=None, config_file=None, prune=True, delete=[],
+        index(docs, backend=None, index_name=None, embedding_model=None, model=None, config_file=None, prune=True,
+              delete=[],
               follow_symlinks=None, max_file_mb=None, quiet=True)
     return home
 

@@ -7,19 +7,26 @@ from typing import Optional
 
 import typer
 
+from atelier.config import config_file_option, config_option
+from training.config import SpecialistConfig
+
+CONFIG_FILE = config_file_option(SpecialistConfig, "specialist")
+
 
 def add(
     name: str = typer.Argument(..., help="Specialist name: lowercase letters, digits, - or _."),
     docs: Path = typer.Option(..., "--docs", help="Folder of the domain's documents (.md .txt .html .pdf .jsonl)."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base model: smollm2-135m (default), gemma3-270m, a .gguf file, a HF id or folder, or scratch:tiny / scratch:small."),
-    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher chat model provider:model (e.g. ollama:gemma2:27b); default: offline generators."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="YAML file with a SpecialistConfig (CLI flags override it)."),
-    stages: Optional[str] = typer.Option(None, "--stages", help="Comma-separated training stages (default dapt,sft,dpo)."),
-    preference: Optional[str] = typer.Option(None, "--preference", help="Preference stage algorithm: dpo, simpo, orpo or kto."),
-    lora: Optional[str] = typer.Option(None, "--finetune", help="lora (default), qlora (CUDA + bitsandbytes) or full."),
-    budget: Optional[float] = typer.Option(None, "--budget", help="Time budget of the whole run, in minutes: stages are sized from the throughput measured on the real model. Default: the full recipe."),
-    evaluate_stages: bool = typer.Option(False, "--evaluate-stages", help="Evaluate every stage, not only the base and the final specialist."),
-    exam: Optional[Path] = typer.Option(None, "--exam", help="Your own exam (JSONL of question/answer[/options/correct]): base and specialist are scored on it too, and the gate applies to it."),
+    base: str | None = config_option(SpecialistConfig, "base", "--base"),
+    teacher: str | None = config_option(SpecialistConfig, "teacher.name", "--teacher"),
+    config_file: Path | None = CONFIG_FILE,
+    stages: str | None = config_option(SpecialistConfig, "stages", "--stages"),
+    preference: str | None = config_option(SpecialistConfig, "dpo.preference", "--preference"),
+    lora: str | None = config_option(SpecialistConfig, "lora.method", "--finetune"),
+    budget: float | None = config_option(SpecialistConfig, "budget_minutes", "--budget"),
+    evaluate_stages: bool | None = config_option(SpecialistConfig, "evaluate_stages",
+                                                    "--evaluate-stages/--no-evaluate-stages"),
+    seed: int | None = config_option(SpecialistConfig, "seed", "--seed"),
+    exam: Optional[Path] = typer.Option(None, "--exam", help="Your own exam (JSONL of question and answer, optionally options and correct): base and specialist are scored on it too, and the gate applies to it."),
     force: bool = typer.Option(False, "--force", help="Register even if the specialist does not beat its base."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a fresh run instead of continuing/reusing the last one."),
 ) -> None:
@@ -28,13 +35,11 @@ def add(
     import warnings
 
     from atelier.config import load_config
-    from training.config import SpecialistConfig
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # emitted by peft merges, harmless
     overrides = {"base": base, "teacher.name": teacher, "dpo.preference": preference, "lora.method": lora,
-                 "stages": [s.strip() for s in stages.split(",") if s.strip()] if stages else None,
-                 "budget_minutes": budget, "evaluate_stages": evaluate_stages or None}
+                 "stages": stages, "budget_minutes": budget, "evaluate_stages": evaluate_stages, "seed": seed}
     config = load_config(SpecialistConfig, config_file, overrides)
     from training.pipeline import run_pipeline
 

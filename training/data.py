@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, Field, computed_field, model_validator
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
@@ -60,8 +60,6 @@ class DataConfig(StrictModel):
     max_fact_pairs_per_chunk: int = Field(6, ge=0, description="Most fact questions drawn from one chunk.")
     fact_restatements: int = Field(1, ge=0, le=4, description="Extra DAPT texts restating each section's facts in "
                                    "other shapes (a fact sheet, question-and-answer notes); 0: none.")
-    self_play_fraction: float = Field(0.5, ge=0, le=1, description="Share of preference pairs whose rejected side is "
-                                      "the base model's own answer, when answer_with_base is given.")
     teacher_pairs_per_chunk: int = Field(4, ge=1, description="Question/answer pairs the teacher writes per chunk.")
     teacher_keywords_per_chunk: int = Field(8, ge=0, description="Keywords named in each teacher prompt.")
     teacher_concurrency: int = Field(2, ge=1, description="Teacher requests in flight at once.")
@@ -79,6 +77,15 @@ class DataConfig(StrictModel):
                                        "must occur in its source chunk.")
     enrichment_grounding_threshold: float = Field(0.6, ge=0, le=1, description="The same for a teacher's rewritten "
                                                   "passage, which may add connecting words.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_self_play(cls, data: Any) -> Any:
+        """`self_play_fraction` (older configs and manifests) never took effect: no run gave the data step a base model."""
+        if isinstance(data, dict) and "self_play_fraction" in data:
+            log.warning("data.self_play_fraction is ignored and can be deleted: it never took effect")
+            data = {key: value for key, value in data.items() if key != "self_play_fraction"}
+        return data
 
     def bounds(self) -> filters.Bounds:
         return filters.Bounds(**{f: getattr(self, f) for f in filters.Bounds.__dataclass_fields__})
@@ -116,13 +123,9 @@ class DataManifest(BaseModel):
 
 
 def inputs_fingerprint(docs: Sequence[Document], config: DataConfig, chunking: ChunkConfig | None = None,
-                       teacher_name: str | None = None, self_play: bool = False) -> str:
-    """A hash of everything that decides the datasets, so a pipeline can skip an unchanged build.
-
-    With self-play the base model's answers matter too: add the base model's identity to
-    the pipeline's own stage fingerprint.
-    """
-    digest = hashlib.sha256(f"v{GENERATOR_VERSION}\n{teacher_name}\n{self_play}\n".encode())
+                       teacher_name: str | None = None) -> str:
+    """A hash of everything that decides the datasets, so a pipeline can skip an unchanged build."""
+    digest = hashlib.sha256(f"v{GENERATOR_VERSION}\n{teacher_name}\n".encode())
     digest.update(config.model_dump_json().encode())
     digest.update((chunking or DEFAULT_CHUNKING).model_dump_json().encode())
     for doc in sorted(docs, key=lambda d: d.doc_id):
@@ -250,10 +253,9 @@ def _check_nonempty(kept: dict[str, dict[str, list]], rejected: Counter[str]) ->
 
 
 def _generate(train_docs: Sequence[Document], heldout_docs: Sequence[Document], chunks: dict[str, list],
-              terms: list[str], config: DataConfig, teacher: Teacher | None,
-              answer_with_base: Callable[[list[str]], list[str]] | None, rejected: Counter[str],
+              terms: list[str], config: DataConfig, teacher: Teacher | None, rejected: Counter[str],
               progress: Progress) -> dict[str, dict[str, list]]:
-    """Unfiltered examples per split and stage: offline ones, the teacher's, then self-play."""
+    """Unfiltered examples per split and stage: offline ones, then the teacher's."""
     made: dict[str, dict[str, list]] = {}
     for name, split_docs in zip(SPLITS, (train_docs, heldout_docs)):
         passages, pairs, preferences = _offline(split_docs, chunks, terms, config, progress, f"offline.{name}")
@@ -267,11 +269,6 @@ def _generate(train_docs: Sequence[Document], heldout_docs: Sequence[Document], 
         for stage, items in (("dapt", guided.passages), ("sft", guided.pairs), ("dpo", guided.preferences)):
             for item in items:
                 made["heldout" if item.source in held else "train"][stage].append(item)
-    if answer_with_base is not None and config.self_play_fraction > 0:
-        for n, name in enumerate(SPLITS, 1):
-            made[name]["dpo"] = offline.self_play(made[name]["dpo"], answer_with_base, config.self_play_fraction,
-                                                  config.seed, rejected)
-            progress("self_play", n, len(SPLITS))
     return made
 
 
@@ -288,12 +285,10 @@ def _filter_all(made: dict[str, dict[str, list]], config: DataConfig, rejected: 
 
 
 def build_datasets(docs: list[Document], out_dir: Path, config: DataConfig, *, chunking: ChunkConfig | None = None,
-                   teacher: Teacher | None = None, answer_with_base: Callable[[list[str]], list[str]] | None = None,
-                   progress: Progress | None = None) -> DataManifest:
+                   teacher: Teacher | None = None, progress: Progress | None = None) -> DataManifest:
     """Write DAPT, SFT and DPO datasets (train and held-out) for `docs` to `out_dir`, and their manifest.
 
-    `answer_with_base(prompts) -> answers` (one batched call per split) supplies self-play
-    rejected answers; `progress(stage, done, total)` is called as work advances.
+    `progress(stage, done, total)` is called as work advances.
     """
     if not docs:
         raise AtelierError("no documents to build training data from; point the command at a folder of "
@@ -308,15 +303,13 @@ def build_datasets(docs: list[Document], out_dir: Path, config: DataConfig, *, c
     report("keywords", 1, 1)
     chunks = {d.doc_id: chunk_document(d, chunking) for d in docs}
     rejected: Counter[str] = Counter()
-    made = _generate(train_docs, heldout_docs, chunks, [k.term for k in keywords], config, teacher,
-                     answer_with_base, rejected, report)
+    made = _generate(train_docs, heldout_docs, chunks, [k.term for k in keywords], config, teacher, rejected, report)
     kept = _filter_all(made, config, rejected)
     report("filter", 1, 1)
     if teacher is not None:
         _check_teacher_output(teacher, kept, rejected)
     _check_nonempty(kept, rejected)
-    fingerprint = inputs_fingerprint(docs, config, chunking, teacher.name if teacher else None,
-                                     answer_with_base is not None and config.self_play_fraction > 0)
+    fingerprint = inputs_fingerprint(docs, config, chunking, teacher.name if teacher else None)
     return _write(Path(out_dir), kept, keywords, rejected, config, chunking, teacher, train_docs, heldout_docs,
                   fingerprint, report)
 

@@ -15,8 +15,7 @@ not repeat. Kinds:
 
 Preference pairs take such a pair as the chosen side and a corrupted copy as the rejected
 side: another keyword swapped in, a number changed, another cell of the same table column,
-a step left out, or the answer cut short. `self_play` replaces some rejected sides with the
-base model's own answers, when it is given one to call.
+a step left out, or the answer cut short.
 """
 
 from __future__ import annotations
@@ -25,11 +24,11 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from retrieval.documents import Document
 from retrieval.types import Chunk
-from training.filters import Passage, PreferencePair, QAPair, content_tokens, normalise
+from training.filters import Passage, PreferencePair, QAPair, normalise
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'(\[])")
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "approx.", "No.", "Fig.", "vs.", "cf.", "min.", "max.")
@@ -394,29 +393,4 @@ def preference_pairs(pairs: Sequence[QAPair], keywords: Sequence[str], columns: 
             per_chunk[where] += 1
             out.append(PreferencePair(pair.question, pair.answer, made[0], pair.source, f"{pair.kind}/{made[1]}",
                                       pair.context, pair.chunk))
-    return out
-
-
-def self_play(pairs: Sequence[PreferencePair], answer_with_base: Callable[[list[str]], list[str]], fraction: float,
-              seed: int, rejected: Counter[str]) -> list[PreferencePair]:
-    """Some pairs with the base model's own answer as the rejected side, where that answer is wrong.
-
-    A base answer that already holds most of the chosen answer's content words is not a
-    worse answer; that pair keeps its corrupted side (counted as `dpo.self_play_correct`).
-    """
-    chosen = sorted(range(len(pairs)), key=lambda i: random.Random(f"{seed}:{pairs[i].question}").random())
-    picked = sorted(chosen[: round(len(pairs) * fraction)])
-    answers = answer_with_base([pairs[i].question for i in picked]) if picked else []
-    if len(answers) != len(picked):
-        raise ValueError(f"answer_with_base returned {len(answers)} answers for {len(picked)} prompts")
-    out = list(pairs)
-    for i, answer in zip(picked, answers):
-        wanted = set(content_tokens(pairs[i].chosen))
-        overlap = len(wanted & set(content_tokens(answer or ""))) / max(1, len(wanted))
-        if not (answer or "").strip():
-            rejected["dpo.self_play_empty"] += 1
-        elif overlap >= 0.8:
-            rejected["dpo.self_play_correct"] += 1
-        else:
-            out[i] = replace(pairs[i], rejected=answer.strip(), kind=f"{pairs[i].kind.split('/')[0]}/self_play")
     return out

@@ -56,7 +56,8 @@ T = TypeVar("T")
 
 
 class TeacherConfig(StrictModel):
-    name: str = Field(description="The teacher as provider:model, e.g. 'ollama:gemma2:27b' or 'openai:gpt-4o-mini'.")
+    name: str = Field(description="The teacher as provider:model, e.g. 'ollama:gemma2:27b' or 'openai:gpt-4o-mini'; "
+                      "without a teacher, offline generators write the data.")
     base_url: str | None = Field(None, description="Server URL. Default: $OLLAMA_HOST or http://127.0.0.1:11434 for "
                                                    "ollama; $OPENAI_BASE_URL or https://api.openai.com/v1 for openai.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (openai only).")

@@ -16,8 +16,9 @@ import openai
 import pytest
 import uvicorn
 
-from agents.api import ServeConfig, create_app
-from agents.orchestrator import Orchestrator, OrchestratorConfig
+from agents.api import create_app
+from agents.config import OrchestratorConfig, ServeConfig
+from agents.orchestrator import Orchestrator
 from atelier.errors import AtelierError
 from specialists.registry import Registry
 from tests.tinymodels import build_adapter, build_base, build_tokenizer

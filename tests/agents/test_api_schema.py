@@ -17,8 +17,9 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
-from agents.api import ServeConfig, create_app
-from agents.orchestrator import Orchestrator, OrchestratorConfig
+from agents.api import create_app
+from agents.config import OrchestratorConfig, ServeConfig
+from agents.orchestrator import Orchestrator
 
 FUZZ = settings(max_examples=30, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))

@@ -17,8 +17,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
-from agents.api import ServeConfig, create_app
-from agents.orchestrator import Orchestrator, OrchestratorConfig
+from agents.api import create_app
+from agents.config import OrchestratorConfig, ServeConfig
+from agents.orchestrator import Orchestrator
 from atelier import tracing
 from tests.agents.test_api import running
 

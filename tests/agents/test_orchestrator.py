@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents.orchestrator import Orchestrator, OrchestratorConfig
+from agents.config import OrchestratorConfig
+from agents.orchestrator import Orchestrator
 from specialists.registry import Registry
 from tests.conftest import home_with_index
 from tests.tinymodels import build_adapter, build_base, build_tokenizer

@@ -11,14 +11,13 @@ import pytest
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document, load_folder
 from retrieval.keywords import extract_keywords
-from training.filters import PreferencePair, QAPair, grounding, normalise
+from training.filters import QAPair, grounding, normalise
 from training.offline import (
     corrupt,
     dapt_passages,
     extract_pairs,
     parse_units,
     preference_pairs,
-    self_play,
     table_columns,
 )
 
@@ -117,26 +116,6 @@ def test_preference_pairs_have_grounded_chosen_and_different_rejected(corpus):
     assert all(Counter((p.source, p.chunk) for p in made)[(p.source, p.chunk)] <= 6 for p in made)
     again = preference_pairs(pairs[doc.doc_id], keywords, table_columns(doc), seed=0, max_per_chunk=6)
     assert again == made  # deterministic for a seed
-
-
-def test_self_play_uses_wrong_base_answers_only():
-    pairs = [PreferencePair(f"Q{i}?", f"The seal gland needs {i} bar.", "corrupted", "d", "fact/changed_number", "")
-             for i in range(10)]
-    asked: list[list[str]] = []
-
-    def base(prompts: list[str]) -> list[str]:
-        asked.append(prompts)
-        return ["The seal gland needs 3 bar." if p == "Q3?" else "It depends." for p in prompts]
-
-    rejected: Counter[str] = Counter()
-    out = self_play(pairs, base, fraction=1.0, seed=0, rejected=rejected)
-    assert len(asked) == 1 and len(asked[0]) == 10  # one batched call
-    assert [p.rejected for p in out if p.kind == "fact/self_play"] == ["It depends."] * 9
-    assert out[3].rejected == "corrupted" and rejected == {"dpo.self_play_correct": 1}
-    half = self_play(pairs, base, fraction=0.5, seed=0, rejected=Counter())
-    assert sum(p.kind.endswith("self_play") for p in half) == 5 - ("Q3?" in asked[-1])
-    with pytest.raises(ValueError, match="returned 0 answers"):
-        self_play(pairs, lambda prompts: [], fraction=1.0, seed=0, rejected=Counter())
 
 
 def test_a_document_without_structure_still_gives_completions():

@@ -225,7 +225,8 @@ def test_chat_page_against_the_real_api(tmp_path):
     as one chunk, so token-by-token rendering is proven by the stand-in test above.)"""
     import httpx
 
-    from agents.api import ServeConfig, create_app
+    from agents.api import create_app
+    from agents.config import ServeConfig
     from retrieval.cli import index
 
     docs = tmp_path / "docs"
