@@ -85,6 +85,7 @@ def main() -> None:
         ROOT / "examples" / "docs",
         backend=None,
         index_name=None,
+        embedding_model=None,
         model=None,
         config_file=None,
         prune=True,

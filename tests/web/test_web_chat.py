@@ -232,7 +232,7 @@ def test_chat_page_against_the_real_api(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "pumps.md").write_text(PUMP_NOTES, encoding="utf-8")
-    index(docs, backend=None, index_name=None, model=None, config_file=None, prune=True, delete=[],
+    index(docs, backend=None, index_name=None, embedding_model=None, model=None, config_file=None, prune=True, delete=[],
           follow_symlinks=None, max_file_mb=None, quiet=True)
     question = "what is the tightening torque of the HX-65 impeller nut?"
     with serving(create_app(ServeConfig(api_keys=[KEY], max_message_chars=200))) as url:
