@@ -9,7 +9,8 @@
 
 Any OpenAI client works (the official SDK, LangChain's ChatOpenAI, LibreChat, Open WebUI).
 What answered travels three ways: `[n]` markers in the text (search answers), the header
-X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id, model, route_output}
+X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id, model, route_output,
+timings}
 on the completion (and on the first and last stream chunks), which standard clients ignore.
 
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
