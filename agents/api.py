@@ -292,9 +292,9 @@ def _check_limits(body: ChatCompletionRequest, config: ServeConfig) -> None:
         if len(message.text()) > config.max_message_chars:
             raise ApiError(400, f"message {i} has {len(message.text())} characters; at most "
                            f"{config.max_message_chars}", param=f"messages.{i}.content")
-    limit = body.token_limit()
-    if limit is not None and limit > config.max_tokens_cap:
-        raise ApiError(400, f"max_tokens {limit} is above this server's cap of {config.max_tokens_cap}",
+    limit, cap = body.token_limit(), config.orchestrator.runtime.max_tokens_cap
+    if limit is not None and limit > cap:
+        raise ApiError(400, f"max_tokens {limit} is above this server's cap of {cap}",
                        param="max_tokens", code="max_tokens_too_large")
 
 

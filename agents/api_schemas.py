@@ -73,7 +73,7 @@ class ChatCompletionRequest(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Most tokens to generate (specialists); "
-                                   "capped by the server (max_tokens_cap).")
+                                   "capped by the server (orchestrator.runtime.max_tokens_cap).")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Newer name of max_tokens; "
                                               "wins when both are set.")
     temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False)

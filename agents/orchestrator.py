@@ -22,8 +22,11 @@ from agents.llm import load_chat_model
 from agents.routes import RouterCache
 from agents.tools import load_tools
 from atelier import tracing
+from atelier.errors import AtelierError
 from atelier.home import atelier_home
+from atelier.sqlite import connect
 from retrieval.config import RetrievalConfig
+from specialists.runtime import SpecialistRuntime
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +58,13 @@ class Orchestrator:
         # the router describes the search route from the very backend the route searches
         self.router = RouterCache(self.config.routes, index=searcher.backend if searcher else None, tools=tools)
         from specialists.registry import Registry
-        from specialists.runtime import SpecialistRuntime
 
         self.registry = Registry()
         model = load_chat_model(self.config.model)
         self.model_name = model.name if model else None
         self.services = Services(
             router=self.router, tools={t.name: t for t in tools},
-            runtime=SpecialistRuntime(self.registry, max_bases=self.config.max_bases),
+            runtime=SpecialistRuntime(self.registry, self.config.runtime),
             searcher=searcher, model=model.chat if model else None,
             search_k=self.config.search_k, max_steps=self.config.max_steps,
             specialists=self._specialists(), generation=lambda: self.config.generation,
@@ -80,15 +82,13 @@ class Orchestrator:
         from langgraph.checkpoint.sqlite import SqliteSaver
 
         path = atelier_home() / "memory.sqlite"
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: durable across a process crash,
-            self._db.execute("PRAGMA synchronous=NORMAL")  # and a checkpoint costs no fsync
-            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        try:  # synchronous=NORMAL with WAL: durable across a process crash, and a checkpoint costs no fsync
+            self._db = connect(path, what="memory", fix="move it aside", autocommit=False,
+                               probe="SELECT count(*) FROM sqlite_master")
             saver = SqliteSaver(self._db)
             saver.setup()
             return saver
-        except sqlite3.Error as exc:
+        except (AtelierError, sqlite3.Error) as exc:
             if self._db is not None:
                 self._db.close()
                 self._db = None
@@ -158,7 +158,6 @@ class Orchestrator:
 def open_searcher(config: RetrievalConfig):
     """The search index, or None when it cannot be opened: no search route then, and a warning unless
     the embedded index was simply never built."""
-    from atelier.errors import AtelierError
     from retrieval.config import BackendName, Searcher, embedded_path
 
     try:

@@ -76,8 +76,8 @@ def side_by_side(console, question: str = SIDE_BY_SIDE) -> None:
     """The base's answer and the specialist's to one domain question, greedy, the same prompt."""
     from rich.markup import escape
 
+    from specialists.loading import load_model, load_tokenizer
     from specialists.registry import Registry
-    from training.models import load_model, load_tokenizer
 
     record = Registry().get("demo")
     tokenizer = load_tokenizer(record.base_model)

@@ -16,30 +16,19 @@ from pathlib import Path
 from typing import Any
 
 from atelier.errors import AtelierError
+from atelier.sqlite import connect, connect_read_only
 
 log = logging.getLogger(__name__)
 
-SCHEMA = [
-    """CREATE TABLE IF NOT EXISTS spans (
+FIX = "move it aside; a new one is started with the next request"
+MIGRATIONS = [  # forward only (atelier.sqlite.migrate)
+    """CREATE TABLE spans (
         trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_id TEXT, name TEXT NOT NULL, kind TEXT,
         start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, status TEXT, attributes TEXT NOT NULL,
-        PRIMARY KEY (trace_id, span_id))""",
-    "CREATE INDEX IF NOT EXISTS roots ON spans (start_ns) WHERE parent_id IS NULL",
-    "CREATE INDEX IF NOT EXISTS starts ON spans (start_ns)",
+        PRIMARY KEY (trace_id, span_id));
+    CREATE INDEX roots ON spans (start_ns) WHERE parent_id IS NULL;
+    CREATE INDEX starts ON spans (start_ns);""",
 ]
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, check_same_thread=False, timeout=5)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    if db.execute("PRAGMA user_version").fetchone()[0] < len(SCHEMA):
-        with db:
-            for statement in SCHEMA:
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version={len(SCHEMA)}")
-    return db
 
 
 def _value(value: Any) -> Any:
@@ -75,12 +64,12 @@ class SqliteSpanExporter:
         try:
             with self._lock:
                 if self._db is None:
-                    self._db = connect(self.path)
+                    self._db = connect(self.path, what="trace store", fix=FIX, migrations=MIGRATIONS, autocommit=False)
                 with self._db:
                     self._db.executemany("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?)", rows)
                     if any(r[2] is None for r in rows):
                         self._trim()
-        except (sqlite3.Error, OSError) as exc:
+        except (sqlite3.Error, OSError, AtelierError) as exc:
             if not self._warned:  # one warning, then quiet: a broken store costs traces, never requests
                 self._warned = True
                 log.warning(
@@ -126,15 +115,8 @@ class TraceStore:
                 f"no trace store at {self.path}; traces are recorded as requests are answered "
                 "(`atelier ask`, `atelier chat`, `atelier serve`) unless ATELIER_TRACING=off"
             )
-        try:
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("SELECT count(*) FROM spans").fetchone()
-        except sqlite3.Error as exc:
-            raise AtelierError(
-                f"the trace store {self.path} cannot be read ({exc}); move it aside, a new one is "
-                "started with the next request"
-            ) from None
+        self.db = connect_read_only(self.path, what="trace store", fix=FIX)
+        self.db.row_factory = sqlite3.Row
 
     def traces(
         self, last: int = 20, thread: str | None = None, route: str | None = None, since_ns: int | None = None

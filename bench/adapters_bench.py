@@ -108,9 +108,9 @@ def child(home: Path, count: int) -> dict:
 
     from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import SpecialistRuntime
+    from specialists.runtime import RuntimeConfig, SpecialistRuntime
 
-    runtime = SpecialistRuntime(Registry(home), device="cpu")
+    runtime = SpecialistRuntime(Registry(home), RuntimeConfig(device="cpu"))
     before = rss_bytes()
     for name in ["base"] if count == 0 else [f"s{i}" for i in range(count)]:
         runtime.generate(name, ASK, GenerationParams(max_tokens=1))
@@ -154,9 +154,9 @@ def bench_switch(home: Path, attached: int, iters: int) -> dict:
 
     from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import SpecialistRuntime
+    from specialists.runtime import RuntimeConfig, SpecialistRuntime
 
-    runtime = SpecialistRuntime(Registry(home), device="cpu")
+    runtime = SpecialistRuntime(Registry(home), RuntimeConfig(device="cpu"))
     one = GenerationParams(max_tokens=1)
     for i in range(attached):
         runtime.generate(f"s{i}", ASK, one)

@@ -115,7 +115,7 @@ def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
     from specialists.export.parity import BUILTIN_PROMPTS, check_parity_in_llamacpp, reference_probes
     from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import SpecialistRuntime
+    from specialists.runtime import RuntimeConfig, SpecialistRuntime
     from training.models import resolve_base
 
     torch.set_num_threads(1)
@@ -155,7 +155,7 @@ def specialist_speed(bases_home: Path | None, repeats: int = 2) -> dict:
                       force=True)
     registry.register("spec-llamacpp", base_model=str(base_dir), adapter_dir=root / "adapter", eval_report={},
                       force=True, served_by=f"llamacpp:{root / 'export'}")
-    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=4096)
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu", served_num_ctx=4096))
     params = GenerationParams(max_tokens=NEW_TOKENS)
     names = {"llamacpp": "spec-llamacpp", "transformers": "spec-transformers"}
     for name in names.values():

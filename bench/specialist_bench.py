@@ -129,9 +129,10 @@ def phase_throughput(args) -> None:
     """Trainer tokens/s vs raw forward+backward+AdamW on the same packed DAPT blocks."""
     import torch
 
+    from specialists.loading import load_tokenizer
     from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt
     from training.lora import LoraSettings, trainable_model
-    from training.models import load_tokenizer, resolve_base
+    from training.models import resolve_base
     from training.trainer_common import read_rows
 
     trained = _load(args.label).get("train") or {}

@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.documents import load_folder  # noqa: E402
+from specialists.loading import load_tokenizer  # noqa: E402
 from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt  # noqa: E402
 from training.lora import LoraSettings, trainable_model, trainable_share  # noqa: E402
-from training.models import load_tokenizer, resolve_base  # noqa: E402
+from training.models import resolve_base  # noqa: E402
 
 DOCS = ROOT / "examples" / "docs"
 RESULTS = ROOT / "bench" / "results" / "training.json"

@@ -25,6 +25,7 @@ from atelier.jsonl import iter_jsonl
 from eval.answers import normalize_answer, token_f1
 from eval.gate import GateConfig
 from eval.scoring import left_pad, score_continuations, score_options
+from specialists.loading import load_model, load_tokenizer, pick_device
 
 MCQNorm = Literal["bytes", "tokens", "none"]
 
@@ -58,7 +59,7 @@ class SpecialistEvalConfig(StrictModel):
                             "perplexity windows are grouped to about batch_size x 256 tokens.")
     seed: int = Field(0, description="Seed for sampling held-out items and drawing MCQ distractors.")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
-                        description="Where to run: auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps.")
+                        description="Where to run: auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps.")
     rag_passages: int = Field(3, ge=1, le=20, description="Passages retrieved per question for `--rag` "
                               "(search alone, and in the specialist's prompt).")
     rag_passage_chars: int = Field(400, ge=50, description="Each passage is cut to this many characters, as the "
@@ -96,31 +97,17 @@ def load_for_eval(model_dir: Path, adapter_dir: Path | Sequence[Path] | None = N
     DAPT-merged base). The tokenizer comes from the model dir; an adapter dir's copy is used only
     when the base lacks a chat template (a training stage may have added one).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not (Path(model_dir) / "config.json").is_file():
         raise AtelierError(f"{model_dir} is not a model folder (no config.json); pass a local causal LM")
     adapters = adapter_list(adapter_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     for adapter in reversed(adapters):
         if tokenizer.chat_template is None and (adapter / "tokenizer_config.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(adapter)
+            tokenizer = load_tokenizer(adapter)
     if tokenizer.chat_template is None:
         raise AtelierError(f"the tokenizer in {model_dir} has no chat template; use an instruct/chat base model "
                            "or save a tokenizer with a chat template")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    for adapter in adapters:
-        from peft import PeftModel
-
-        if not (adapter / "adapter_config.json").is_file():
-            raise AtelierError(f"{adapter} is not a LoRA adapter (no adapter_config.json); pass a stage's output folder")
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), tokenizer
+    return load_model(model_dir, adapters, merge=True, device=pick_device(device), dtype="float32"), tokenizer
 
 
 def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:

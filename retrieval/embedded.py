@@ -27,6 +27,7 @@ from typing import TypeVar
 import numpy as np
 
 from atelier.errors import AtelierError
+from atelier.sqlite import connect, connect_read_only, unusable
 from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from retrieval.text import analyze
 from retrieval.types import DocumentEntry, Hit, IndexSummary, Mode
@@ -47,18 +48,23 @@ CREATE TABLE IF NOT EXISTS chunks (
 """
 
 
-def _migrate(db: sqlite3.Connection, schema: str) -> None:
-    """Forward-only migrations of an existing index file."""
-    if schema == "1":  # BM25 moved from FTS5 to bm25s over stored terms
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ALTER TABLE chunks ADD COLUMN terms TEXT NOT NULL DEFAULT ''")
-        rows = db.execute("SELECT id, title, text FROM chunks").fetchall()
-        terms = analyze([f"{title}\n{text}" if title else text for _, title, text in rows])
-        db.executemany("UPDATE chunks SET terms = ? WHERE id = ?", [(" ".join(t), r[0]) for t, r in zip(terms, rows)])
-        db.execute("DROP TABLE IF EXISTS chunks_fts")
-        db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
-        db.execute("COMMIT")
+def _terms_from_fts(db: sqlite3.Connection) -> None:
+    """A schema-1 index (BM25 in FTS5) gets stored bm25s terms; a newer one has them already."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    if row is None or row[0] != "1":
+        return
+    db.execute("ALTER TABLE chunks ADD COLUMN terms TEXT NOT NULL DEFAULT ''")
+    rows = db.execute("SELECT id, title, text FROM chunks").fetchall()
+    terms = analyze([f"{title}\n{text}" if title else text for _, title, text in rows])
+    db.executemany("UPDATE chunks SET terms = ? WHERE id = ?", [(" ".join(t), r[0]) for t, r in zip(terms, rows)])
+    db.execute("DROP TABLE IF EXISTS chunks_fts")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
 
+
+# Forward-only, counted in user_version. Files from before user_version (0) hold meta.schema 1 or 2:
+# step 1 creates only what is missing, step 2 moves a schema-1 file's BM25 out of FTS5.
+_MIGRATIONS = (_SCHEMA, _terms_from_fts)
+_UNUSABLE = {"what": "index", "fix": "delete it and rebuild it with `atelier index DIR`"}
 
 
 class EmbeddedIndex:
@@ -74,13 +80,7 @@ class EmbeddedIndex:
         self.dim, self.model_name = dim, model_name
         self.fusion = fusion or FusionConfig()
         self._lock = threading.RLock()
-        try:
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise AtelierError(f"{self.path} is not a usable index ({exc}); delete it and run `atelier index` again") from None
+        self._db = connect(self.path, migrations=_MIGRATIONS, synchronous="FULL", **_UNUSABLE)
         self._check_meta()
         self._cache: _SearchCache | None = None
 
@@ -103,8 +103,6 @@ class EmbeddedIndex:
                 raise AtelierError(
                     f"the index at {self.path} was built with embedding model {model!r} ({dim}-d), not "
                     f"{self.model_name!r} ({self.dim}-d); pass --model {model} or use another --index name")
-            else:
-                _migrate(self._db, self._meta("schema") or SCHEMA_VERSION)
 
     def _generation(self) -> int:
         return int(self._meta("generation") or 0)
@@ -153,8 +151,7 @@ class EmbeddedIndex:
         try:
             yield
         except sqlite3.DatabaseError as exc:
-            raise AtelierError(f"cannot read the search index {self.path} ({exc}); "
-                               "rebuild it with `atelier index DIR`") from None
+            raise unusable(self.path, exc=exc, **_UNUSABLE) from None
 
     # -- writes -----------------------------------------------------------------------
     def document_hashes(self, root: str | None = None) -> dict[str, str]:
@@ -383,14 +380,13 @@ def _read_only(path: Path, read: Callable[[sqlite3.Connection], _T | None]) -> _
     path = Path(path)
     if not path.is_file():
         return None
+    db = connect_read_only(path, **_UNUSABLE)
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return read(db)
-        finally:
-            db.close()
+        return read(db)
     except sqlite3.DatabaseError as exc:
-        raise AtelierError(f"cannot read the search index {path} ({exc}); rebuild it with `atelier index DIR`") from None
+        raise unusable(path, exc=exc, **_UNUSABLE) from None
+    finally:
+        db.close()
 
 
 def _stored_generation(db: sqlite3.Connection) -> int | None:

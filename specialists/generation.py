@@ -1,5 +1,4 @@
-"""Generating one answer: request and result types, stop strings, streams and the local decode loop
-(with the device and dtype a local model runs on).
+"""Generating one answer: request and result types, stop strings, streams and the local decode loop.
 
 Generation is a plain decode loop (KV cache, greedy or seeded top-p sampling) so that stop
 sequences, `max_tokens` and per-request seeds behave the same streamed and not streamed: the
@@ -166,31 +165,6 @@ class TokenStream(Iterator[str]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# ----------------------------------------------------------------------------- device and dtype
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> cuda, then mps, else cpu; anything else is passed to torch as is."""
-    if device != "auto":
-        return device
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def dtype_for(device: str):
-    """fp32 on CPU (bf16 matmuls ran ~4x slower on this AVX2 machine), bf16/fp16 on CUDA."""
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 # ----------------------------------------------------------------------------- messages and the decode loop

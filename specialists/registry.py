@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from pydantic import Field, field_validator
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.home import atelier_home, atomic_write_text
+from atelier.home import atelier_home, atomic_dir, atomic_write_text, fsync_dir
 from atelier.reports import EvalReport, ExamReport, none_if_empty
 
 log = logging.getLogger(__name__)
@@ -202,16 +201,8 @@ def gate_refusal(report: EvalReport | None, exam: ExamReport | None = None) -> s
 # ----------------------------------------------------------------------------- file plumbing
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def copy_artifacts(source: Path, target: Path) -> None:
-    """Copy the top-level files of an adapter/model folder (not checkpoints, not optimizer state), fsynced.
+    """Copy the top-level files of an adapter/model folder (not checkpoints, not optimizer state).
 
     Subfolders are skipped on purpose: trainer output folders hold checkpoint-*/ and DPO's
     frozen ref/ adapter, which serving does not need.
@@ -220,9 +211,6 @@ def copy_artifacts(source: Path, target: Path) -> None:
     for path in sorted(Path(source).iterdir()):
         if path.is_file() and not path.name.startswith(".") and path.name not in SKIPPED_FILES:
             shutil.copyfile(path, target / path.name)
-            with open(target / path.name, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(target)
 
 
 @contextmanager
@@ -373,22 +361,20 @@ class Registry:
 
     def _publish(self, folder: Path, artifact: str, source: Path, sha: str, fields: dict[str, Any]) -> int:
         """Assemble vN in a hidden temporary folder, then rename it into place; returns N."""
-        for stale in folder.glob(".tmp-*"):  # leftovers of a crashed registration
+        for stale in folder.glob(".*tmp-*"):  # leftovers of a crashed registration
             shutil.rmtree(stale, ignore_errors=True)
         known = [v for v in (_version_of(p) for p in folder.iterdir()) if v is not None]
         version = max(known, default=0) + 1
-        staging = Path(tempfile.mkdtemp(dir=folder, prefix=f".tmp-v{version}-"))
         try:
-            copy_artifacts(source, staging / artifact)
-            weights = "adapter_model.safetensors" if artifact == "adapter" else None
-            if weights and sha256_file(staging / artifact / weights) != sha:
-                raise AtelierError(f"{source} changed while it was being copied; register again when training is done")
-            record = SpecialistRecord(version=version, **fields)
-            atomic_write_text(staging / "record.json", record.model_dump_json(indent=2) + "\n")
-            os.rename(staging, folder / f"v{version}")
-            _fsync_dir(folder)
+            with atomic_dir(folder / f"v{version}") as staging:
+                copy_artifacts(source, staging / artifact)
+                weights = "adapter_model.safetensors" if artifact == "adapter" else None
+                if weights and sha256_file(staging / artifact / weights) != sha:
+                    raise AtelierError(f"{source} changed while it was being copied; register again when "
+                                       "training is done")
+                record = SpecialistRecord(version=version, **fields)
+                atomic_write_text(staging / "record.json", record.model_dump_json(indent=2) + "\n")
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
             if not (folder / "current").exists() and not known:
                 shutil.rmtree(folder, ignore_errors=True)  # a first registration that failed leaves nothing
             raise
@@ -411,7 +397,7 @@ class Registry:
         with _locked(folder):
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(folder, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
     def _folder(self, name: str) -> Path:

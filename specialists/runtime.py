@@ -49,22 +49,35 @@ from specialists.generation import (
     Usage,
     chat_messages,
     decode,
-    dtype_for,
-    resolve_device,
     run_to_completion,
 )
+from specialists.loading import attach_adapter, load_model, load_tokenizer, pick_device
 from specialists.registry import Registry, SpecialistRecord, check_adapter_files
+from specialists.served import DEFAULT_NUM_CTX, backend_for
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS_CAP = 4096
 # transformers and PEFT build models under process-wide patches (meta-device init), so two
 # loads at once in different threads can corrupt each other ("Cannot copy out of meta tensor").
 # Loading is serialised; generation is not.
 _LOADING = threading.Lock()
 
 
-# ----------------------------------------------------------------------------- results
+# ----------------------------------------------------------------------------- config and results
+
+
+class RuntimeConfig(StrictModel):
+    """How the specialist runtime serves: where models run, how many stay loaded, how long answers may be."""
+
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="Where local specialists run: "
+                        "auto (CUDA, then MPS, else CPU), cpu, cuda, cuda:N or mps.")
+    max_bases: int = Field(2, ge=1, description="Base models kept in memory at once; asking for another unloads "
+                           "the least recently used one.")
+    max_tokens_cap: int = Field(1024, ge=1, le=1_000_000, description="Largest max_tokens one request may ask a "
+                                "specialist for; a larger request is refused (the API answers 400).")
+    served_num_ctx: int = Field(DEFAULT_NUM_CTX, ge=1, description="Context window of specialists on a model "
+                                "server: sent to Ollama with every request (it truncates silently otherwise), and "
+                                "the window of an in-process llama.cpp server.")
 
 
 class LoadedBase(StrictModel):
@@ -84,20 +97,11 @@ class LoadedBase(StrictModel):
 
 def _load_base(path: str, device: str):
     """(model, tokenizer) for a base folder or a locally cached hub id; safetensors only, no downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    local = Path(path).exists()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=not local)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype_for(device), use_safetensors=True,
-                                                     local_files_only=not local)
-    except (OSError, ValueError) as exc:
-        raise AtelierError(f"cannot load base model {path} ({exc}); it must be a local folder (or a cached hub "
-                           "model) with config.json, tokenizer and *.safetensors weights") from None
+    tokenizer = load_tokenizer(path)
     if not tokenizer.chat_template:
         raise AtelierError(f"the tokenizer of {path} has no chat template; specialists are built on bases with one "
                            "(`atelier specialist add` writes it)")
-    return model.to(device).eval(), tokenizer
+    return load_model(path, device=device, use_safetensors=True), tokenizer
 
 
 class _Base:
@@ -149,13 +153,8 @@ class _Base:
         log.info("attached adapter %s v%d to %s", record.name, record.version, self.path)
 
     def _load_adapter(self, folder: Path, name: str) -> None:
-        if self.peft is None:
-            from peft import PeftModel
-
-            self.peft = PeftModel.from_pretrained(self.model, str(folder), adapter_name=name, is_trainable=False,
-                                                  torch_device=self.device)
-        else:
-            self.peft.load_adapter(str(folder), adapter_name=name, is_trainable=False, torch_device=self.device)
+        model = self.model if self.peft is None else self.peft
+        self.peft = attach_adapter(model, folder, name=name, device=self.device)
 
     def detach(self, name: str) -> None:
         if name in self.adapters:
@@ -228,20 +227,14 @@ class _Base:
 class SpecialistRuntime:
     """Serve registered specialists: `generate` / `stream` by name, any number of threads.
 
-    registry:       where records come from (default: the one in ATELIER_HOME).
-    max_bases:      how many base models stay in memory; the least recently used is unloaded.
-    device:         "auto" (cuda, mps, cpu), or a torch device string.
-    max_tokens_cap: hard upper bound on GenerationParams.max_tokens (bigger requests are refused).
-    served_num_ctx: context window sent to Ollama with every request (it truncates silently otherwise).
+    registry: where records come from (default: the one in ATELIER_HOME).
+    config:   device, loaded bases, the max_tokens cap and the served context window (`RuntimeConfig`).
     """
 
-    def __init__(self, registry: Registry | None = None, *, max_bases: int = 2, device: str = "auto",
-                 max_tokens_cap: int = DEFAULT_MAX_TOKENS_CAP, served_num_ctx: int = 8192):
-        if max_bases < 1:
-            raise AtelierError(f"max_bases must be at least 1, got {max_bases}")
+    def __init__(self, registry: Registry | None = None, config: RuntimeConfig | None = None):
         self.registry = registry or Registry()
-        self.max_bases, self.max_tokens_cap, self.served_num_ctx = max_bases, max_tokens_cap, served_num_ctx
-        self.device = resolve_device(device)
+        self.config = config or RuntimeConfig()
+        self.device = pick_device(self.config.device)
         self._lock = threading.Lock()  # guards the dicts below and users counts; never held while loading/generating
         self._room = threading.Condition(self._lock)  # notified when a base becomes idle or goes away
         self._bases: OrderedDict[str, _Base] = OrderedDict()  # least recently used first
@@ -283,9 +276,9 @@ class SpecialistRuntime:
 
     def _prepare(self, name: str, messages: list[dict], params: GenerationParams) -> tuple[SpecialistRecord, Producer]:
         """Check the request now (errors surface before any streaming starts) and build its producer."""
-        if params.max_tokens > self.max_tokens_cap:
-            raise AtelierError(f"max_tokens {params.max_tokens} exceeds this runtime's cap of {self.max_tokens_cap}; "
-                               "ask for fewer tokens or raise max_tokens_cap")
+        if params.max_tokens > self.config.max_tokens_cap:
+            raise AtelierError(f"max_tokens {params.max_tokens} exceeds this runtime's cap of "
+                               f"{self.config.max_tokens_cap}; ask for fewer tokens or raise max_tokens_cap")
         record = self.registry.get(name)
         chat = chat_messages(messages)
         if record.served_by:
@@ -294,12 +287,11 @@ class SpecialistRuntime:
 
     def _served_producer(self, record: SpecialistRecord, chat: list[dict[str, str]],
                          params: GenerationParams) -> Producer:
-        from specialists.served import backend_for
-
         with self._lock:
             backend = self._served.get(record.served_by)
             if backend is None:
-                backend = self._served[record.served_by] = backend_for(record.served_by, num_ctx=self.served_num_ctx)
+                backend = self._served[record.served_by] = backend_for(record.served_by,
+                                                                      num_ctx=self.config.served_num_ctx)
         inner = backend.producer(chat, params)
 
         def produce(emit: Emit, cancelled: threading.Event) -> tuple[FinishReason, Usage]:
@@ -364,7 +356,7 @@ class SpecialistRuntime:
         evicted: list[_Base] = []
         with self._room:
             while (base := self._bases.get(path)) is None:
-                if len(self._bases) < self.max_bases:
+                if len(self._bases) < self.config.max_bases:
                     base = self._bases[path] = _Base(path, self.device)
                 elif idle := next((b for b in self._bases.values() if b.users == 0), None):
                     evicted.append(self._bases.pop(idle.path))

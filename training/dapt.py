@@ -18,20 +18,15 @@ from pathlib import Path
 
 from pydantic import Field
 
-from training.lora import LoraSettings, save_trained, trainable_model
+from training.lora import LoraSettings, trainable_model
 from training.trainer_common import (
     ProgressFn,
     StageConfig,
     StageResult,
     attach_progress,
-    fingerprint,
-    finish_stage,
-    open_stage,
-    quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
-    run_trainer,
+    run_stage,
     training_kwargs,
 )
 
@@ -52,46 +47,42 @@ def train_dapt(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lo
                adapter: Path | None = None, progress: ProgressFn | None = None,
                time_limit_s: float | None = None) -> StageResult:
     """Continue pretraining `base` (+ `adapter`) on data_dir/dapt; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    train_file, heldout_file = data_dir / "dapt" / "train.jsonl", data_dir / "dapt" / "heldout.jsonl"
-    texts = [row["text"] for row in read_rows(train_file, ("text",))]
-    heldout = [row["text"] for row in read_optional_rows(heldout_file, ("text",))]
-    stamp = fingerprint(stage="dapt", base=base, adapter=adapter, train=train_file, heldout=heldout_file,
-                        config=config, lora=lora)
-    if (done := open_stage(out_dir, "dapt", stamp)) is not None:
-        return done
-    config = resolve_stage_config("dapt", config, out_dir, base, lora)
-
-    with quiet_progress(progress is not None):
-        result = _train(base, texts, heldout, out_dir, config, lora, adapter, progress, time_limit_s)
-    return finish_stage(out_dir, result)
+    read_rows(Path(data_dir) / "dapt" / "train.jsonl", ("text",))  # bad data fails before out_dir is claimed
+    return run_stage("dapt", build_dapt_trainer, _perplexity, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
 
 
-def _train(base: Path, texts: list[str], heldout: list[str], out_dir: Path, config: DaptConfig,
-           lora: LoraSettings, adapter: Path | None, progress: ProgressFn | None,
-           time_limit_s: float | None = None) -> StageResult:
-    """Build the model and blocks, score held-out text, train (or resume), save."""
+def build_dapt_trainer(base: Path, data_dir: Path, out_dir: Path, config: DaptConfig, lora: LoraSettings,
+                       adapter: Path | None = None, progress: ProgressFn | None = None,
+                       time_limit_s: float | None = None):
+    """A plain Trainer on the model and its blocks; the held-out blocks ride along as its eval_dataset."""
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from training.models import is_scratch_base, load_tokenizer
+    from specialists.loading import load_tokenizer
+    from training.models import is_scratch_base
 
+    texts = [row["text"] for row in read_rows(data_dir / "dapt" / "train.jsonl", ("text",))]
+    heldout = [row["text"] for row in read_optional_rows(data_dir / "dapt" / "heldout.jsonl", ("text",))
+               ] if config.eval_heldout else []
     set_seed(config.seed)  # new adapter weights are drawn before the Trainer seeds anything
     full = lora.method == "full" or is_scratch_base(base)
     tokenizer = load_tokenizer(base)
     model = trainable_model(base, adapter, lora, full=full)
     blocks = to_blocks(texts, tokenizer, config.seq_len, packing=config.packing)
-    eval_blocks = to_blocks(heldout, tokenizer, config.seq_len, packing=True) if config.eval_heldout else []
-    metrics = {"train_blocks": float(len(blocks))}
-    if eval_blocks:
-        metrics["heldout_perplexity_before"] = heldout_perplexity(model, eval_blocks, tokenizer, config.batch_size)
+    eval_blocks = to_blocks(heldout, tokenizer, config.seq_len, packing=True)
     args = TrainingArguments(**training_kwargs(config, out_dir, progress), label_names=["labels"])
-    trainer = Trainer(model=model, args=args, train_dataset=blocks, data_collator=PadCollator(tokenizer.pad_token_id),
-                      processing_class=tokenizer)
-    stats = run_trainer(attach_progress(trainer, progress, time_limit_s), out_dir)
-    if eval_blocks:
-        metrics["heldout_perplexity"] = heldout_perplexity(model, eval_blocks, tokenizer, config.batch_size)
-    model_path, adapter_path = save_trained(trainer.model, tokenizer, out_dir, base)
-    return StageResult(stage="dapt", model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
+    trainer = Trainer(model=model, args=args, train_dataset=blocks, eval_dataset=eval_blocks or None,
+                      data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    return attach_progress(trainer, progress, time_limit_s)
+
+
+def _perplexity(trainer, trained: bool) -> dict[str, float]:
+    """Blocks trained on, and held-out perplexity before and after training (when there is held-out text)."""
+    metrics = {} if trained else {"train_blocks": float(len(trainer.train_dataset))}
+    if trainer.eval_dataset:
+        metrics["heldout_perplexity" if trained else "heldout_perplexity_before"] = heldout_perplexity(
+            trainer.model, trainer.eval_dataset, trainer.processing_class, trainer.args.per_device_eval_batch_size)
+    return metrics
 
 
 def to_blocks(texts: list[str], tokenizer, seq_len: int, *, packing: bool) -> list[dict[str, list[int]]]:

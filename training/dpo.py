@@ -31,22 +31,18 @@ from typing import Literal
 from pydantic import Field
 
 from atelier.errors import AtelierError
-from training.lora import LoraSettings, save_trained, trainable_model
+from training.lora import LoraSettings, trainable_model
 from training.trainer_common import (
     ProgressFn,
     StageConfig,
     StageResult,
     attach_progress,
     check_messages,
-    fingerprint,
-    finish_stage,
     last_logged,
-    open_stage,
-    quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
-    run_trainer,
+    resolve_stage_config,
+    run_stage,
     training_kwargs,
 )
 
@@ -78,25 +74,21 @@ def train_dpo(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora
               adapter: Path | None = None, progress: ProgressFn | None = None,
               time_limit_s: float | None = None) -> StageResult:
     """Preference-tune `base` + the SFT `adapter` on data_dir/dpo; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    train_file, heldout_file = data_dir / "dpo" / "train.jsonl", data_dir / "dpo" / "heldout.jsonl"
-    read_pairs(train_file, required=True)
-    stamp = fingerprint(stage="dpo", base=base, adapter=adapter, train=train_file, heldout=heldout_file,
-                        config=config, lora=lora)
-    if (done := open_stage(out_dir, "dpo", stamp)) is not None:
-        return done
-    config = resolve_stage_config("dpo", config, out_dir, base, lora)
-    with quiet_progress(progress is not None):
-        trainer = build_dpo_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
-        stats = run_trainer(trainer, out_dir)
-        metrics = {f"train_{k.replace('/', '_')}": round(v, 4) for k, v in last_logged(trainer, "rewards/").items()}
-        if trainer.eval_dataset is not None:
-            scores = trainer.evaluate()
-            metrics.update({f"heldout_{k[5:].replace('/', '_')}": round(float(v), 4) for k, v in scores.items()
-                            if k.startswith(("eval_rewards/", "eval_loss"))})
-        model_path, adapter_path = save_trained(trainer.model, trainer.processing_class, out_dir, base)
-    result = StageResult(stage="dpo", model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
-    return finish_stage(out_dir, result)
+    read_pairs(Path(data_dir) / "dpo" / "train.jsonl", required=True)  # bad data fails before out_dir is claimed
+    return run_stage("dpo", build_dpo_trainer, _rewards, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
+
+
+def _rewards(trainer, trained: bool) -> dict[str, float]:
+    """The last logged training rewards and the held-out loss and rewards, after training."""
+    if not trained:
+        return {}
+    metrics = {f"train_{k.replace('/', '_')}": round(v, 4) for k, v in last_logged(trainer, "rewards/").items()}
+    if trainer.eval_dataset is not None:
+        scores = trainer.evaluate()
+        metrics.update({f"heldout_{k[5:].replace('/', '_')}": round(float(v), 4) for k, v in scores.items()
+                        if k.startswith(("eval_rewards/", "eval_loss"))})
+    return metrics
 
 
 def read_pairs(path: Path, *, required: bool) -> list[dict]:
@@ -113,7 +105,7 @@ def build_dpo_trainer(base: Path, data_dir: Path, out_dir: Path, config: DpoConf
     from datasets import Dataset
     from transformers import set_seed
 
-    from training.models import load_tokenizer
+    from specialists.loading import load_tokenizer
 
     data_dir = Path(data_dir)
     config = resolve_stage_config("dpo", config, Path(out_dir), Path(base), lora)

@@ -15,8 +15,9 @@ from pydantic import Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
+from specialists.loading import load_model
 from specialists.registry import validate_adapter
-from training.models import inherit_marker, load_model
+from training.models import inherit_marker
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,7 @@ def trainable_model(base: Path, adapter: Path | None, lora: LoraSettings, *, ful
     if adapter is not None:
         validate_adapter(adapter)
     if full:
-        model = load_model(base, adapter, trainable=True, dtype=torch.float32)
-        if adapter is not None:
-            model = model.merge_and_unload()
+        model = load_model(base, adapter, trainable=True, merge=True, dtype=torch.float32)
         model.train()
         return model
     if adapter is not None:

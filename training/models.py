@@ -24,19 +24,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from atelier.errors import AtelierError
-from atelier.home import atomic_write_text
-from specialists.registry import validate_adapter
+from atelier.home import atomic_dir, atomic_write_text
+from specialists.loading import BASE_MARKER, base_marker, load_gguf, load_model, pick_device
+from specialists.registry import sha256_file
 
 log = logging.getLogger(__name__)
 
-BASE_MARKER = "atelier-base.json"  # written last into every base this module builds
 GENERAL_CORPUS = Path(__file__).parent / "resources" / "general_en.txt"
 _BUILD_VERSION = 1  # bump when the scratch recipe changes, so old bases are rebuilt
 
@@ -68,8 +65,6 @@ PLAIN_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
 )
-
-
 
 
 def default_chat_template(tokenizer) -> str:
@@ -105,17 +100,6 @@ SCRATCH_SPECS = {
 # ---------------------------------------------------------------- hardware
 
 
-def device() -> str:
-    """The accelerator training will use: "cuda", then "mps", else "cpu"."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
 def precision_kwargs() -> dict[str, bool]:
     """Mixed-precision flags for TrainingArguments, always explicit.
 
@@ -125,21 +109,13 @@ def precision_kwargs() -> dict[str, bool]:
     """
     import torch
 
-    kind = device()
-    if kind == "cuda":
+    kind = pick_device()
+    if kind.startswith("cuda"):
         bf16 = torch.cuda.is_bf16_supported()
         return {"bf16": bf16, "fp16": not bf16}
     if kind == "mps":
         return {"bf16": False, "fp16": False}
     return {"bf16": False, "fp16": False, "use_cpu": True}
-
-
-def default_dtype():
-    """fp32 off CUDA: transformers 5 loads a checkpoint in its own dtype (bf16 for most hub
-    models), and bf16 matmuls on a CPU without native support run at a few GFLOPS."""
-    import torch
-
-    return "auto" if device() == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------- resolving a base
@@ -202,7 +178,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     """
     from atelier.home import atelier_home
 
-    digest = _sha256_file(gguf)
+    digest = sha256_file(gguf)
     target = atelier_home() / "bases" / f"gguf-{digest[:16]}"
     fingerprint = _hash_json({"gguf": digest, "version": _GGUF_CONVERSION_VERSION})
     if _marker_matches(target, fingerprint):
@@ -210,7 +186,7 @@ def convert_gguf(gguf: Path, name: str) -> Path:
         return target
     log.info("converting %s (%s) to safetensors in %s, once", name, gguf.name, target)
     try:
-        model, tokenizer = _dequantised(gguf)
+        model, tokenizer = load_gguf(gguf)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise AtelierError(f"base {name}: transformers cannot load {gguf} ({exc}); check that the file is a "
                            "complete GGUF of a supported architecture (llama, gemma3, qwen2, mistral, phi3, ...)"
@@ -219,58 +195,12 @@ def convert_gguf(gguf: Path, name: str) -> Path:
         tokenizer.chat_template = default_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with _fresh_dir(target) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": name, "kind": "gguf", "fingerprint": fingerprint, "gguf": str(gguf),
-                            "gguf_sha256": digest, "parameters": model.num_parameters()})
-    return target
+    return _save_base(target, model, tokenizer, {"name": name, "kind": "gguf", "fingerprint": fingerprint,
+                                                  "gguf": str(gguf), "gguf_sha256": digest,
+                                                  "parameters": model.num_parameters()})
 
 
 _GGUF_CONVERSION_VERSION = 2  # 2: bos-led default template
-
-
-def _dequantised(gguf: Path):
-    """(fp32 model, tokenizer) from a GGUF file; the per-tensor progress bars of the
-    dequantisation are hidden (one log line says what happens)."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        return _load_dequantised(gguf)
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _load_dequantised(gguf: Path):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    real_missing = [k for k in missing if k not in getattr(model, "_tied_weights_keys", {})
-                    and not k.endswith("lm_head.weight")]
-    if real_missing or unexpected:
-        raise ValueError(f"weights do not match the architecture (missing {real_missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
-    model.tie_weights()
-    model.generation_config = loaded.generation_config
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return model.eval(), tokenizer
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _local_or_downloaded(name: str) -> Path:
@@ -344,7 +274,7 @@ def _check_causal_lm(path: Path, name: str) -> None:
 
 def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
     """`path` itself when its tokenizer has a chat template, else a copy with a simple one."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -359,12 +289,8 @@ def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
     tokenizer.chat_template = default_chat_template(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with _fresh_dir(work_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": name, "kind": "hf-copy", "fingerprint": fingerprint})
-    return work_dir
+    model = load_model(path, dtype="auto")  # a copy: the checkpoint's own dtype
+    return _save_base(work_dir, model, tokenizer, {"name": name, "kind": "hf-copy", "fingerprint": fingerprint})
 
 
 # ---------------------------------------------------------------- scratch bases
@@ -382,11 +308,8 @@ def build_scratch_base(size: str, *, work_dir: Path, corpus_texts: list[str], se
         return work_dir
     tokenizer = train_tokenizer(texts, spec.vocab_size, spec.max_position_embeddings)
     model = _init_llama(spec, tokenizer, seed)
-    with _fresh_dir(work_dir) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_marker(tmp, {"name": f"scratch:{size}", "kind": "scratch", "fingerprint": fingerprint,
-                            "parameters": model.num_parameters()})
+    _save_base(work_dir, model, tokenizer, {"name": f"scratch:{size}", "kind": "scratch",
+                                            "fingerprint": fingerprint, "parameters": model.num_parameters()})
     log.info("built scratch:%s base (%d parameters) in %s", size, model.num_parameters(), work_dir)
     return work_dir
 
@@ -431,55 +354,19 @@ def _init_llama(spec: ScratchSpec, tokenizer, seed: int):
 
 def inherit_marker(base: Path, trained: Path) -> None:
     """Mark a fully trained copy of `base` with the base's kind (its recipe defaults still apply)."""
-    if _read_marker(Path(base)).get("kind") in ("scratch", "scratch-trained"):
+    if base_marker(Path(base)).get("kind") in ("scratch", "scratch-trained"):
         _write_marker(Path(trained), {"kind": "scratch-trained", "trained_from": str(base), "fingerprint": None})
 
 
 def uses_scratch_recipe(path: Path) -> bool:
     """True for a scratch base and for models trained from one: they take the scratch recipe's
     step counts and learning rates (training/recipe.py)."""
-    return _read_marker(Path(path)).get("kind") in ("scratch", "scratch-trained")
+    return base_marker(Path(path)).get("kind") in ("scratch", "scratch-trained")
 
 
 def is_scratch_base(path: Path) -> bool:
     """True for a directory `build_scratch_base` wrote (its DAPT stage is full pretraining)."""
-    return _read_marker(Path(path)).get("kind") == "scratch"
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_tokenizer(path: Path):
-    """The base's tokenizer, with a pad token (eos when it has none) for batching."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_model(path: Path, adapter: Path | None = None, trainable: bool = False, **kwargs: Any):
-    """A causal LM from `path`, with the LoRA adapter at `adapter` applied when given.
-
-    `trainable=True` loads the adapter's weights as trainable: without it PEFT freezes them
-    and a stage continuing the adapter fails with "tensors does not require grad".
-    """
-    from transformers import AutoModelForCausalLM
-
-    kwargs.setdefault("dtype", default_dtype())
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if adapter is None:
-        if not trainable:
-            model.eval()
-        return model
-    from peft import PeftModel
-
-    validate_adapter(adapter)
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=trainable)
-    if not trainable:
-        model.eval()
-    return model
+    return base_marker(Path(path)).get("kind") == "scratch"
 
 
 # ---------------------------------------------------------------- marker files
@@ -489,41 +376,23 @@ def _hash_json(data: dict) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _read_marker(path: Path) -> dict:
-    try:
-        return json.loads((path / BASE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-
-
 def _marker_matches(path: Path, fingerprint: str) -> bool:
-    return _read_marker(path).get("fingerprint") == fingerprint and any(path.glob("*.safetensors"))
+    return base_marker(path).get("fingerprint") == fingerprint and any(path.glob("*.safetensors"))
 
 
 def _write_marker(path: Path, data: dict) -> None:
     atomic_write_text(path / BASE_MARKER, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-class _fresh_dir:
-    """Build into a temporary sibling, then swap it in: a killed build never looks complete.
+def _save_base(target: Path, model, tokenizer, marker: dict) -> Path:
+    """Save a base whole into `target` (`atomic_dir`: a killed build never looks complete), its marker last.
 
     Refuses to replace a non-empty directory that this module did not write.
     """
-
-    def __init__(self, target: Path):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        if self.target.exists() and any(self.target.iterdir()) and not (self.target / BASE_MARKER).is_file():
-            raise AtelierError(f"{self.target} already holds files Atelier did not write; choose an empty work_dir")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}."))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
+    if target.exists() and any(target.iterdir()) and not (target / BASE_MARKER).is_file():
+        raise AtelierError(f"{target} already holds files Atelier did not write; choose an empty work_dir")
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_marker(tmp, marker)
+    return target

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from atelier.errors import AtelierError
-from atelier.home import atelier_home, atomic_write_text
+from atelier.home import atelier_home, atomic_dir, atomic_write_text
 from atelier.reports import EvalReport
 from retrieval.documents import Document, DocumentsConfig, load_folder
 from training.config import SpecialistConfig
@@ -174,10 +173,8 @@ def keep_base(model: Path, run_dir: Path) -> Path:
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     target = atelier_home() / "bases" / digest.hexdigest()[:16]
     if not target.exists():
-        tmp = target.with_name(f".{target.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("checkpoint-*"))
-        os.replace(tmp, target)
+        with atomic_dir(target) as tmp:
+            shutil.copytree(model, tmp, ignore=shutil.ignore_patterns("checkpoint-*"), dirs_exist_ok=True)
     return target
 
 
@@ -348,7 +345,8 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
     """Everything that can fail cheaply, checked before the first expensive step: the base's
     tokenizer and chat template (as SFT will render them), non-empty data for every stage,
     and a training micro-batch that fits in memory at each stage's sequence length."""
-    from training.models import load_tokenizer, uses_scratch_recipe
+    from specialists.loading import load_tokenizer
+    from training.models import uses_scratch_recipe
     from training.recipe import micro_batch, training_length
     from training.sft import check_chat_template
 
@@ -371,8 +369,8 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
 
 def budget_throughput(base: Path, data_dir: Path, run_dir: Path, config: SpecialistConfig) -> float:
     """Training tokens/s of this base on this machine, measured once per run (run_dir/throughput.json)."""
+    from specialists.loading import load_tokenizer
     from training.dapt import PadCollator, to_blocks
-    from training.models import load_tokenizer
     from training.recipe import measure_throughput
     from training.trainer_common import read_rows
 
@@ -431,7 +429,7 @@ def plan_stages(base: Path, data_dir: Path, run_dir: Path, config: SpecialistCon
                 spent_s: float, final_eval_s: float):
     """Step counts that fit the run into `config.budget_minutes` (training/recipe.py), kept in
     run_dir/budget.json so that a resumed run trains the same plan."""
-    from training.models import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.recipe import EFFECTIVE_BATCH, StagePlan, plan_budget
     from training.trainer_common import read_rows
 

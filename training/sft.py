@@ -26,21 +26,17 @@ from pathlib import Path
 from pydantic import Field
 
 from atelier.errors import AtelierError
-from training.lora import LoraSettings, save_trained, trainable_model
+from training.lora import LoraSettings, trainable_model
 from training.trainer_common import (
     ProgressFn,
     StageConfig,
     StageResult,
     attach_progress,
     check_messages,
-    fingerprint,
-    finish_stage,
-    open_stage,
-    quiet_progress,
-    resolve_stage_config,
     read_optional_rows,
     read_rows,
-    run_trainer,
+    resolve_stage_config,
+    run_stage,
     training_kwargs,
 )
 
@@ -60,25 +56,15 @@ def train_sft(base: Path, data_dir: Path, out_dir: Path, config: SftConfig, lora
               adapter: Path | None = None, progress: ProgressFn | None = None,
               time_limit_s: float | None = None) -> StageResult:
     """Fine-tune `base` (+ `adapter`) on data_dir/sft conversations; outputs under `out_dir`."""
-    base, data_dir, out_dir = Path(base), Path(data_dir), Path(out_dir)
-    train_file, heldout_file = data_dir / "sft" / "train.jsonl", data_dir / "sft" / "heldout.jsonl"
-    stamp = fingerprint(stage="sft", base=base, adapter=adapter, train=train_file, heldout=heldout_file,
-                        config=config, lora=lora)
-    read_sft_rows(train_file, required=True)
-    if (done := open_stage(out_dir, "sft", stamp)) is not None:
-        return done
-    config = resolve_stage_config("sft", config, out_dir, base, lora)
-    with quiet_progress(progress is not None):
-        trainer = build_sft_trainer(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
-        metrics = {}
-        if trainer.eval_dataset is not None:
-            metrics["heldout_loss_before"] = round(trainer.evaluate()["eval_loss"], 4)
-        stats = run_trainer(trainer, out_dir)
-        if trainer.eval_dataset is not None:
-            metrics["heldout_loss"] = round(trainer.evaluate()["eval_loss"], 4)
-        model_path, adapter_path = save_trained(trainer.model, trainer.processing_class, out_dir, base)
-    result = StageResult(stage="sft", model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
-    return finish_stage(out_dir, result)
+    read_sft_rows(Path(data_dir) / "sft" / "train.jsonl", required=True)  # bad data fails before out_dir is claimed
+    return run_stage("sft", build_sft_trainer, _heldout_loss, Path(base), Path(data_dir), Path(out_dir), config, lora,
+                     adapter, progress, time_limit_s)
+
+
+def _heldout_loss(trainer, trained: bool) -> dict[str, float]:
+    if trainer.eval_dataset is None:
+        return {}
+    return {"heldout_loss" if trained else "heldout_loss_before": round(trainer.evaluate()["eval_loss"], 4)}
 
 
 def read_sft_rows(path: Path, *, required: bool) -> list[dict]:
@@ -96,7 +82,7 @@ def build_sft_trainer(base: Path, data_dir: Path, out_dir: Path, config: SftConf
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
-    from training.models import load_tokenizer
+    from specialists.loading import load_tokenizer
 
     base, data_dir = Path(base), Path(data_dir)
     config = resolve_stage_config("sft", config, Path(out_dir), base, lora)

@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import random
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -50,6 +49,7 @@ from pydantic import Field
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.redact import redact_url
+from atelier.sqlite import connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -221,17 +221,18 @@ _BACKENDS: dict[str, Callable[[str, TeacherConfig], ChatBackend]] = {
     "ollama": OllamaBackend, "openai": OpenAIBackend, "llamacpp": _llamacpp_backend}
 
 
+_ANSWERS_TABLE = ("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
+                  "answer TEXT NOT NULL, created REAL NOT NULL);")
+
+
 class ResponseCache:
     """Answers already received, in SQLite, keyed by the hash of the request."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, model TEXT NOT NULL, "
-                         "answer TEXT NOT NULL, created REAL NOT NULL)")
-        self._db.commit()
+        self._db = connect(path, what="teacher cache", fix="delete it (answers are asked again)", timeout=30,
+                           autocommit=False, migrations=(_ANSWERS_TABLE,))
 
     def get(self, key: str) -> str | None:
         with self._lock:

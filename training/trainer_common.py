@@ -1,4 +1,4 @@
-"""What the DAPT, SFT and DPO stages share: config fields, data reading, resume, results.
+"""What the DAPT, SFT and DPO stages share: config fields, data reading, `run_stage` (resume, train, save), results.
 
 A stage writes everything under its `out_dir`:
 
@@ -28,8 +28,9 @@ from pydantic import BaseModel, Field
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.jsonl import iter_jsonl
 from atelier.home import atomic_write_text
+from atelier.jsonl import iter_jsonl
+from training.lora import LoraSettings, save_trained
 
 log = logging.getLogger(__name__)
 # transformers 5 deprecates a name its own Trainer still calls: one line of noise per stage, nothing to fix here
@@ -150,38 +151,6 @@ def fingerprint(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def open_stage(out_dir: Path, stage: str, stamp: str) -> StageResult | None:
-    """Claim `out_dir` for a stage run; return the saved result if that run already finished.
-
-    A directory holding a run with other inputs is refused rather than silently mixed.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stage_file = out_dir / STAGE_FILE
-    if stage_file.is_file():
-        saved = json.loads(stage_file.read_text(encoding="utf-8"))
-        if saved.get("stage") != stage or saved.get("fingerprint") != stamp:
-            raise AtelierError(f"{out_dir} holds a {saved.get('stage')} run with different inputs; "
-                               "delete it or pass a new output directory")
-    else:
-        atomic_write_text(stage_file, json.dumps({"stage": stage, "fingerprint": stamp}) + "\n")
-    result_file = out_dir / RESULT_FILE
-    if result_file.is_file():
-        log.info("%s already done in %s; reusing it", stage, out_dir)
-        return StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
-    return None
-
-
-def finish_stage(out_dir: Path, result: StageResult) -> StageResult:
-    """Write result.json last, atomically, then drop the checkpoints it no longer needs
-    (TensorBoard logs in checkpoints/runs stay)."""
-    atomic_write_text(out_dir / RESULT_FILE, result.model_dump_json(indent=2) + "\n")
-    for checkpoint in (out_dir / "checkpoints").glob("checkpoint-*"):
-        shutil.rmtree(checkpoint, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        (out_dir / "checkpoints").rmdir()  # only when empty
-    return result
-
-
 def latest_checkpoint(out_dir: Path) -> Path | None:
     """Newest complete checkpoint; a half-written one (killed mid-save) is removed.
 
@@ -241,44 +210,49 @@ def training_kwargs(config: StageConfig, out_dir: Path, progress: ProgressFn | N
 # ---------------------------------------------------------------- running
 
 
-def _progress_callback(progress: ProgressFn):
-    from transformers import TrainerCallback
-
-    class ReportProgress(TrainerCallback):
-        """Forwards (step, max_steps, loss, tokens_seen=...) to the caller's progress function."""
-
-        loss: float | None = None
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.loss = float(logs["loss"])
-
-        def on_step_end(self, args, state, control, **kwargs):
-            progress(state.global_step, state.max_steps, self.loss, tokens_seen=state.num_input_tokens_seen)
-
-    return ReportProgress()
+Scores = Callable[[Any, bool], dict[str, float]]
+"""(trainer, trained) -> a stage's own metrics, measured before (trained=False) and after training."""
 
 
-def _time_limit_callback(seconds: float):
-    from transformers import TrainerCallback
+def run_stage(stage: Literal["dapt", "sft", "dpo"], build: Callable[..., Any], scores: Scores, base: Path,
+              data_dir: Path, out_dir: Path, config: StageConfig, lora: LoraSettings, adapter: Path | None,
+              progress: ProgressFn | None, time_limit_s: float | None) -> StageResult:
+    """What every stage does around its trainer, top to bottom.
 
-    class TimeLimit(TrainerCallback):
-        """Ends training at the first step boundary past `seconds` (a budgeted stage's share):
-        the adapter trained so far is saved as the stage's result."""
-
-        started: float | None = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            late = self.started is not None and time.perf_counter() - self.started > seconds
-            if late and state.global_step < state.max_steps:
-                log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
-                            seconds, state.global_step, state.max_steps)
-                control.should_training_stop = True
-
-    return TimeLimit()
+    Claim `out_dir` for these inputs (a finished run's result is returned as it is), fix the recipe's
+    choices for the life of `out_dir`, build the trainer (`build` takes the arguments after `scores`,
+    the config resolved; it attaches progress) with the libraries' progress bars hidden, score, train
+    (resuming from the newest complete checkpoint, so a killed stage goes on where it was), score
+    again, save the adapter or model, and write result.json last (the DONE marker).
+    """
+    stamp = fingerprint(stage=stage, base=base, adapter=adapter, train=data_dir / stage / "train.jsonl",
+                        heldout=data_dir / stage / "heldout.jsonl", config=config, lora=lora)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stage_file, result_file = out_dir / STAGE_FILE, out_dir / RESULT_FILE
+    if stage_file.is_file():  # a directory holding a run with other inputs is refused rather than mixed
+        saved = json.loads(stage_file.read_text(encoding="utf-8"))
+        if saved.get("stage") != stage or saved.get("fingerprint") != stamp:
+            raise AtelierError(f"{out_dir} holds a {saved.get('stage')} run with different inputs; "
+                               "delete it or pass a new output directory")
+    else:
+        atomic_write_text(stage_file, json.dumps({"stage": stage, "fingerprint": stamp}) + "\n")
+    if result_file.is_file():
+        log.info("%s already done in %s; reusing it", stage, out_dir)
+        return StageResult.model_validate_json(result_file.read_text(encoding="utf-8"))
+    config = resolve_stage_config(stage, config, out_dir, base, lora)
+    with quiet_progress(progress is not None):
+        trainer = build(base, data_dir, out_dir, config, lora, adapter, progress, time_limit_s)
+        metrics = scores(trainer, False)
+        stats = run_trainer(trainer, out_dir)
+        metrics.update(scores(trainer, True))
+        model_path, adapter_path = save_trained(trainer.model, trainer.processing_class, out_dir, base)
+    result = StageResult(stage=stage, model_path=model_path, adapter_path=adapter_path, metrics=metrics, **stats)
+    atomic_write_text(result_file, result.model_dump_json(indent=2) + "\n")  # last: the DONE marker
+    for checkpoint in (out_dir / "checkpoints").glob("checkpoint-*"):  # TensorBoard logs in checkpoints/runs stay
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (out_dir / "checkpoints").rmdir()  # only when empty
+    return result
 
 
 def resolve_stage_config(stage: str, config: StageConfig, out_dir: Path, base: Path, lora) -> StageConfig:
@@ -320,15 +294,37 @@ def quiet_progress(enabled: bool) -> Iterator[None]:
 
 
 def attach_progress(trainer, progress: ProgressFn | None, time_limit_s: float | None = None):
-    """Route step reports to `progress` instead of the Trainer's own printing, and end training
-    after `time_limit_s` seconds when given; returns trainer."""
+    """Route step reports to `progress` instead of the Trainer's own printing, and end training at the first
+    step boundary past `time_limit_s` seconds when given (a budgeted stage's share: the adapter trained so far
+    is saved as the stage's result); returns trainer."""
+    from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
+
+    class Steps(TrainerCallback):
+        """Forwards (step, max_steps, loss, tokens_seen=...) to `progress`; stops at the time limit."""
+
+        loss: float | None = None
+        started = time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.loss = float(logs["loss"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if progress is not None:
+                progress(state.global_step, state.max_steps, self.loss, tokens_seen=state.num_input_tokens_seen)
+            late = time_limit_s is not None and time.perf_counter() - self.started > time_limit_s
+            if late and state.global_step < state.max_steps:
+                log.warning("stage time limit of %.0f s reached at step %d of %d; stopping there",
+                            time_limit_s, state.global_step, state.max_steps)
+                control.should_training_stop = True
 
     if progress is not None:
         trainer.remove_callback(PrinterCallback)  # with tqdm off it prints every log dict to stdout
-        trainer.add_callback(_progress_callback(progress))
-    if time_limit_s is not None:
-        trainer.add_callback(_time_limit_callback(time_limit_s))
+    trainer.add_callback(Steps())
     return trainer
 
 

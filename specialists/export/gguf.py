@@ -3,18 +3,16 @@ as a GGUF LoRA adapter beside a base GGUF; each is run in llama.cpp itself by th
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from specialists.export.common import Staged, merge
+from specialists.export.common import FP32, Staged
 from specialists.export.parity import check_parity_in_llamacpp
+from specialists.loading import base_marker, load_model, merge_adapter
 from specialists.registry import SpecialistRecord, check_adapter_files, sha256_file
 
 log = logging.getLogger("specialists.export")  # the export's one log
-
-BASE_MARKER = "atelier-base.json"  # training.models writes it into every base it converts (GGUF source, SHA-256)
 
 
 def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path,
@@ -25,7 +23,7 @@ def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: 
 
     quantize = quantize or "f16"
     adapter_dir = None if record.full_model or not with_adapter else check_adapter_files(record)
-    merged = merge(model)
+    merged = merge_adapter(model)
     path = folder / f"{record.name}-v{record.version}-{quantize}.gguf"
     gguf_writer.write_gguf(merged, tokenizer, path, quantize, name=f"{record.name}-v{record.version}")
     gf = gguf_writer.check_gguf(path, merged.config, merged.config.vocab_size)
@@ -55,28 +53,20 @@ def write_gguf_target(record, model, tokenizer, probes, folder: Path, quantize: 
 def base_gguf(record: SpecialistRecord, tokenizer, folder: Path, quantize: str) -> tuple[Path, str, bool]:
     """(base GGUF, its precision, whether it was written into `folder`): the GGUF file the base was
     converted from (its atelier-base.json marker names it and its SHA-256), else the base exported."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from specialists.export import gguf_writer
 
     original = _original_gguf(Path(record.base_model))
     if original is not None:
         return original, gguf_writer.file_precision(original), False
     path = folder / f"base-{quantize}.gguf"
-    base = AutoModelForCausalLM.from_pretrained(record.base_model, dtype=torch.float32, use_safetensors=True,
-                                                local_files_only=True).eval()
+    base = load_model(record.base_model, **FP32)
     gguf_writer.write_gguf(base, tokenizer, path, quantize, name=f"{Path(record.base_model).name}-base")
     return path, quantize, True
 
 
 def _original_gguf(base: Path) -> Path | None:
     """The GGUF a converted base came from, when its marker names it and the file still has that SHA-256."""
-    marker = base / BASE_MARKER
-    try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    info = base_marker(base)
     source = Path(info.get("gguf") or "")
     if info.get("kind") != "gguf" or not source.is_file():
         return None

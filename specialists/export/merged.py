@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specialists.export.common import Staged, merge, weights_of
+from specialists.export.common import FP32, Staged, weights_of
 from specialists.export.parity import check_parity, torch_logits
+from specialists.loading import load_model, merge_adapter
 from specialists.registry import SpecialistRecord
 
 
 def write_merged(record, model, tokenizer, probes, folder: Path, quantize: str | None, out_dir: Path) -> Staged:
     """merge_and_unload, save safetensors + tokenizer (chat_template.jinja), reload with transformers, compare."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    merged = merge(model)
+    merged = merge_adapter(model)
     precision = quantize or {"float16": "f16", "bfloat16": "bf16"}.get(source_dtype(record), "f32")
     merged.to({"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[precision]).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+    reloaded = load_model(folder, **FP32)
     parity = check_parity(probes, torch_logits(reloaded), precision, "merged model", tokenizer)
     run = (f"python -c \"from transformers import pipeline; print(pipeline('text-generation', '{out_dir}')"
            "([{'role': 'user', 'content': 'Hello'}]))\"")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
-from atelier.home import atelier_home, atomic_write_text
-from specialists.export.common import MANIFEST, check_replaceable, load_specialist, register_served, staging, weights_of
+from atelier.home import atelier_home, atomic_dir, atomic_write_text
+from specialists.export.common import MANIFEST, check_replaceable, load_specialist, register_served, weights_of
 from specialists.export.gguf import write_gguf_target
 from specialists.export.merged import write_merged
 from specialists.export.model_card import model_card
@@ -64,7 +64,7 @@ def export_specialist(name: str, to: str, *, out: Path | None = None, quantize: 
     check_replaceable(out_dir)
     model, tokenizer = load_specialist(record)
     probes = reference_probes(model, tokenizer, held_out_conversations(record))
-    with staging(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         staged = WRITERS[to](record, model, tokenizer, probes, tmp, quantize, out_dir)
         atomic_write_text(tmp / "README.md", model_card(record, to, staged))
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()) + [MANIFEST]

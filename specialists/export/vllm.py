@@ -10,6 +10,7 @@ from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from specialists.export.common import Staged, adapter_on_base, copy_adapter
 from specialists.export.parity import check_parity, torch_logits
+from specialists.loading import load_tokenizer
 from specialists.registry import check_adapter_files
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -43,9 +44,6 @@ def _copy_tokenizer_if_changed(source: Path, folder: Path, base_tokenizer) -> No
     """vLLM takes a LoRA's own tokenizer from its folder: copy it when it has a vocabulary the base lacks."""
     files = [p for p in source.iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                                                        "special_tokens_map.json")]
-    if files and "tokenizer.json" in {p.name for p in files}:
-        from transformers import AutoTokenizer
-
-        if len(AutoTokenizer.from_pretrained(source, local_files_only=True)) != len(base_tokenizer):
-            for path in files:
-                shutil.copyfile(path, folder / path.name)
+    if "tokenizer.json" in {p.name for p in files} and len(load_tokenizer(source)) != len(base_tokenizer):
+        for path in files:
+            shutil.copyfile(path, folder / path.name)

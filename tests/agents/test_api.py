@@ -513,3 +513,13 @@ def test_a_corrupt_feedback_file_is_skipped_with_one_warning(orchestrator, tmp_p
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == "7"
     assert web.post("/v1/feedback", json={"completion_id": answer.json()["id"], "rating": "up"}).status_code == 201
     assert (tmp_path / "feedback.sqlite").read_bytes().startswith(b"this is not a database")  # left as it was
+
+
+def test_the_max_tokens_cap_is_the_runtime_configs(orchestrator):
+    """One cap: the API refuses what the specialist runtime's config refuses."""
+    from fastapi.testclient import TestClient
+
+    app = TestClient(create_app(ServeConfig(orchestrator={"runtime": {"max_tokens_cap": 8}}), orchestrator=orchestrator))
+    body = {"model": "atelier", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    reply = app.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400 and "cap of 8" in reply.json()["error"]["message"]

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from atelier.errors import AtelierError
+from atelier.home import umask
 from specialists.export import gguf_writer
 from specialists.export.cli import register_export
-from specialists.export.common import load_specialist, umask
+from specialists.export.common import load_specialist
 from specialists.export.ollama import CHATML_GO_TEMPLATE, ollama_template
 from specialists.export.parity import (
     BUILTIN_PROMPTS,
@@ -248,7 +249,7 @@ def test_the_adapter_as_a_gguf_lora_adapter_runs_in_llama_cpp_on_the_base_gguf(r
 
 def test_a_gguf_export_with_serve_is_served_by_llama_cpp_through_the_runtime(registry, models, tmp_path):
     from specialists.generation import GenerationParams
-    from specialists.runtime import SpecialistRuntime
+    from specialists.runtime import RuntimeConfig, SpecialistRuntime
 
     result = export_specialist("pumps", "gguf", quantize="f32", out=tmp_path / "gguf", registry=registry, serve=True)
     assert result.served_by == f"llamacpp:{tmp_path / 'gguf'}"
@@ -257,7 +258,7 @@ def test_a_gguf_export_with_serve_is_served_by_llama_cpp_through_the_runtime(reg
     with pytest.raises(AtelierError, match="--serve .* applies to --to gguf"):
         export_specialist("pumps", "merged", out=tmp_path / "m", registry=registry, serve=True)
 
-    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=256)
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu", served_num_ctx=256))
     served = runtime.generate("pumps", ASK, GenerationParams(max_tokens=8))
     assert runtime.loaded() == {}  # llama.cpp answered, nothing was loaded in transformers
     registry.rollback("pumps")  # v1: the same adapter, run by transformers

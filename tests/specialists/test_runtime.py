@@ -18,7 +18,7 @@ from atelier.errors import AtelierError
 from specialists import runtime as runtime_module
 from specialists.generation import GenerationParams, StopFilter
 from specialists.registry import Registry
-from specialists.runtime import SpecialistRuntime
+from specialists.runtime import RuntimeConfig, SpecialistRuntime
 from tests.tinymodels import ROOT, build_adapter, build_base, build_tokenizer
 
 ASK = [{"role": "user", "content": "How do I bleed the hydraulic pump?"}]
@@ -76,7 +76,7 @@ def test_two_adapters_share_one_base_loaded_once(registry, models, monkeypatch):
     loads = []
     real_load = runtime_module._load_base
     monkeypatch.setattr(runtime_module, "_load_base", lambda *a: loads.append(a) or real_load(*a))
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
 
     alpha, beta = runtime.generate("alpha", ASK, GREEDY), runtime.generate("beta", ASK, GREEDY)
 
@@ -101,7 +101,7 @@ def test_switching_back_and_forth_matches_fresh_single_adapter_models(registry, 
     expected |= {"solo": reference_text(models.base_b, None, 40),
                  "gamma-on-solo": reference_text(models.base_b, models.gamma, 40)}
     assert len(set(expected.values())) == 5
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     for name in ["alpha", "beta", "alpha", "alpha", "delta", "solo", "gamma-on-solo", "solo", "beta", "delta",
                  "gamma-on-solo", "alpha"]:
         assert runtime.generate(name, ASK, GREEDY).text == expected[name], name
@@ -110,7 +110,7 @@ def test_switching_back_and_forth_matches_fresh_single_adapter_models(registry, 
 
 
 def test_new_version_is_picked_up_and_replaces_the_adapter(registry, models):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     before, beta = runtime.generate("alpha", ASK, GREEDY), runtime.generate("beta", ASK, GREEDY)
 
     registry.register("alpha", base_model=str(models.base_a), adapter_dir=models.beta, eval_report={}, force=True)
@@ -130,7 +130,7 @@ def test_lru_unloads_the_least_recently_used_base(registry, models, monkeypatch)
     loads = []
     real_load = runtime_module._load_base
     monkeypatch.setattr(runtime_module, "_load_base", lambda path, device: loads.append(path) or real_load(path, device))
-    runtime = SpecialistRuntime(registry, max_bases=1, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(max_bases=1, device="cpu"))
 
     first = runtime.generate("alpha", ASK, GREEDY)
     assert list(runtime.loaded()) == [str(models.base_a)]
@@ -140,14 +140,14 @@ def test_lru_unloads_the_least_recently_used_base(registry, models, monkeypatch)
     assert list(runtime.loaded()) == [str(models.base_a)]
     assert loads == [str(models.base_a), registry.get("solo").model_path, str(models.base_a)]
 
-    two = SpecialistRuntime(registry, max_bases=2, device="cpu")
+    two = SpecialistRuntime(registry, RuntimeConfig(max_bases=2, device="cpu"))
     for name in ("alpha", "gamma", "beta", "solo"):  # solo's model is a registry copy: a third base
         two.generate(name, ASK, GREEDY)
     assert list(two.loaded()) == [str(models.base_a), registry.get("solo").model_path]  # gamma's base B went
 
 
 def test_unload_one_specialist_then_everything(registry, models):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     for name in ("alpha", "beta", "gamma"):
         runtime.generate(name, ASK, GREEDY)
     runtime.unload("gamma")  # the last specialist on base B: the base goes too
@@ -174,7 +174,7 @@ def test_stop_filter_never_leaks_part_of_a_stop(stops, pushes, expected):
 
 
 def test_stop_sequences_cut_output_streamed_and_not(registry):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     full = runtime.generate("alpha", ASK, GREEDY).text
     start = next(i for i in range(6, len(full) - 4) if "\ufffd" not in full[i:i + 4])
     stop = full[start:start + 4]
@@ -191,7 +191,7 @@ def test_stop_sequences_cut_output_streamed_and_not(registry):
 
 
 def test_max_tokens_ends_with_length(registry):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     long = runtime.generate("alpha", ASK, GREEDY)
     assert long.usage.completion_tokens > 8  # precondition: no end of turn in the first 8 tokens
     short = runtime.generate("alpha", ASK, GenerationParams(max_tokens=8))
@@ -202,7 +202,7 @@ def test_max_tokens_ends_with_length(registry):
 
 
 def test_limits_are_refused_with_a_fix(registry):
-    runtime = SpecialistRuntime(registry, device="cpu", max_tokens_cap=64)
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu", max_tokens_cap=64))
     with pytest.raises(AtelierError, match="cap of 64"):
         runtime.generate("alpha", ASK, GenerationParams(max_tokens=65))
     with pytest.raises(AtelierError, match="context of 256"):
@@ -212,7 +212,7 @@ def test_limits_are_refused_with_a_fix(registry):
 
 
 def test_seeded_sampling_is_reproducible(registry):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     params = GenerationParams(max_tokens=30, temperature=1.0, top_p=0.9, seed=7)
     first, second = runtime.generate("beta", ASK, params), runtime.generate("beta", ASK, params)
     deltas, final = streamed(runtime, "beta", params)
@@ -225,7 +225,7 @@ def test_seeded_sampling_is_reproducible(registry):
 
 
 def test_concurrent_requests_match_sequential_runs(registry):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     expected = {n: runtime.generate(n, ASK, GREEDY).text for n in ("alpha", "beta")}
 
     def ask(i: int, name: str) -> list[str]:  # odd threads stream, even ones don't
@@ -241,8 +241,8 @@ def test_concurrent_requests_match_sequential_runs(registry):
 def test_threads_on_two_bases_with_room_for_one(registry):
     """max_bases=1 and requests alternating between two bases: each waits for the other's base
     to become idle, unloads it, loads its own; every answer is still right."""
-    expected = {n: SpecialistRuntime(registry, device="cpu").generate(n, ASK, GREEDY).text for n in ("alpha", "gamma")}
-    runtime = SpecialistRuntime(registry, max_bases=1, device="cpu")
+    expected = {n: SpecialistRuntime(registry, RuntimeConfig(device="cpu")).generate(n, ASK, GREEDY).text for n in ("alpha", "gamma")}
+    runtime = SpecialistRuntime(registry, RuntimeConfig(max_bases=1, device="cpu"))
 
     def ask(name: str) -> list[str]:
         return ["".join(runtime.stream(name, ASK, GREEDY)) for _ in range(2)]
@@ -266,7 +266,7 @@ def test_one_lock_per_base(registry, monkeypatch):
         return real_decode(*args, **kwargs)
 
     monkeypatch.setattr(runtime_module, "decode", slow_decode)
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     for name in ("alpha", "beta", "gamma"):  # load everything first
         runtime.generate(name, ASK, GREEDY)
     done: dict[str, float] = {}
@@ -289,7 +289,7 @@ def test_one_lock_per_base(registry, monkeypatch):
 
 
 def test_closing_a_stream_frees_the_base(registry):
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     with runtime.stream("alpha", ASK, GenerationParams(max_tokens=200)) as stream:
         first = next(stream)
     assert first
@@ -301,7 +301,7 @@ def test_closing_a_stream_frees_the_base(registry):
 
 def test_unknown_specialist_lists_known_ones(registry):
     with pytest.raises(AtelierError, match="alpha, beta, gamma, solo"):
-        SpecialistRuntime(registry, device="cpu").generate("delta", ASK, GREEDY)
+        SpecialistRuntime(registry, RuntimeConfig(device="cpu")).generate("delta", ASK, GREEDY)
 
 
 def test_pickle_adapter_is_refused(registry, models, tmp_path):
@@ -314,7 +314,7 @@ def test_pickle_adapter_is_refused(registry, models, tmp_path):
     shutil.copytree(models.alpha, folder)
     torch.save(load_file(folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
     registry.register("pickled", base_model=str(models.base_a), adapter_dir=folder, eval_report={}, force=True)
-    runtime = SpecialistRuntime(registry, device="cpu")
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu"))
     with pytest.raises(AtelierError, match=r"pickle weights \(adapter_model.bin\).*safetensors only"):
         runtime.generate("pickled", ASK, GREEDY)
     assert runtime.loaded()[str(models.base_a)].adapters == {}
@@ -326,9 +326,28 @@ def test_tampered_adapter_is_refused(registry, models):
     record = registry.get("alpha")
     shutil.copyfile(models.beta / "adapter_model.safetensors", Path(record.adapter_path) / "adapter_model.safetensors")
     with pytest.raises(AtelierError, match="SHA-256"):
-        SpecialistRuntime(registry, device="cpu").generate("alpha", ASK, GREEDY)
+        SpecialistRuntime(registry, RuntimeConfig(device="cpu")).generate("alpha", ASK, GREEDY)
 
 
 def test_importing_the_runtime_does_not_import_torch():
     code = "import sys, specialists.runtime, specialists.served; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_the_runtime_config_comes_from_the_serve_yaml(registry, tmp_path):
+    """device, max_bases, the one max_tokens cap and the served window are set in the serve config file."""
+    from agents.config import ServeConfig
+    from atelier.config import load_config
+
+    assert all(field.description for field in RuntimeConfig.model_fields.values())
+    path = tmp_path / "serve.yaml"
+    path.write_text("orchestrator:\n  runtime: {device: cpu, max_bases: 1, max_tokens_cap: 16, served_num_ctx: 1024}\n")
+    config = load_config(ServeConfig, path).orchestrator.runtime
+    assert config == RuntimeConfig(device="cpu", max_bases=1, max_tokens_cap=16, served_num_ctx=1024)
+    runtime = SpecialistRuntime(registry, config)
+    assert runtime.device == "cpu"
+    with pytest.raises(AtelierError, match="cap of 16"):
+        runtime.generate("alpha", ASK, GenerationParams(max_tokens=17))
+    path.write_text("orchestrator:\n  runtime: {device: gpu}\n")
+    with pytest.raises(AtelierError, match="orchestrator.runtime.device"):
+        load_config(ServeConfig, path)

@@ -17,7 +17,7 @@ import pytest
 from atelier.errors import AtelierError
 from specialists.generation import GenerationParams
 from specialists.registry import Registry
-from specialists.runtime import SpecialistRuntime
+from specialists.runtime import RuntimeConfig, SpecialistRuntime
 from specialists.served import OllamaBackend, OpenAICompatibleBackend, backend_for, parse_served_by
 
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
@@ -255,7 +255,7 @@ def test_runtime_serves_a_served_specialist_through_the_same_contract(server, tm
                       force=True, served_by=f"ollama:pumps@{server.url}")
     registry.register("openai-remote", base_model="unused", adapter_dir=fake_adapter(tmp_path / "b"), eval_report={},
                       force=True, served_by=f"openai:pumps@{server.url}/v1")
-    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=2048)
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu", served_num_ctx=2048))
 
     server.reply = lambda h, body: send_stream(h, "application/x-ndjson", ollama_lines(["Fine", "."]))
     result = runtime.generate("remote", ASK, GenerationParams(max_tokens=5))

@@ -70,7 +70,7 @@ def test_a_registered_specialist_served_by_llama_cpp_answers_through_the_runtime
                                                                                  tmp_path):
     from specialists.generation import GenerationParams
     from specialists.registry import Registry
-    from specialists.runtime import SpecialistRuntime
+    from specialists.runtime import RuntimeConfig, SpecialistRuntime
     from specialists.served import LlamacppBackend
 
     s = smollm2_specialist
@@ -80,7 +80,7 @@ def test_a_registered_specialist_served_by_llama_cpp_answers_through_the_runtime
     registry = Registry(tmp_path / "home")
     registry.register("smol", base_model=str(smollm2_base), adapter_dir=s.adapter, eval_report={}, force=True,
                       served_by=f"llamacpp:{export_dir}")
-    runtime = SpecialistRuntime(registry, device="cpu", served_num_ctx=512)
+    runtime = SpecialistRuntime(registry, RuntimeConfig(device="cpu", served_num_ctx=512))
     question = [{"role": "user", "content": BUILTIN_PROMPTS[0]}]
     served = runtime.generate("smol", question, GenerationParams(max_tokens=12))
     assert runtime.loaded() == {} and served.usage.completion_tokens == 12 and served.finish_reason == "length"

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from atelier.errors import AtelierError
+from specialists.loading import load_tokenizer
 from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt
 from training.lora import LoraSettings
-from training.models import load_tokenizer
 
 
 def test_packing_fills_blocks_and_keeps_every_token(tiny_base, texts):

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from atelier.errors import AtelierError
+from specialists.loading import BASE_MARKER, load_model, load_tokenizer, pick_device
 from specialists.registry import validate_adapter
 from training.lora import LoraSettings
-from training.models import (
-    BASE_MARKER,
-    device,
-    is_scratch_base,
-    load_model,
-    load_tokenizer,
-    precision_kwargs,
-    resolve_base,
-)
+from training.models import is_scratch_base, precision_kwargs, resolve_base
 
 
 def _files(path):
@@ -116,7 +109,7 @@ def test_unknown_scratch_size(tmp_path):
         resolve_base("scratch:huge", work_dir=tmp_path, corpus_texts=[], seed=0)
 
 
-@pytest.mark.skipif(device() != "cpu", reason="checks the CPU settings")
+@pytest.mark.skipif(pick_device() != "cpu", reason="checks the CPU settings")
 def test_cpu_precision_is_fp32_even_for_trl_configs(tmp_path):
     from trl import DPOConfig, SFTConfig
 
@@ -156,7 +149,7 @@ def test_lora_settings_are_documented_and_strict():
         LoraSettings(rank=8)
 
 
-@pytest.mark.skipif(device() == "cuda", reason="checks the no-GPU message")
+@pytest.mark.skipif(pick_device() == "cuda", reason="checks the no-GPU message")
 def test_qlora_without_cuda_says_why():
     with pytest.raises(AtelierError, match="CUDA"):
         LoraSettings(method="qlora").check_available()
@@ -166,7 +159,7 @@ def test_smollm2_gguf_base_is_converted_once_with_its_template(smollm2_base, tmp
     """`--base smollm2-135m` resolves to the GGUF in its package, dequantised into safetensors."""
     import json
 
-    from training.models import BASE_MARKER, load_tokenizer
+    from specialists.loading import BASE_MARKER, load_tokenizer
     from training.sft import check_chat_template
 
     marker = json.loads((smollm2_base / BASE_MARKER).read_text())

@@ -55,7 +55,7 @@ def test_packed_rows_train_only_answers_and_keep_conversations_apart(dapt_result
 def test_a_template_without_generation_markers_trains(dapt_result, small_data, tmp_path):
     """SmolLM2, Llama 3 and Qwen templates carry no {% generation %} markers: SFT must still
     train on answers only."""
-    from training.models import load_tokenizer
+    from specialists.loading import load_tokenizer
 
     plain = tmp_path / "plain-template"
     import shutil
@@ -77,7 +77,7 @@ def test_a_template_without_generation_markers_trains(dapt_result, small_data, t
 
 
 def test_a_template_that_cannot_stop_is_refused_before_training(dapt_result, tmp_path):
-    from training.models import load_tokenizer
+    from specialists.loading import load_tokenizer
     from training.sft import check_chat_template
 
     tokenizer = load_tokenizer(dapt_result.model_path)
