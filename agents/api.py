@@ -5,10 +5,12 @@
     GET  /v1/specialists        registered specialists with their key evaluation metrics
     POST /v1/feedback           thumbs up/down on an answer; GET lists them
     GET  /health                liveness, mode, specialists, index
+    GET  /metrics               Prometheus metrics (agents/metrics.py); behind the key like /v1
 
 Any OpenAI client works (the official SDK, LangChain's ChatOpenAI, LibreChat, Open WebUI).
 What answered travels three ways: `[n]` markers in the text (search answers), the header
-X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id, model, route_output}
+X-Atelier-Route, and an extra top-level field "atelier" {route, confidence, sources, thread_id, model, route_output,
+timings}
 on the completion (and on the first and last stream chunks), which standard clients ignore.
 
 The orchestrator is blocking code, so each request runs in a worker thread that hands its
@@ -44,7 +46,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agents.api_redact import header_value, public_model_name, public_path
@@ -73,7 +75,9 @@ from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
 from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, load_keys, owner_of
 from agents.config import ServeConfig
 from agents.limits import Admission, BodyGuard, RateLimits
+from agents.metrics import CONTENT_TYPE, Metrics
 from agents.orchestrator import Orchestrator
+from atelier import tracing
 from atelier.errors import AtelierError
 from atelier.feedback import FeedbackStore, UnknownCompletion
 
@@ -165,6 +169,7 @@ def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator 
     app.state.admission = Admission(config.max_concurrency, config.max_queue, config.retry_after_s)
     per_key = (config.key_requests_per_minute, config.key_tokens_per_minute) if keys else (0, 0)  # no keys: one user
     app.state.limits = RateLimits(*per_key)
+    app.state.metrics = Metrics(orchestrator.services.runtime)
     app.add_middleware(BodyGuard, limit=config.max_body_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(RequestIds)
     _error_handlers(app)
@@ -175,6 +180,7 @@ def create_app(config: ServeConfig | None = None, *, orchestrator: Orchestrator 
     _routes(v1)
     app.include_router(v1)
     app.add_api_route("/health", _health, methods=["GET"], response_model=Health)
+    app.add_api_route("/metrics", _metrics, methods=["GET"], dependencies=[authenticate], include_in_schema=False)
     app.add_api_route("/openapi.json", lambda: JSONResponse(app.openapi()), methods=["GET"],
                       dependencies=[authenticate], include_in_schema=False)
     _web(app)
@@ -199,6 +205,10 @@ def _health(request: Request) -> dict:
     return {"status": "ok", "router_only": orchestrator.router_only, "model": public_model_name(orchestrator.model_name),
             "specialists": len(orchestrator.registry.names()),
             "index": orchestrator.services.searcher is not None}
+
+
+def _metrics(request: Request) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
 
 
 def _error_handlers(app: FastAPI) -> None:
@@ -313,20 +323,42 @@ def _producer(body: ChatCompletionRequest, orchestrator: Orchestrator, thread_id
 
 
 def _recorded(events: Callable[[], Iterator[dict]], state, completion_id: str, model: str, question: str,
-              owner: str) -> Callable[[], Iterator[dict]]:
-    """The same events; the finished exchange is written to the feedback store and its tokens charged to the
-    key (in the worker thread)."""
+              owner: str, thread_id: str, stream: bool, deadline: float) -> Callable[[], Iterator[dict]]:
+    """The same events, inside the request's trace (in the worker thread); the finished exchange is written to
+    the feedback store, its tokens charged to the key and its route, latency and model calls counted."""
     def produce() -> Iterator[dict]:
-        for event in events():
-            if event["type"] == "done":
-                answer = event["answer"]
-                state.limits.charge(owner, sum(event["usage"]))
-                try:
-                    state.feedback.record_exchange(completion_id, answer.thread_id, model, question, answer.text,
-                                                   answer.route, owner, _answering_version(state, answer.route))
-                except Exception:
-                    log.warning("could not record exchange %s", completion_id, exc_info=True)
-            yield event
+        started, route, status = time.perf_counter(), "none", 500
+        attributes = {tracing.OPERATION: "invoke_agent" if model == ORCHESTRATOR_MODEL else "chat",
+                      tracing.REQUEST_MODEL: model, tracing.CONVERSATION: thread_id, "http.request.method": "POST",
+                      "http.route": "/v1/chat/completions", "atelier.stream": stream,
+                      "atelier.completion_id": completion_id}
+        with tracing.request("POST /v1/chat/completions", attributes, span_kind="SERVER") as (span, record):
+            try:
+                for event in events():
+                    if event["type"] == "done":
+                        answer, route, status = event["answer"], event["answer"].route, 200
+                        _trace_done(span, event)
+                        state.limits.charge(owner, sum(event["usage"]))
+                        try:
+                            state.feedback.record_exchange(completion_id, answer.thread_id, model, question,
+                                                           answer.text, answer.route, owner,
+                                                           _answering_version(state, answer.route))
+                        except Exception:
+                            log.warning("could not record exchange %s", completion_id, exc_info=True)
+                    yield event
+            except GeneratorExit:  # cut short: past its deadline (the client got 504), or the client left
+                status = 504 if time.monotonic() >= deadline else 499
+                raise
+            except AtelierError as exc:
+                status = 400
+                span.error(exc)
+                raise
+            except Exception as exc:
+                span.error(exc)
+                raise
+            finally:
+                span.set("http.response.status_code", status)
+                state.metrics.request(route, status, time.perf_counter() - started, record)
 
     return produce
 
@@ -341,12 +373,30 @@ def _answering_version(state, route: str) -> int | None:
         return None
 
 
+def _trace_done(span: tracing.Span, event: dict) -> None:
+    """The answer's route and token counts on the request's span: the same figures the response carries."""
+    answer, (prompt_tokens, completion_tokens) = event["answer"], event["usage"]
+    span.update({tracing.ROUTE: answer.route, tracing.CONFIDENCE: round(float(answer.confidence), 4),
+                 tracing.INPUT_TOKENS: prompt_tokens, tracing.OUTPUT_TOKENS: completion_tokens,
+                 tracing.RESPONSE_MODEL: getattr(answer, "model", None) or None,
+                 tracing.FINISH_REASONS: [event.get("finish_reason") or "stop"]})
+
+
 def _only_done(events: Callable[[], Iterator[dict]]) -> Callable[[], Iterator[dict]]:
     return lambda: (event for event in events() if event["type"] == "done")
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     """Chat completions; model 'atelier' answers the last user message from the thread's memory."""
+    try:
+        return await _chat_completions(body, request)
+    except ApiError as exc:  # refused before its worker ran (a worker's own errors are counted by _recorded)
+        if not exc.counted:
+            request.app.state.metrics.refused(exc.status, exc.code)
+        raise
+
+
+async def _chat_completions(body: ChatCompletionRequest, request: Request):
     state, owner, request_id = request.app.state, request.state.owner, request.state.request_id
     loop = asyncio.get_running_loop()
     deadline = loop.time() + state.config.request_timeout_s
@@ -361,7 +411,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         state.limits.refund(owner)  # refused by the server, not by this key's budget
         raise
     completion_id, created = new_completion_id(), now()
-    produce = _recorded(events, state, completion_id, body.model, question, owner)
+    produce = _recorded(events, state, completion_id, body.model, question, owner, thread_id, bool(body.stream),
+                        deadline)
     if not body.stream:  # only the last event crosses threads: each wake-up of the loop costs a GIL hand-over
         produce = _only_done(produce)
     worker = Worker(produce, state.admission.leave, deadline, request_id)

@@ -106,6 +106,8 @@ class AtelierInfo(BaseModel):
     model: str | None = Field(None, description="provider:model that wrote the answer; null in router-only mode.")
     route_output: str = Field("", description="The route's own output (tool result, cited passages, specialist "
                               "answer), unaltered; the answer always contains it.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Milliseconds this answer spent on route, "
+                                      "search, model and tool (the web chat's timing breakdown).")
 
 
 class Usage(BaseModel):

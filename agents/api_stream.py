@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from agents.api_redact import header_value, public_answer, redact_paths
+from atelier import tracing
 from atelier.errors import AtelierError
 
 if TYPE_CHECKING:
@@ -35,6 +36,7 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
+        self.counted = False  # True: the request's worker counted it in the metrics already
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -86,10 +88,10 @@ class Worker:
                     break
                 self._put(event)
         except AtelierError as exc:
-            self._put(ApiError(400, redact_paths(str(exc)), code="atelier_error"))
+            self._put(_counted(ApiError(400, redact_paths(str(exc)), code="atelier_error")))
         except Exception:  # logged with the request id; the client gets only the id
             log.exception("request %s failed", self.request_id)
-            self._put(internal_error(self.request_id))
+            self._put(_counted(internal_error(self.request_id)))
         finally:
             try:
                 if events is not None and hasattr(events, "close"):
@@ -105,11 +107,16 @@ class Worker:
             item = await asyncio.wait_for(self.queue.get(), max(remaining, 0.001))
         except TimeoutError:
             self.cancelled.set()
-            raise ApiError(504, "the answer took longer than the server's request_timeout_s; ask something "
-                           "simpler or raise the limit", type="timeout", code="timeout") from None
+            raise _counted(ApiError(504, "the answer took longer than the server's request_timeout_s; ask something "
+                           "simpler or raise the limit", type="timeout", code="timeout")) from None
         if isinstance(item, ApiError):
             raise item
         return None if item is _END else item
+
+
+def _counted(error: ApiError) -> ApiError:
+    error.counted = True
+    return error
 
 
 def words(text: str) -> int:
@@ -132,15 +139,21 @@ def specialist_events(orchestrator: Orchestrator, name: str, messages: list[dict
     from agents.orchestrator import Answer
 
     route = f"specialist:{name}"
-    stream = orchestrator.services.runtime.stream(name, messages, params)
-    try:
-        yield {"type": "route", "route": route, "confidence": 1.0}
-        for delta in stream:
-            yield {"type": "token", "text": delta}
-    finally:
-        stream.close()
-    generation = stream.generation
-    yield {"type": "done", "answer": Answer(generation.text, route, 1.0, [], thread_id),
+    with tracing.model_call(route, provider="atelier", attributes={tracing.AGENT: name}) as call:
+        call.content(tracing.INPUT_MESSAGES, messages)
+        stream = orchestrator.services.runtime.stream(name, messages, params)
+        try:
+            yield {"type": "route", "route": route, "confidence": 1.0}
+            for delta in stream:
+                yield {"type": "token", "text": delta}
+        finally:
+            stream.close()
+        generation = stream.generation
+        call.usage(generation.usage.prompt_tokens, generation.usage.completion_tokens)
+        call.set(tracing.FINISH_REASONS, [generation.finish_reason])
+    record = tracing.current_record()
+    answer = Answer(generation.text, route, 1.0, [], thread_id, timings=record.rounded() if record else {})
+    yield {"type": "done", "answer": answer,
            "finish_reason": generation.finish_reason,
            "usage": (generation.usage.prompt_tokens, generation.usage.completion_tokens)}
 
@@ -162,7 +175,8 @@ def atelier_info(answer_or_route: Any, thread_id: str, confidence: float = 0.0) 
         return {"route": answer_or_route, "confidence": confidence, "sources": [], "thread_id": thread_id}
     answer = answer_or_route
     return {"route": answer.route, "confidence": answer.confidence, "sources": answer.sources, "thread_id": thread_id,
-            "model": getattr(answer, "model", None), "route_output": getattr(answer, "route_output", "")}
+            "model": getattr(answer, "model", None), "route_output": getattr(answer, "route_output", ""),
+            "timings": getattr(answer, "timings", None) or {}}
 
 
 def usage_of(counts: tuple[int, int]) -> dict:

@@ -3,9 +3,11 @@ read their fields (help, defaults, types) without loading the graph or the web s
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from agents.auth import check_plain_key
 from agents.llm import ModelConfig
@@ -15,6 +17,20 @@ from atelier.errors import AtelierError
 from retrieval.config import RetrievalConfig
 from specialists.generation import GenerationParams
 from specialists.runtime import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def move_into_runtime(data: Any, key: str, old_place: str) -> Any:
+    """`key` of an older config (from before the runtime had its own section) carried into `runtime`, with a warning.
+    An explicit `runtime.KEY` wins over the old place."""
+    if not isinstance(data, dict) or key not in data:
+        return data
+    log.warning("%s has moved to orchestrator.runtime.%s: this config still works, but move the key there",
+                old_place, key)
+    data = dict(data)
+    value = data.pop(key)
+    return {**data, "runtime": {key: value, **dict(data.get("runtime") or {})}}
 
 
 class OrchestratorConfig(StrictModel):
@@ -46,6 +62,11 @@ class OrchestratorConfig(StrictModel):
         default_factory=lambda: GenerationParams(max_tokens=128),
         description="How specialists generate (max_tokens, temperature, stop).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_runtime_keys(cls, data: Any) -> Any:
+        return move_into_runtime(data, "max_bases", "orchestrator.max_bases")
 
 
 class ServeConfig(StrictModel):
@@ -115,6 +136,17 @@ class ServeConfig(StrictModel):
         description="A request still unanswered after this "
         "(queue wait included) gets 504 (a stream: an error event, then [DONE]).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_runtime_keys(cls, data: Any) -> Any:
+        """`max_tokens_cap` was a serve setting before the runtime's one cap replaced it."""
+        if not isinstance(data, dict) or "max_tokens_cap" not in data:
+            return data
+        data = dict(data)
+        orchestrator = move_into_runtime({"max_tokens_cap": data.pop("max_tokens_cap"),
+                                          **dict(data.get("orchestrator") or {})}, "max_tokens_cap", "max_tokens_cap (serve)")
+        return {**data, "orchestrator": orchestrator}
 
     @field_validator("api_keys")
     @classmethod

@@ -37,6 +37,7 @@ from langgraph.graph.message import add_messages
 
 from agents.fence import wrap_data
 from agents.tools import ToolSpec
+from atelier import tracing
 from atelier.errors import AtelierError
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,12 @@ def _emit(event: dict) -> None:
 def make_nodes(services: Services) -> dict[str, Callable]:
     def route(state: AgentState) -> dict:
         text = last_question(state)
-        decision = services.router.route(text)
-        chosen = decision.route if decision.route else "direct"
-        if not decision.confident and services.model is not None:
-            chosen = "agent" if services.model_tools else choose_route(services, text, fallback=chosen)
+        with tracing.span(tracing.ROUTE_SPAN, kind="route") as span:
+            decision = services.router.route(text)
+            chosen = decision.route if decision.route else "direct"
+            if not decision.confident and services.model is not None:
+                chosen = "agent" if services.model_tools else choose_route(services, text, fallback=chosen)
+            trace_route(span, decision, chosen, text)
         _emit({"type": "route", "route": chosen, "confidence": round(float(decision.confidence), 4)})
         return {"route": chosen, "confidence": float(decision.confidence), "observations": [], "sources": [],
                 "steps": 0, "route_output": "", "finish": ""}
@@ -137,17 +140,26 @@ def make_nodes(services: Services) -> dict[str, Callable]:
 
     def tool(state: AgentState) -> dict:
         spec = services.tools[state["route"].split(":", 1)[1]]
-        arguments = spec.from_text(last_question(state)) if spec.from_text else None
-        if arguments is None:
-            result = f"error: could not read the arguments for {spec.name} from the request"
-        else:
-            result = spec.invoke(arguments)
+        with tool_span(spec.name) as span:
+            arguments = spec.from_text(last_question(state)) if spec.from_text else None
+            if arguments is None:
+                result = f"error: could not read the arguments for {spec.name} from the request"
+            else:
+                result = spec.invoke(arguments)
+            span.content("gen_ai.tool.call.arguments", arguments)
+            span.content("gen_ai.tool.call.result", result)
         return {"observations": [{"kind": "tool", "name": spec.name, "arguments": arguments, "content": result}]}
 
     def direct(state: AgentState) -> dict:
         return {"observations": []}
 
     def respond(state: AgentState) -> dict:
+        with tracing.span("atelier.respond") as span:
+            out = _respond(state)
+            span.content(tracing.OUTPUT_MESSAGES, out["messages"][-1].text)
+        return out
+
+    def _respond(state: AgentState) -> dict:
         if services.model is None:
             answer = router_only_answer(state, services)
             if not state["route"].startswith("specialist:"):  # a specialist's tokens were streamed already
@@ -157,7 +169,10 @@ def make_nodes(services: Services) -> dict[str, Callable]:
 
         prompt = [SystemMessage(SYSTEM_PROMPT), *replay(state["messages"][:-1]),
                   HumanMessage(last_question(state) + quote_observations(state.get("observations", [])))]
-        written = bounded_stream(services.model.stream(prompt), time_limit_s=services.time_limit_s)
+        with tracing.model_call(services.model_name or "orchestrator") as call:
+            written = bounded_stream(services.model.stream(prompt), time_limit_s=services.time_limit_s)
+            call.usage(written.input_tokens, written.output_tokens)
+            call.set(tracing.FINISH_REASONS, [written.finish])
         kept = route_output(state, services)
         tail = ("\n\n" if written.text.strip() and kept else "") + kept
         if tail:
@@ -168,7 +183,10 @@ def make_nodes(services: Services) -> dict[str, Callable]:
     def agent(state: AgentState) -> dict:
         model = services.model.bind_tools(agent_tools(services))
         history = [SystemMessage(SYSTEM_PROMPT), *replay(state["messages"])]
-        reply = model.invoke(history)
+        with tracing.model_call(services.model_name or "orchestrator") as call:
+            reply = model.invoke(history)
+            usage = reply.usage_metadata or {}
+            call.usage(usage.get("input_tokens"), usage.get("output_tokens"))
         marked = reply.model_copy(update={"additional_kwargs": {**reply.additional_kwargs,
                                                                WRITTEN: len(reply.text or "")}})
         return {"messages": [marked], "steps": state.get("steps", 0) + 1}
@@ -176,7 +194,9 @@ def make_nodes(services: Services) -> dict[str, Callable]:
     def act(state: AgentState) -> dict:
         call_results, observations, sources = [], list(state.get("observations", [])), list(state.get("sources", []))
         for call in state["messages"][-1].tool_calls:
-            content, new_sources = _run_tool_call(services, call, len(sources))
+            with tool_span(call["name"], call.get("id")) as span:
+                content, new_sources = _run_tool_call(services, call, len(sources))
+                span.content("gen_ai.tool.call.result", content)
             sources += new_sources
             observations.append({"kind": "tool_call", "name": call["name"], "content": content})
             call_results.append(ToolMessage(content=wrap_data(call["name"], content), tool_call_id=call["id"]))
@@ -211,14 +231,24 @@ def after_agent(state: AgentState, max_steps: int) -> str:
 def _ask_specialist(services: Services, name: str, history: list[dict], stream_tokens: bool) -> str:
     if services.runtime is None:
         return f"error: no specialist runtime available for {name}"
+    with tracing.model_call(f"specialist:{name}", provider="atelier", attributes={tracing.AGENT: name}) as call:
+        call.content(tracing.INPUT_MESSAGES, history)
+        return _specialist_answer(services, name, history, stream_tokens, call)
+
+
+def _specialist_answer(services: Services, name: str, history: list[dict], stream_tokens: bool, call) -> str:
     params = services.generation() if services.generation else None
     parts: list[str] = []
     try:
         if not stream_tokens:
-            return services.runtime.generate(name, history, params).text
-        for delta in services.runtime.stream(name, history, params):
+            generation = services.runtime.generate(name, history, params)
+            _count(call, generation)
+            return generation.text
+        stream = services.runtime.stream(name, history, params)
+        for delta in stream:
             parts.append(delta)
             _emit({"type": "token", "text": delta})
+        _count(call, getattr(stream, "generation", None))
     except AtelierError as exc:  # a record or adapter damaged since routing: this answer degrades, not the server
         log.warning("specialist %s unavailable: %s", name, exc)
         note = f"error: specialist {name} is unavailable right now (`atelier doctor` says why)"
@@ -228,16 +258,56 @@ def _ask_specialist(services: Services, name: str, history: list[dict], stream_t
     return "".join(parts)
 
 
+def _count(call, generation: Any) -> None:
+    usage = getattr(generation, "usage", None)
+    if usage is not None:
+        call.usage(usage.prompt_tokens, usage.completion_tokens)
+
+
 def _search(services: Services, query: str, first: int = 1) -> tuple[list[dict], list[dict]]:
     if services.searcher is None:
         return [{"kind": "passage", "name": "search", "content": "error: no search index; run `atelier index DIR`"}], []
-    hits = services.searcher.search(query, k=services.search_k)
+    with tracing.span("retrieval search", kind="search", attributes={tracing.OPERATION: "retrieval",
+                                                                     tracing.SEARCH_MODE: "hybrid"}) as span:
+        hits = services.searcher.search(query, k=services.search_k)
+        span.update({tracing.SEARCH_HITS: len(hits), SEARCH_K: services.search_k,
+                     tracing.SEARCH_TOP_SCORES: [round(float(h.score), 4) for h in hits[:3]]})
     observations, sources = [], []
     for n, hit in enumerate(hits, start=first):
         sources.append({"n": n, "title": hit.title, "source": hit.source, "doc_id": hit.doc_id,
                         "start": hit.start, "end": hit.end, "score": round(hit.score, 4), "text": hit.text})
         observations.append({"kind": "passage", "name": f"[{n}] {hit.title or hit.doc_id}", "content": hit.text})
     return observations, sources
+
+
+SEARCH_K = "gen_ai.request.top_k"
+
+
+def trace_route(span: tracing.Span, decision: Any, chosen: str, question: str) -> None:
+    """The route decision on its span: chosen route, the router's best, confidence, threshold, fallback, top 3."""
+    if not span.recording and tracing.current_record() is None:
+        return
+    candidates = list(getattr(decision, "candidates", None) or [])[:3]
+    fell_back = not decision.confident
+    record = tracing.current_record()
+    if record is not None:
+        record.fallback = fell_back
+    span.update({tracing.ROUTE: chosen, tracing.ROUTE_TOP: decision.route or "none",
+                 tracing.CONFIDENCE: round(float(decision.confidence), 4),
+                 tracing.THRESHOLD: _rounded(getattr(decision, "threshold", None)), tracing.FALLBACK: fell_back,
+                 tracing.IN_SCOPE: _rounded(getattr(decision, "in_scope", None)),
+                 tracing.ALTERNATIVES: [str(r) for r, _ in candidates],
+                 tracing.ALTERNATIVE_CONFIDENCES: [round(float(c), 4) for _, c in candidates]})
+    span.content(tracing.QUESTION, question)
+
+
+def _rounded(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def tool_span(name: str, call_id: str | None = None):
+    return tracing.span(f"execute_tool {name}", kind="tool", attributes={
+        tracing.OPERATION: "execute_tool", tracing.TOOL: name, "gen_ai.tool.call.id": call_id})
 
 
 WRITTEN = "atelier_written_chars"  # on an answer in memory: how many leading characters the model wrote
@@ -285,7 +355,8 @@ def choose_route(services: Services, question: str, fallback: str) -> str:
                             "tool:NAME: that tool; specialist:NAME: that specialist model; direct: small talk."),
               HumanMessage(question)]
     try:
-        choice = services.model.with_structured_output(schema, method="json_schema").invoke(prompt)
+        with tracing.model_call(services.model_name or "orchestrator"):
+            choice = services.model.with_structured_output(schema, method="json_schema").invoke(prompt)
     except Exception as exc:  # noqa: BLE001 - a weak or odd model must never crash routing
         log.info("constrained route choice failed (%s: %s); using %s", type(exc).__name__, exc, fallback)
         return fallback

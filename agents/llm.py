@@ -94,16 +94,23 @@ def looping(text: str, *, min_period: int = 8, max_period: int = 200, copies: in
 class Bounded:
     text: str
     finish: str  # "stop" | "length" | "loop" | "time" | "error"
+    input_tokens: int = 0  # as the server reported them (0: it did not)
+    output_tokens: int = 0
 
 
 def bounded_stream(chunks: Iterable[Any], *, time_limit_s: float, clock: Callable[[], float] = time.monotonic,
                    check_every: int = 8) -> Bounded:
     """Collect a streamed answer, ending it on a loop or past the time limit."""
     start, parts, finish = clock(), [], "stop"
+    usage = [0, 0]
     iterator = iter(chunks)
     try:
         for i, chunk in enumerate(iterator, start=1):
             parts.append(chunk.text if hasattr(chunk, "text") else str(chunk))
+            counted = getattr(chunk, "usage_metadata", None)
+            if counted:  # a chunk's usage is a delta (usually all on the last chunk)
+                usage[0] += counted.get("input_tokens", 0)
+                usage[1] += counted.get("output_tokens", 0)
             meta = getattr(chunk, "response_metadata", None) or {}
             if meta.get("finish_reason") == "length" or meta.get("done_reason") == "length":
                 finish = "length"
@@ -123,7 +130,7 @@ def bounded_stream(chunks: Iterable[Any], *, time_limit_s: float, clock: Callabl
         close = getattr(iterator, "close", None)
         if close:
             close()  # ends the HTTP stream when the answer was cut short
-    return Bounded("".join(parts), finish)
+    return Bounded("".join(parts), finish, *usage)
 
 
 def _say_once(key: str, message: str) -> None:

@@ -21,6 +21,7 @@ from agents.graph import Services, build_graph
 from agents.llm import load_chat_model
 from agents.routes import RouterCache
 from agents.tools import load_tools
+from atelier import tracing
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
 from atelier.sqlite import connect
@@ -40,16 +41,18 @@ class Answer:
     model: str | None = None  # provider:model that wrote the answer; None in router-only mode
     route_output: str = ""  # the route's own output, always part of `text`
     finish: str = ""  # how the model's answer ended ("stop", "length", "loop", "time", "error"); "" without one
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds spent on route, search, model, tool
 
     def to_dict(self) -> dict[str, Any]:
         return {"answer": self.text, "route": self.route, "confidence": self.confidence, "sources": self.sources,
                 "thread_id": self.thread_id, "model": self.model, "route_output": self.route_output,
-                "finish": self.finish}
+                "finish": self.finish, "timings": self.timings}
 
 
 class Orchestrator:
     def __init__(self, config: OrchestratorConfig | None = None, *, checkpointer: Any = None):
         self.config = config or OrchestratorConfig()
+        tracing.setup()  # the local trace store under ATELIER_HOME (and OTLP when configured)
         tools = load_tools(self.config.tools)
         searcher = open_searcher(self.config.retrieval)
         # the router describes the search route from the very backend the route searches
@@ -111,22 +114,28 @@ class Orchestrator:
         self.services.specialists = self._specialists()
         config = {"configurable": {"thread_id": thread_id}, "recursion_limit": 4 * self.config.max_steps + 10}
         final: dict = {}
-        # durability="exit": one checkpoint per request instead of one per node; a turn cut short by a
-        # crash is simply not remembered, and the user asks again
-        for mode, payload in self.graph.stream({"messages": [HumanMessage(question)]}, config,
-                                               stream_mode=["custom", "messages", "values"], durability="exit"):
-            if mode == "custom":
-                yield payload
-            elif mode == "messages":
-                chunk, meta = payload
-                if isinstance(chunk, AIMessageChunk) and chunk.text and meta.get("langgraph_node") in ("respond", "agent"):
-                    yield {"type": "token", "text": chunk.text}
-            else:
-                final = payload
-        answer = Answer(text=final["messages"][-1].text, route=final.get("route", "direct"),
-                        confidence=final.get("confidence", 0.0), sources=final.get("sources", []), thread_id=thread_id,
-                        model=self.model_name,
-                        route_output=final.get("route_output", ""), finish=final.get("finish", ""))
+        with tracing.request("invoke_agent atelier", {tracing.OPERATION: "invoke_agent", tracing.AGENT: "atelier",
+                                                      tracing.CONVERSATION: thread_id}) as (span, record):
+            span.content(tracing.INPUT_MESSAGES, question)
+            # durability="exit": one checkpoint per request instead of one per node; a turn cut short by a
+            # crash is simply not remembered, and the user asks again
+            for mode, payload in self.graph.stream({"messages": [HumanMessage(question)]}, config,
+                                                   stream_mode=["custom", "messages", "values"], durability="exit"):
+                if mode == "custom":
+                    yield payload
+                elif mode == "messages":
+                    chunk, meta = payload
+                    if isinstance(chunk, AIMessageChunk) and chunk.text and meta.get("langgraph_node") in (
+                            "respond", "agent"):
+                        yield {"type": "token", "text": chunk.text}
+                else:
+                    final = payload
+            answer = Answer(text=final["messages"][-1].text, route=final.get("route", "direct"),
+                            confidence=final.get("confidence", 0.0), sources=final.get("sources", []),
+                            thread_id=thread_id, model=self.model_name, route_output=final.get("route_output", ""),
+                            finish=final.get("finish", ""), timings=record.rounded())
+            span.update({tracing.ROUTE: answer.route, tracing.CONFIDENCE: round(float(answer.confidence), 4),
+                         tracing.RESPONSE_MODEL: self.model_name, tracing.FALLBACK: record.fallback})
         yield {"type": "done", "answer": answer}
 
     def ask(self, question: str, thread_id: str = "default") -> Answer:

@@ -93,6 +93,7 @@ class RouteDecision:
     confident: bool  # True: take the route; False: let the orchestrator model's tool calling decide
     candidates: list[tuple[str, float]] = field(default_factory=list)  # best routes first, with confidence
     latency_ms: float = 0.0
+    threshold: float = 0.0  # the confident threshold `confidence` was judged against
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -113,6 +114,7 @@ class _Fitted:
     confident_threshold: float
     stats: dict[str, Any]
     texts: list[str]
+    oof: dict[str, Any] = field(default_factory=dict)  # out-of-fold confidence per route (drift's reference)
 
 
 class SemanticRouter:
@@ -170,7 +172,7 @@ class SemanticRouter:
             confident_threshold=confident,
             stats={"exemplars": len(y), "routes": len(routes), "fit_s": round(time.perf_counter() - started, 3),
                    **calibration.stats},
-            texts=texts)
+            texts=texts, oof=_by_route_name(calibration.oof or {}, routes))
         self._stack()
         return self
 
@@ -200,6 +202,11 @@ class SemanticRouter:
     @property
     def stats(self) -> dict[str, Any]:
         return dict(self._require().stats)
+
+    @property
+    def oof_confidence(self) -> dict[str, Any]:
+        """Out-of-fold confidence when fitted, per route picked ("all": overall): n, quantiles, fallback_share."""
+        return dict(self._require().oof)
 
     def route(self, text: str) -> RouteDecision:
         """Embed `text` and route it; latency_ms covers both."""
@@ -244,7 +251,8 @@ class SemanticRouter:
         route = f.routes[order[0]] if in_scope >= f.out_of_scope_threshold else None
         return RouteDecision(route=route, confidence=best, in_scope=in_scope,
                              confident=route is not None and best >= f.confident_threshold,
-                             candidates=[(f.routes[i], float(probs[i])) for i in order])
+                             candidates=[(f.routes[i], float(probs[i])) for i in order],
+                             threshold=f.confident_threshold)
 
     # -- persistence ------------------------------------------------------------------
     def save(self, folder: Path, metadata: dict[str, Any] | None = None) -> None:
@@ -262,7 +270,7 @@ class SemanticRouter:
                 "similarity_mean": f.similarity_mean.tolist(), "similarity_std": f.similarity_std.tolist(),
                 "out_of_scope_threshold": f.out_of_scope_threshold,
                 "confident_threshold": f.confident_threshold, "config": self.config.model_dump(mode="json"),
-                "stats": f.stats, "metadata": self.metadata, "texts": f.texts}
+                "stats": f.stats, "metadata": self.metadata, "texts": f.texts, "oof_confidence": f.oof}
         atomic_write_text(folder / STATE_META, json.dumps(meta) + "\n")
 
     @classmethod
@@ -287,7 +295,7 @@ class SemanticRouter:
             scope=np.asarray(meta["scope"], dtype=np.float64),
             out_of_scope_threshold=float(meta["out_of_scope_threshold"]),
             confident_threshold=float(meta["confident_threshold"]), stats=dict(meta.get("stats", {})),
-            texts=list(meta.get("texts", [])))
+            texts=list(meta.get("texts", [])), oof=dict(meta.get("oof_confidence", {})))
         router._stack()
         router.metadata = dict(meta.get("metadata", {}))
         return router
@@ -296,6 +304,10 @@ class SemanticRouter:
         """Exemplar text -> its embedding, for reuse by the next fit."""
         f = self._require()
         return dict(zip(f.texts, f.exemplars)) if len(f.texts) == len(f.exemplars) else {}
+
+
+def _by_route_name(profile: dict[str, Any], routes: list[str]) -> dict[str, Any]:
+    return {("all" if key == "all" else routes[int(key)]): value for key, value in profile.items()}
 
 
 def _with_latency(decision: RouteDecision, started: float) -> RouteDecision:

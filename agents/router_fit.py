@@ -193,6 +193,7 @@ class Calibration:
     out_of_scope_threshold: float  # on P(in scope)
     confident_threshold: float  # on confidence = P(in scope) * P(route | in scope)
     stats: dict[str, Any]
+    oof: dict[str, Any] | None = None  # out-of-fold confidence per route, for drift (`confidence_profile`)
 
 
 SCOPE_FEATURES = ("nearest_z", "log_route_probability", "nearest_similarity")
@@ -232,7 +233,29 @@ def calibrate(oof: OutOfFold, n_routes: int, config: FitSettings) -> Calibration
              "temperature": round(temperature, 4), "cv_fallback_rate": round(float(fallback.mean()), 4),
              "cv_accuracy_drop": round(float((correct & fallback).mean()), 4),
              "cv_unseen_route_recall": round(float((in_scope_unseen < oos).mean()), 4)}
-    return Calibration(temperature, mean, std, scope, oos, confident, stats)
+    confidence = routed.max(axis=1) * in_scope
+    oof = confidence_profile(confidence, routed.argmax(axis=1), n_routes, confident, in_scope >= oos)
+    return Calibration(temperature, mean, std, scope, oos, confident, stats, oof)
+
+
+PROFILE_QUANTILES = 21  # 0%, 5%, ..., 100%
+
+
+def confidence_profile(confidence: np.ndarray, best: np.ndarray, n_routes: int, confident: float,
+                       in_scope: np.ndarray) -> dict[str, Any]:
+    """How confident the router was on held-out exemplars, per route it picked (by index, as a str) and
+    overall ("all"): count, quantiles of the confidence, and the share that would have fallen back (below the
+    confident threshold or out of scope). `atelier eval drift` compares live traffic with it."""
+    fell_back = (confidence < confident) | ~in_scope
+
+    def summary(mask: np.ndarray) -> dict[str, Any]:
+        values = confidence[mask]
+        return {"n": int(mask.sum()), "fallback_share": round(float(fell_back[mask].mean()), 4) if mask.any() else None,
+                "quantiles": [round(float(q), 4) for q in np.quantile(values, np.linspace(0, 1, PROFILE_QUANTILES))]
+                if mask.any() else []}
+
+    return {"all": summary(np.ones(len(confidence), dtype=bool)),
+            **{str(r): summary(best == r) for r in range(n_routes)}}
 
 
 def similarity_stats(nearest: np.ndarray, y: np.ndarray, n_routes: int, prior: float = 5.0,

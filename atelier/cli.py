@@ -52,8 +52,10 @@ def _assemble() -> None:
 
     from atelier.config_cli import config_app
     from atelier.doctor import doctor
+    from atelier.trace_view import register as register_traces
 
     app.command("doctor")(doctor)
+    register_traces(app)
     app.add_typer(config_app, name="config")
     register_retrieval(app)
     register_agents(app)

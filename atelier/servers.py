@@ -160,6 +160,7 @@ def chat_model(ep: Endpoint, config: ServerConfig, **settings: Any):
         max_tokens = settings.pop("max_tokens", None)
         return init_chat_model(ep.model, model_provider="ollama", base_url=ep.base_url, num_ctx=config.num_ctx,
                                num_predict=max_tokens, **settings)
+    settings.setdefault("stream_usage", True)  # token counts on the last chunk (for traces and metrics)
     return init_chat_model(ep.model, model_provider="openai", base_url=ep.base_url,
                            api_key=ep.api_key or "not-needed", timeout=config.timeout_s,
                            max_retries=config.max_retries, **settings)

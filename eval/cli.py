@@ -153,3 +153,71 @@ def specialist(
     print_table(result, Console())
     if out is not None:
         stderr.print(f"report: {out / 'exam.md'}")
+
+
+@eval_app.command("drift")
+def drift(
+    since: str | None = typer.Option(None, "--since", help="Traces from this date or time on (ISO 8601, UTC "
+                                        "unless it says otherwise, e.g. 2026-11-30 or 2026-11-30T12:00); default: "
+                                        "since the router was fitted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    min_requests: int = typer.Option(5, "--min-requests", min=1, help="Requests a route needs before it can be "
+                                     "flagged."),
+    clusters: int = typer.Option(5, "--clusters", min=1, help="Most fallback-question clusters listed."),
+) -> None:
+    """Routing drift: live confidence per route (from the trace store) against the router's out-of-fold
+    confidence at fit time; routes whose traffic now falls mostly below the confident level are flagged, and the
+    questions that fell back are clustered as candidates for a new specialist or more exemplars."""
+    from atelier import tracing
+    from atelier.home import atelier_home
+    from eval.drift import drift_report
+
+    report = drift_report(tracing.store_path(), atelier_home() / "router", since_ns=_since_ns(since),
+                          min_requests=min_requests, clusters=clusters)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+        return
+    _drift_tables(report)
+
+
+def _since_ns(since: str | None) -> int | None:
+    if since is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(since.strip())
+    except ValueError:
+        raise AtelierError(f"--since {since!r} is not a date; write it as 2026-11-30 or 2026-11-30T12:00") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1e9)
+
+
+def _drift_tables(report: dict) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    from atelier.trace_view import wide_console
+
+    show = lambda v: "-" if v is None else f"{v:.2f}"
+    console = wide_console()
+    table = Table(title=f"routing drift: {report['requests']} requests, fallback share {show(report['fallback_share'])}"
+                        f" (at fit {show(report['fitted_fallback_share'])}), KS {show(report['ks'])}")
+    for column in ("route", "requests", "fallback now", "at fit", "median conf now", "at fit", "KS"):
+        table.add_column(column, justify="left" if column == "route" else "right")
+    for r in report["routes"]:
+        table.add_row(escape(r["route"]) + (" [red]![/red]" if r["flagged"] else ""), str(r["requests"]),
+                      show(r["fallback_share"]), show(r["fitted_fallback_share"]), show(r["median_confidence"]),
+                      show(r["fitted_median_confidence"]), show(r["ks"]))
+    console.print(table)
+    for r in (r for r in report["routes"] if r["flagged"]):
+        console.print(f"[red]![/red] {escape(r['route'])}: most of its traffic falls below the confident level "
+                      f"({r['fallback_share']:.0%} of {r['requests']} requests fell back; {show(r['fitted_fallback_share'])}"
+                      " at fit)")
+    if not report["questions_recorded"]:
+        console.print("[dim]fallback questions were not recorded; set ATELIER_TRACE_CONTENT=on to list them[/dim]")
+    for i, c in enumerate(report["fallback_clusters"], start=1):
+        console.print(f"[bold]{i}. {c['size']} fallbacks[/bold] ({', '.join(c['keywords'])}) — {c['suggestion']}")
+        for example in c["examples"][:3]:
+            console.print(f"   [dim]{escape(example)}[/dim]")

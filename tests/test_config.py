@@ -313,3 +313,16 @@ def test_search_takes_embedding_model_and_the_old_model_flag_with_a_warning(tmp_
     assert "`atelier search --model` is deprecated" in runs[2].stderr and "--embedding-model" in runs[2].stderr
     clash = invoke("search", "q", "--model", "a", "--embedding-model", "b")
     assert "name different embedding models" in str(clash.exception)
+
+
+def test_runtime_keys_of_older_serve_configs_move_into_the_runtime_with_a_warning(tmp_path, caplog):
+    from agents.config import ServeConfig
+
+    old = tmp_path / "serve.yaml"
+    old.write_text("max_tokens_cap: 77\norchestrator: {max_bases: 3}\n")
+    config = load_config(ServeConfig, old)
+    assert (config.orchestrator.runtime.max_tokens_cap, config.orchestrator.runtime.max_bases) == (77, 3)
+    assert "max_bases has moved to orchestrator.runtime.max_bases" in caplog.text
+    assert "max_tokens_cap (serve) has moved" in caplog.text
+    both = ServeConfig.model_validate({"max_tokens_cap": 77, "orchestrator": {"runtime": {"max_tokens_cap": 99}}})
+    assert both.orchestrator.runtime.max_tokens_cap == 99  # the key in its new place wins

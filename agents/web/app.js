@@ -98,6 +98,18 @@ function renderMeta(msg, view) {
       class: "confidence", text: Math.round(msg.confidence * 100) + "%", title: "Router confidence",
     }));
   }
+  const timings = timingText(msg.timings);
+  if (timings) {
+    view.meta.append(el("span", { class: "timings", text: timings, title: "Time this answer spent on each step" }));
+  }
+}
+
+// "route 12 ms · search 31 ms · model 840 ms": the steps that took any time, in the order they run.
+const TIMING_KINDS = ["route", "search", "model", "tool"];
+function timingText(timings) {
+  if (!timings || typeof timings !== "object") return "";
+  return TIMING_KINDS.filter((k) => typeof timings[k] === "number" && timings[k] > 0)
+    .map((k) => k + " " + (timings[k] < 1 ? "<1" : Math.round(timings[k])) + " ms").join(" · ");
 }
 
 function renderSources(msg, view) {
@@ -216,6 +228,7 @@ function applyAtelier(msg, atelier) {
   if (atelier.route) msg.route = atelier.route;
   if (typeof atelier.confidence === "number") msg.confidence = atelier.confidence;
   if (Array.isArray(atelier.sources)) msg.sources = atelier.sources;
+  if (atelier.timings && typeof atelier.timings === "object") msg.timings = atelier.timings;
   if (atelier.thread_id) state.threadId = atelier.thread_id;
 }
 

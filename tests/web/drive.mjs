@@ -67,6 +67,7 @@ try {
   out.userText = await page.locator("#messages li.user .content").first().textContent();
   out.routeBadge = await answer.locator(".badge.route").textContent();
   out.confidence = await answer.locator(".confidence").textContent();
+  out.timings = (await answer.locator(".timings").count()) ? await answer.locator(".timings").textContent() : null;
   out.ariaLive = await page.locator("#messages").getAttribute("aria-live");
 
   // Sources: collapsed until opened; model/source text is shown literally, never parsed as HTML.

@@ -44,6 +44,7 @@ KEY = "test-key-0123456789"
 CORRECTION = "The HX-65 impeller nut takes 80 N·m."  # typed into the thumbs-down box
 TOKENS = ["DAPT ", "is ", "domain-", "adaptive ", "pre", "training ", "<b>[1]</b>", "."]
 ROUTE = "specialist:legal"
+TIMINGS = {"route": 11.6, "search": 0.0, "model": 0.4, "tool": 3.2}
 # A source whose text would run script if the page ever parsed it as HTML.
 SOURCES = [
     {"n": 1, "title": "Don't Stop Pretraining", "source": "docs/dapt.pdf", "doc_id": "d1", "start": 0, "end": 120,
@@ -89,7 +90,8 @@ def stand_in_app(seen: dict) -> FastAPI:
                 await asyncio.sleep(0.06)
                 yield _chunk(completion_id, {"content": token})
             yield _chunk(completion_id, {}, "stop",
-                         atelier={"route": ROUTE, "confidence": 0.93, "sources": SOURCES, "thread_id": thread})
+                         atelier={"route": ROUTE, "confidence": 0.93, "sources": SOURCES, "thread_id": thread,
+                                  "timings": TIMINGS})
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -183,6 +185,7 @@ def test_chat_page_against_the_contract(tmp_path):
     assert all(full.startswith(s) for s in out["snapshots"])
     assert out["userText"] == "What is <b>DAPT</b>?"
     assert out["routeBadge"] == ROUTE and out["confidence"] == "93%"
+    assert out["timings"] == "route 12 ms · model <1 ms · tool 3 ms"  # steps that took no time are left out
     assert out["ariaLive"] == "polite"
 
     # Sources are collapsed, open on click, and model/source text is never parsed as HTML.
@@ -234,8 +237,7 @@ def test_chat_page_against_the_real_api(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (docs / "pumps.md").write_text(PUMP_NOTES, encoding="utf-8")
-    index(docs, backend=None, index_name=None, embedding_model=None, model=None, config_file=None, prune=True,
-          delete=[],
+    index(docs, backend=None, index_name=None, embedding_model=None, model=None, config_file=None, prune=True, delete=[],
           follow_symlinks=None, max_file_mb=None, quiet=True)
     question = "what is the tightening torque of the HX-65 impeller nut?"
     with serving(create_app(ServeConfig(api_keys=[KEY], max_message_chars=200))) as url:
@@ -243,6 +245,7 @@ def test_chat_page_against_the_real_api(tmp_path):
         stored = httpx.get(f"{url}v1/feedback", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()["data"]
 
     assert out["routeBadge"] == "search" and out["confidence"].endswith("%")
+    assert out["timings"].startswith("route ") and " · search " in out["timings"]
     assert "80 N·m" in out["answerText"] and "[1]" in out["answerText"]
     [source] = out["sources"]
     assert (source["n"], source["title"], source["source"]) == ("[1]", "HX-65 pump service notes", "pumps.md")  # no server path
