@@ -46,6 +46,8 @@ def allowed_address(address, allowed_hosts: frozenset[str] | set[str] = frozense
 
 
 def _guard_sockets() -> None:
+    if getattr(socket.socket.connect, "loopback_only", False):  # this module imported a second time
+        return
     real_connect, real_connect_ex, allowed = socket.socket.connect, socket.socket.connect_ex, _live_hosts()
 
     def check(address) -> None:
@@ -62,6 +64,7 @@ def _guard_sockets() -> None:
         check(address)
         return real_connect_ex(self, address)
 
+    connect.loopback_only = True
     socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
 
 

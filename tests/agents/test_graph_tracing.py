@@ -1,6 +1,6 @@
 """Spans of each route kind, checked with the OpenTelemetry SDK's InMemorySpanExporter: names, GenAI attributes,
 the route decision, parentage, and that content stays out unless capture is on. A scripted router and chat model
-drive the graph (wiring); the real router and API are traced in test_observability_api.py."""
+drive the graph (wiring); the real router and API are traced in test_metrics.py."""
 
 from __future__ import annotations
 
