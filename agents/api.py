@@ -74,12 +74,12 @@ from agents.api_stream import (
 from agents.api_threads import THREAD_HEADER, claim_thread, thread_of
 from agents.auth import ANONYMOUS, KEYS_ENV, ApiKey, load_keys, owner_of
 from agents.config import ServeConfig
-from agents.feedback import FeedbackStore, UnknownCompletion
 from agents.limits import Admission, BodyGuard, RateLimits
 from agents.metrics import CONTENT_TYPE, Metrics
 from agents.orchestrator import Orchestrator
 from atelier import tracing
 from atelier.errors import AtelierError
+from atelier.feedback import FeedbackStore, UnknownCompletion
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 ORCHESTRATOR_MODEL = "atelier"
@@ -341,7 +341,8 @@ def _recorded(events: Callable[[], Iterator[dict]], state, completion_id: str, m
                         state.limits.charge(owner, sum(event["usage"]))
                         try:
                             state.feedback.record_exchange(completion_id, answer.thread_id, model, question,
-                                                           answer.text, answer.route, owner)
+                                                           answer.text, answer.route, owner,
+                                                           _answering_version(state, answer.route))
                         except Exception:
                             log.warning("could not record exchange %s", completion_id, exc_info=True)
                     yield event
@@ -360,6 +361,16 @@ def _recorded(events: Callable[[], Iterator[dict]], state, completion_id: str, m
                 state.metrics.request(route, status, time.perf_counter() - started, record)
 
     return produce
+
+
+def _answering_version(state, route: str) -> int | None:
+    """The active version of the specialist that answered on `route` (None for other routes, or unreadable)."""
+    if not route.startswith("specialist:"):
+        return None
+    try:
+        return state.orchestrator.registry.current_version(route.removeprefix("specialist:"))
+    except AtelierError:
+        return None
 
 
 def _trace_done(span: tracing.Span, event: dict) -> None:
@@ -456,7 +467,7 @@ def add_feedback(body: FeedbackRequest, request: Request) -> dict:
     """Rate an answer (by its completion id): stored with the question and answer for preference training."""
     try:
         feedback_id = request.app.state.feedback.add(body.completion_id, body.rating, body.comment, body.thread_id,
-                                                     owner=request.state.owner)
+                                                     owner=request.state.owner, correction=body.correction)
     except UnknownCompletion as exc:
         raise ApiError(404, str(exc), param="completion_id", code="completion_not_found") from None
     return {"id": feedback_id, "object": "feedback", "completion_id": body.completion_id, "rating": body.rating}

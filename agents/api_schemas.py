@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 INT64_MAX = 2**63 - 1
 
@@ -177,8 +177,17 @@ class FeedbackRequest(Lenient):
     thread_id: Text | None = Field(None, max_length=255, description="Checked against the completion's thread "
                                    "when given.")
     completion_id: Text = Field(min_length=1, max_length=100, description="The `id` of the rated chat.completion.")
-    rating: Literal["up", "down"]
+    rating: Literal["up", "down"] = Field(description="up: the answer is good; down: it is not.")
     comment: Text | None = Field(None, max_length=4000)
+    correction: Text | None = Field(None, min_length=1, max_length=4000, description="With rating 'down': what "
+                                    "the answer should have said (`atelier specialist improve` trains on it).")
+
+    @model_validator(mode="after")
+    def _correction_with_down(self) -> FeedbackRequest:
+        if self.correction is not None and (self.rating != "down" or not self.correction.strip()):
+            raise ValueError("a correction goes with rating 'down' (what the answer should have said) and must "
+                             "not be blank; drop `correction` or send rating 'down'")
+        return self
 
 
 class FeedbackItem(BaseModel):
@@ -187,9 +196,11 @@ class FeedbackItem(BaseModel):
     thread_id: str
     rating: Literal["up", "down"]
     comment: str | None
+    correction: str | None = None
     question: str
     answer: str
     route: str
+    specialist_version: int | None = None
     model: str
     created_at: str
 

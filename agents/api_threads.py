@@ -20,8 +20,8 @@ from agents.api_stream import ApiError
 from agents.auth import ANONYMOUS
 
 if TYPE_CHECKING:
-    from agents.feedback import FeedbackStore
     from agents.orchestrator import Orchestrator
+    from atelier.feedback import FeedbackStore
 
 log = logging.getLogger(__name__)
 

@@ -48,6 +48,7 @@ def _assemble() -> None:
     from specialists.cli import specialist_app
     from specialists.export.cli import register_export
     from training.cli import register as register_training
+    from training.improve_cli import register as register_improve
 
     from atelier.config_cli import config_app
     from atelier.doctor import doctor
@@ -60,6 +61,7 @@ def _assemble() -> None:
     register_agents(app)
     register_serve(app)
     register_training(specialist_app)
+    register_improve(specialist_app)
     register_export(specialist_app)
     app.add_typer(specialist_app, name="specialist")
     app.add_typer(eval_app, name="eval")

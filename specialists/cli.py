@@ -68,9 +68,14 @@ def show(
     name: str = typer.Argument(..., help="Specialist name."),
     version: int | None = typer.Option(None, "--version", min=1, help="A version other than the active one."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole record, eval report included, as JSON."),
+    candidates: bool = typer.Option(False, "--candidates", help="List the versions kept as candidates (refused by "
+                                    "the regression gate of `specialist improve`) with the reasons."),
 ) -> None:
     """One specialist's record: where its adapter lives, what it knows, how it scored."""
     registry = _registry()
+    if candidates:
+        _show_candidates(registry, name, as_json)
+        return
     record = registry.get(name, version)
     if as_json:
         typer.echo(record.model_dump_json(indent=2))
@@ -84,8 +89,31 @@ def show(
     typer.echo(f"  created:     {record.created_at}{'  (registered with --force)' if record.forced else ''}")
     if record.served_by:
         typer.echo(f"  served by:   {record.served_by}")
+    if record.parent_version is not None:
+        lineage = record.lineage
+        typer.echo(f"  improved from v{record.parent_version}: {len(lineage.get('feedback_ids', []))} feedback "
+                   f"item(s), {len(lineage.get('pair_files', {}))} pair file(s), "
+                   f"{(lineage.get('pairs') or {}).get('train', 0)} training pairs")
     for reason in record.eval_report.reasons if record.eval_report else []:
         typer.echo(f"  - {reason}")
+
+
+def _show_candidates(registry, name: str, as_json: bool) -> None:
+    """The refused versions of `name`, each with its parent, the gate's reasons and its flips."""
+    records = [registry.get(name, v) for v in registry.candidates(name)]
+    if as_json:
+        typer.echo(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    if not records:
+        typer.echo(f"{name} has no candidates (every improvement round so far was accepted, or none ran)")
+        return
+    for record in records:
+        typer.echo(f"{name} v{record.version} (candidate, from v{record.parent_version}, {record.created_at})")
+        for reason in record.candidate_reasons:
+            typer.echo(f"  - {reason}")
+        for set_name, found in ((record.lineage.get("gate") or {}).get("sets") or {}).items():
+            for metric, items in (found.get("flips_to_wrong") or {}).items():
+                typer.echo(f"  {set_name} {metric} right -> wrong: {', '.join(items) or 'none'}")
 
 
 @specialist_app.command("remove")

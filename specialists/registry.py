@@ -70,6 +70,13 @@ class SpecialistRecord(StrictModel):
     forced: bool = Field(False, description="Registered with --force although the gate refused it.")
     created_at: str = Field(description="ISO 8601 time of registration (UTC).")
     run_dir: str | None = Field(None, description="The training run folder it came from.")
+    parent_version: int | None = Field(None, description="The version it was trained from (`specialist improve`); "
+                                       "None for a version built from the documents.")
+    lineage: dict[str, Any] = Field(default_factory=dict, description="What an improvement round used: feedback "
+                                    "ids, pair files with their SHA-256, pair counts and the regression gate's result.")
+    candidate: bool = Field(False, description="Kept but never activated: the regression gate refused it "
+                            "(`specialist show NAME --candidates`); rollback skips it.")
+    candidate_reasons: list[str] = Field(default_factory=list, description="Why the gate refused the candidate.")
 
     @field_validator("eval_report", "exam_report", mode="before")
     @classmethod
@@ -335,15 +342,30 @@ class Registry:
             "served_by": served_by, "run_dir": str(Path(run_dir).resolve()) if run_dir else None}
         return self._add(fields, Path(adapter_dir or model_dir), force=force)
 
-    def register_from(self, record: SpecialistRecord, **changes: Any) -> SpecialistRecord:
-        """A new active version of `record.name` that is `record` with `changes` (e.g. `served_by=...`),
-        its weights copied from the record's own folder. The gate is applied again unless it was forced."""
-        kept = set(SpecialistRecord.model_fields) - {"version", "created_at", "forced", *_ARTIFACT_FIELDS}
+    def register_from(self, record: SpecialistRecord, *, weights: Path | None = None,
+                      **changes: Any) -> SpecialistRecord:
+        """A new version of `record.name` that is `record` with `changes` (e.g. `served_by=...`), its weights
+        copied from `weights` (an improvement round's output) or from the record's own folder. The gate is
+        applied again unless it was forced. With `candidate=True` the version is kept but never made active
+        (an improvement round the regression gate refused), and rollback skips it."""
+        kept = set(SpecialistRecord.model_fields) - {"version", "created_at", "forced", "candidate",
+                                                     "candidate_reasons", *_ARTIFACT_FIELDS}
         fields = {key: getattr(record, key) for key in kept} | changes
-        return self._add(fields, record.artifact, force=record.forced)
+        return self._add(fields, Path(weights) if weights else record.artifact, force=record.forced)
+
+    def candidates(self, name: str) -> list[int]:
+        """Versions kept as candidates (refused by the improvement gate), oldest first; unreadable ones left out."""
+        found = []
+        for version in self.versions(name):
+            try:
+                if self.get(name, version).candidate:
+                    found.append(version)
+            except AtelierError:
+                continue
+        return found
 
     def _add(self, fields: dict[str, Any], source: Path, *, force: bool) -> SpecialistRecord:
-        """Gate, validate and publish one version described by `fields`; `current` moves last."""
+        """Gate, validate and publish one version described by `fields`; `current` moves last (not for a candidate)."""
         name = fields["name"]
         refusal = gate_refusal(fields.get("eval_report"), fields.get("exam_report"))
         if refusal is not None and not force:
@@ -356,7 +378,8 @@ class Registry:
         folder = self.root / name
         with _locked(folder):
             version = self._publish(folder, artifact, source, sha, fields)
-            atomic_write_text(folder / "current", f"{version}\n")
+            if not fields.get("candidate"):
+                atomic_write_text(folder / "current", f"{version}\n")
         return self.get(name, version)
 
     def _publish(self, folder: Path, artifact: str, source: Path, sha: str, fields: dict[str, Any]) -> int:
@@ -381,11 +404,12 @@ class Registry:
         return version
 
     def rollback(self, name: str) -> SpecialistRecord:
-        """Make the newest version older than the active one active; the newer one stays on disk."""
+        """Make the newest version older than the active one active (candidates skipped); the newer one stays."""
         folder = self._folder(name)
         with _locked(folder):
             current = self.current_version(name)
-            older = [v for v in self.versions(name) if v < current]
+            refused = set(self.candidates(name))
+            older = [v for v in self.versions(name) if v < current and v not in refused]
             if not older:
                 raise AtelierError(f"specialist {name!r} has no version before v{current}; nothing to roll back to")
             atomic_write_text(folder / "current", f"{older[-1]}\n")

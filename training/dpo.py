@@ -68,6 +68,9 @@ class DpoConfig(StageConfig):
     beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (dpo, kto), the reward "
                         "scale (simpo), or the odds-ratio weight (orpo).")
     simpo_gamma: float = Field(0.5, ge=0, description="SimPO target reward margin (preference=simpo only).")
+    sft_weight: float = Field(0.0, ge=0, description="preference=dpo only: add TRL's 'sft' loss (the chosen answer's "
+                              "NLL) with this weight beside loss_type, as RPO does, so the chosen answer's likelihood "
+                              "rises instead of only the rejected one falling (corrections from feedback).")
 
 
 def train_dpo(base: Path, data_dir: Path, out_dir: Path, config: DpoConfig, lora: LoraSettings,
@@ -133,7 +136,11 @@ def _algorithm(config: DpoConfig):
     if config.preference == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        return DPOConfig, DPOTrainer, {"beta": config.beta, "loss_type": [config.loss_type]}
+        mixed = {"loss_type": [config.loss_type, "sft"], "loss_weights": [1.0, config.sft_weight]}
+        return DPOConfig, DPOTrainer, {"beta": config.beta, **(mixed if config.sft_weight else
+                                                               {"loss_type": [config.loss_type]})}
+    if config.sft_weight:
+        raise AtelierError("sft_weight applies to preference=dpo only; remove it or set preference=dpo")
     if config.loss_type != "sigmoid":
         raise AtelierError(f"loss_type={config.loss_type} applies to preference=dpo only; "
                            f"remove it or set preference=dpo")

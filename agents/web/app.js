@@ -162,9 +162,29 @@ function renderFeedback(msg, view) {
       "aria-pressed": String(pressed), "data-rating": rating, title: label,
     }, [thumbIcon()]);
     if (pressed) button.append(el("span", { text: "Recorded" }));
-    button.addEventListener("click", () => sendFeedback(msg, rating, view));
+    // Thumbs down first asks what the answer should have said (optional): `specialist improve` trains on it.
+    button.addEventListener("click", () => rating === "down" ? openCorrection(msg, view) : sendFeedback(msg, rating, view));
     view.feedback.append(button);
   }
+  if (msg.correcting) view.feedback.append(correctionForm(msg, view));
+}
+
+function openCorrection(msg, view) {
+  msg.correcting = true;
+  renderFeedback(msg, view);
+}
+
+function correctionForm(msg, view) {
+  const box = el("textarea", {
+    class: "correction", rows: "2", maxlength: "4000", "aria-label": "What should it have said?",
+    placeholder: "What should it have said? (optional)",
+  });
+  const send = el("button", { type: "button", text: "Send" });
+  const cancel = el("button", { type: "button", text: "Cancel" });
+  send.addEventListener("click", () => sendFeedback(msg, "down", view, box.value.trim()));
+  cancel.addEventListener("click", () => { msg.correcting = false; renderFeedback(msg, view); });
+  setTimeout(() => box.focus(), 0);
+  return el("div", { class: "correction-form", role: "group", "aria-label": "Correct this answer" }, [box, send, cancel]);
 }
 
 function renderMessage(msg) {
@@ -262,16 +282,16 @@ async function send(text) {
   }
 }
 
-async function sendFeedback(msg, rating, view) {
+async function sendFeedback(msg, rating, view, correction) {
   msg.error = "";
+  const body = { thread_id: state.threadId, completion_id: msg.completionId, rating };
+  if (correction) body.correction = correction;
   try {
-    const response = await fetch("v1/feedback", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify({ thread_id: state.threadId, completion_id: msg.completionId, rating }),
-    });
+    const response = await fetch("v1/feedback", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!response.ok) throw new Error(await errorMessage(response));
     msg.feedback = rating;
+    msg.correcting = false;
+    if (correction) msg.correction = correction;
   } catch (err) {
     msg.error = "Feedback not recorded: " + (err.message || String(err));
   }

@@ -189,8 +189,39 @@ def test_feedback_is_stored_with_its_exchange_and_listed(client, url, home):
     listed = httpx.get(f"{url}/v1/feedback?limit=5", headers=auth).json()["data"]
     assert listed[0] | {"created_at": None, "id": None} == {
         "id": None, "completion_id": completion.id, "thread_id": "fb", "rating": "up", "comment": "right",
-        "question": "what is 5 * 5?", "answer": "25", "route": "tool:calculator", "model": "atelier", "created_at": None}
+        "correction": None, "question": "what is 5 * 5?", "answer": "25", "route": "tool:calculator",
+        "specialist_version": None, "model": "atelier", "created_at": None}
     assert (home / "feedback.sqlite").exists()
+
+
+def test_a_thumbs_down_carries_a_correction_and_the_answering_specialist_version(client, url, home):
+    completion = client.chat.completions.create(model="specialist/valves", max_tokens=4,
+                                                messages=[{"role": "user", "content": "stroke time of the VA-200?"}])
+    auth = {"Authorization": f"Bearer {KEY}"}
+    wrong = httpx.post(f"{url}/v1/feedback", headers=auth, json={
+        "completion_id": completion.id, "rating": "up", "correction": "12 s"})
+    assert wrong.status_code == 400 and "rating 'down'" in wrong.json()["error"]["message"]
+    blank = httpx.post(f"{url}/v1/feedback", headers=auth, json={
+        "completion_id": completion.id, "rating": "down", "correction": "   "})
+    assert blank.status_code == 400
+    posted = httpx.post(f"{url}/v1/feedback", headers=auth, json={
+        "completion_id": completion.id, "rating": "down", "correction": "The VA-200 strokes in 12 s."})
+    assert posted.status_code == 201
+    [row] = [r for r in httpx.get(f"{url}/v1/feedback", headers=auth).json()["data"]
+             if r["completion_id"] == completion.id]
+    assert (row["rating"], row["correction"], row["route"]) == ("down", "The VA-200 strokes in 12 s.",
+                                                                "specialist:valves")
+    assert row["specialist_version"] == Registry(home).current_version("valves")
+    other = httpx.get(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {OTHER_KEY}"}).json()["data"]
+    assert all(r["completion_id"] != completion.id for r in other)
+    from atelier.feedback import FeedbackStore
+
+    store = FeedbackStore(home / "feedback.sqlite")
+    try:
+        [stored] = [r for r in store.for_route("specialist:valves") if r["completion_id"] == completion.id]
+    finally:
+        store.close()
+    assert stored["owner"] != "" and stored["correction"] == "The VA-200 strokes in 12 s."
 
 
 def test_auth_and_request_limits(url):
@@ -503,9 +534,9 @@ def test_a_corrupt_feedback_file_is_skipped_with_one_warning(orchestrator, tmp_p
 
     (tmp_path / "feedback.sqlite").write_bytes(b"this is not a database" * 100)
     monkeypatch.setenv("ATELIER_HOME", str(tmp_path))
-    with caplog.at_level("WARNING", logger="agents.feedback"):
+    with caplog.at_level("WARNING", logger="atelier.feedback"):
         app = create_app(ServeConfig(), orchestrator=orchestrator)  # was a traceback: serve did not start
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "agents.feedback"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "atelier.feedback"]
     assert str(tmp_path / "feedback.sqlite") in warning and "mv " in warning and "restart" in warning
     web = TestClient(app)
     answer = web.post("/v1/chat/completions", json={"model": "atelier", "messages": [

@@ -104,6 +104,20 @@ try {
   };
   step("reloaded");
 
+  // Thumbs down asks what the answer should have said; the correction goes with the rating.
+  const rated = page.locator("#messages li.assistant").first();
+  await rated.getByRole("button", { name: "Bad answer" }).click();
+  const box = rated.getByLabel("What should it have said?");
+  await box.waitFor();
+  out.correctionFocused = await box.evaluate((node) => node === document.activeElement);
+  await box.fill(scenario.correction);
+  await rated.getByRole("group", { name: "Correct this answer" }).getByRole("button", { name: "Send" }).click();
+  const down = rated.getByRole("button", { name: "Bad answer" });
+  await down.and(page.locator('[aria-pressed="true"]')).waitFor();
+  out.thumbDownText = await down.textContent();
+  out.correctionFormsLeft = await page.locator(".correction-form").count();
+  step("correction-sent");
+
   // A server error is shown inline, in the answer that failed.
   await page.getByLabel("Message").fill(scenario.failPrompt);
   await page.getByLabel("Message").press("Enter");

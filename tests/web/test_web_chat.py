@@ -41,6 +41,7 @@ pytestmark = [
 ]
 
 KEY = "test-key-0123456789"
+CORRECTION = "The HX-65 impeller nut takes 80 N·m."  # typed into the thumbs-down box
 TOKENS = ["DAPT ", "is ", "domain-", "adaptive ", "pre", "training ", "<b>[1]</b>", "."]
 ROUTE = "specialist:legal"
 TIMINGS = {"route": 11.6, "search": 0.0, "model": 0.4, "tool": 3.2}
@@ -146,7 +147,7 @@ def drive(url: str, tmp_path: Path, *, question: str, fail_prompt: str, api_key:
     """Runs drive.mjs against the page at `url`; returns what it observed (the screenshot lands in tmp_path)."""
     _ensure_playwright_core()
     scenario = {"url": url, "screenshot": str(tmp_path / "chat.png"), "apiKey": api_key, "question": question,
-                "failPrompt": fail_prompt}
+                "failPrompt": fail_prompt, "correction": CORRECTION}
     started = time.monotonic()
     run = subprocess.run([NODE, str(HERE / "drive.mjs"), json.dumps(scenario)],
                          check=False, capture_output=True, text=True, timeout=50, cwd=HERE)
@@ -193,9 +194,13 @@ def test_chat_page_against_the_contract(tmp_path):
         (f"[{s['n']}]", s["title"], s["source"], s["text"]) for s in SOURCES]
     assert out["injectedElements"] == 0 and out["xssFired"] is False
 
-    # Thumbs up reached the server with the completion id and showed it was recorded.
-    assert seen["feedback"] == [{"thread_id": chat["thread"], "completion_id": "chatcmpl-1", "rating": "up"}]
-    assert "Recorded" in out["thumbUpText"]
+    # Thumbs up reached the server with the completion id and showed it was recorded; thumbs down (after the
+    # reload) asked what it should have said and sent that as the correction.
+    assert seen["feedback"] == [{"thread_id": chat["thread"], "completion_id": "chatcmpl-1", "rating": "up"},
+                                {"thread_id": chat["thread"], "completion_id": "chatcmpl-1", "rating": "down",
+                                 "correction": CORRECTION}]
+    assert "Recorded" in out["thumbUpText"] and "Recorded" in out["thumbDownText"]
+    assert out["correctionFocused"] and out["correctionFormsLeft"] == 0
 
     # After a reload the conversation, route, sources and feedback are still shown.
     assert out["afterReload"] == {"messages": ["What is <b>DAPT</b>?", full], "routeBadge": ROUTE,
@@ -247,9 +252,11 @@ def test_chat_page_against_the_real_api(tmp_path):
     assert '<img src=x onerror="window.__xss=1">' in source["text"]  # the probe reached the page, as text
     assert out["injectedElements"] == 0 and out["xssFired"] is False
 
-    [feedback] = stored
+    corrected, feedback = stored  # newest first
     assert (feedback["rating"], feedback["route"], feedback["question"]) == ("up", "search", question)
     assert feedback["thread_id"] == out["threadBefore"] and "Recorded" in out["thumbUpText"]
+    assert (corrected["rating"], corrected["correction"], corrected["completion_id"]) == (
+        "down", CORRECTION, feedback["completion_id"])
 
     assert out["afterReload"] == {"messages": [question, out["answerText"]], "routeBadge": "search",
                                   "sourcesOpen": False, "sourceCount": 1, "thumbUpPressed": "true"}

@@ -1,10 +1,16 @@
-"""Thumbs up / down on answers, kept with the exchange they rate, for later preference training.
+"""Thumbs up / down on answers, kept with the exchange they rate, for preference training.
 
 One SQLite file, ATELIER_HOME/feedback.sqlite, three tables:
 
-    exchanges  every answer the API gave: completion_id -> thread, model, question, answer, route, owner
-    feedback   ratings of those answers (several per answer allowed; the newest counts)
+    exchanges  every answer the API gave: completion_id -> thread, model, question, answer, route, owner,
+               and the specialist version that answered (specialist routes only)
+    feedback   ratings of those answers (several per answer allowed; the newest counts), each with an
+               optional comment and, for a thumbs-down, an optional correction ("what it should have said"),
+               and the owner (API key name) that gave it
     threads    which API key (owner, agents/auth.py) started each thread; only it may continue it
+
+It lives in the shared kernel because two sides use it: the API writes it (agents/) and
+`atelier specialist improve` reads it (training/improve.py), which may not import agents/.
 
 The API records each exchange when it answers, so a rating can later be joined to the exact
 question and answer (DPO wants prompt, chosen, rejected). Exchanges, ratings and threads belong
@@ -25,6 +31,7 @@ from pathlib import Path
 
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
+from atelier.sqlite import connect
 
 MIGRATIONS = [
     """CREATE TABLE exchanges (
@@ -37,6 +44,10 @@ MIGRATIONS = [
        CREATE INDEX feedback_completion ON feedback(completion_id);""",
     """ALTER TABLE exchanges ADD COLUMN owner TEXT NOT NULL DEFAULT '';
        CREATE TABLE threads (thread_id TEXT PRIMARY KEY, owner TEXT NOT NULL, created_at TEXT NOT NULL);""",
+    """ALTER TABLE exchanges ADD COLUMN specialist_version INTEGER;
+       ALTER TABLE feedback ADD COLUMN correction TEXT;
+       ALTER TABLE feedback ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+       CREATE INDEX exchanges_route ON exchanges(route);""",
 ]
 log = logging.getLogger(__name__)
 
@@ -50,19 +61,10 @@ def _now() -> str:
 
 
 def _connect(path: Path | str) -> sqlite3.Connection:
-    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")  # with synchronous=NORMAL: survives a process crash, no fsync
-        db.execute("PRAGMA synchronous=NORMAL")  # per answer
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            db.executescript(f"BEGIN; {script} PRAGMA user_version={number}; COMMIT;")
-        db.execute("SELECT 1 FROM exchanges LIMIT 1").fetchone()  # a damaged table shows here, not mid-request
-    except BaseException:
-        db.close()
-        raise
-    return db
+    """The store's connection (WAL, synchronous=NORMAL: survives a process crash with no fsync per answer);
+    a damaged table shows here, not mid-request."""
+    return connect(path, what="feedback store", fix=f"move it aside (mv {path} {path}.broken) and restart",
+                   migrations=MIGRATIONS, rows=True, probe="SELECT 1 FROM exchanges LIMIT 1")
 
 
 class FeedbackStore:
@@ -81,10 +83,8 @@ class FeedbackStore:
         if self._conn is None:
             try:
                 self._conn = _connect(self.path)
-            except sqlite3.DatabaseError as exc:
-                log.warning("%s is unreadable (%s): answers, ratings and thread owners are kept in memory until "
-                            "restart; move the file aside (mv %s %s.broken) and restart to start a fresh one",
-                            self.path, exc, self.path, self.path)
+            except AtelierError as exc:
+                log.warning("%s; until then answers, ratings and thread owners are kept in memory", exc)
                 self.in_memory = True
                 self._conn = _connect(":memory:")
         return self._conn
@@ -109,16 +109,21 @@ class FeedbackStore:
         return None if row is None else row["owner"]
 
     def record_exchange(self, completion_id: str, thread_id: str, model: str, question: str, answer: str,
-                        route: str, owner: str = "") -> None:
+                        route: str, owner: str = "", specialist_version: int | None = None) -> None:
+        """Keep one answer; `specialist_version` is the registry version that wrote it (specialist routes)."""
         with self._lock:
             self._open().execute("INSERT OR REPLACE INTO exchanges (completion_id, thread_id, model, question, "
-                                 "answer, route, created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (completion_id, thread_id, model, question, answer, route, _now(), owner))
+                                 "answer, route, created_at, owner, specialist_version) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (completion_id, thread_id, model, question, answer, route, _now(), owner,
+                                  specialist_version))
 
     def add(self, completion_id: str, rating: str, comment: str | None = None, thread_id: str | None = None,
-            owner: str = "") -> int:
+            owner: str = "", correction: str | None = None) -> int:
         """Store a rating of `completion_id`; its id. UnknownCompletion when that answer is not on record
-        (for this owner, in this thread)."""
+        (for this owner, in this thread). A correction goes with a thumbs-down only (ValueError otherwise)."""
+        if correction is not None and (rating != "down" or not correction.strip()):
+            raise ValueError("a correction goes with rating 'down' and must not be blank")
         with self._lock:
             row = self._open().execute("SELECT thread_id, owner FROM exchanges WHERE completion_id = ?",
                                        (completion_id,)).fetchone()
@@ -126,17 +131,37 @@ class FeedbackStore:
                 raise UnknownCompletion(f"no answer with completion_id {completion_id!r}"
                                         f"{'' if thread_id is None else f' in thread {thread_id!r}'}; rate the `id` "
                                         "of a chat.completion this server returned")
-            cursor = self._open().execute("INSERT INTO feedback (completion_id, rating, comment, created_at) "
-                                          "VALUES (?, ?, ?, ?)", (completion_id, rating, comment, _now()))
+            cursor = self._open().execute(
+                "INSERT INTO feedback (completion_id, rating, comment, created_at, correction, owner) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (completion_id, rating, comment, _now(), correction, owner))
             return int(cursor.lastrowid)
 
     def list(self, limit: int = 100, owner: str = "") -> list[dict]:
         """The newest ratings of `owner`'s answers first, each with its exchange."""
         with self._lock:
             rows = self._open().execute(
-                "SELECT f.id, f.completion_id, e.thread_id, f.rating, f.comment, e.question, e.answer, e.route, "
-                "e.model, f.created_at FROM feedback f JOIN exchanges e USING (completion_id) WHERE e.owner = ? "
-                "ORDER BY f.id DESC LIMIT ?", (owner, limit)).fetchall()
+                "SELECT f.id, f.completion_id, e.thread_id, f.rating, f.comment, f.correction, e.question, e.answer, "
+                "e.route, e.specialist_version, e.model, f.created_at FROM feedback f JOIN exchanges e "
+                "USING (completion_id) WHERE e.owner = ? ORDER BY f.id DESC LIMIT ?", (owner, limit)).fetchall()
+        return [dict(row) for row in rows]
+
+    def for_route(self, route: str, since: str | None = None) -> list[dict]:
+        """The newest rating of every answer given on `route` (of any owner), oldest first, for training.
+
+        Only exchanges recorded on exactly that route count: feedback on the search route or on
+        another specialist never trains this one. `since` is an ISO date or time (UTC); older
+        ratings are left out.
+        """
+        query = ("SELECT f.id, f.completion_id, f.rating, f.comment, f.correction, f.owner, f.created_at, "
+                 "e.question, e.answer, e.route, e.specialist_version FROM feedback f JOIN exchanges e "
+                 "USING (completion_id) WHERE e.route = ? AND f.id = (SELECT MAX(g.id) FROM feedback g "
+                 "WHERE g.completion_id = f.completion_id)")
+        args: list = [route]
+        if since:
+            query += " AND f.created_at >= ?"
+            args.append(since)
+        with self._lock:
+            rows = self._open().execute(query + " ORDER BY f.id", args).fetchall()
         return [dict(row) for row in rows]
 
     def close(self) -> None:

@@ -1,0 +1,156 @@
+"""Pairs and gate of `specialist improve`, without a model: the real feedback store (SQLite), the
+pipeline's real filters, the paired tests on hand-made per-item outcomes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections import Counter
+
+import pytest
+
+from atelier.errors import AtelierError
+from atelier.feedback import FeedbackStore
+from eval.gate import GateConfig
+from training.data import DataConfig
+from training.improve_gate import compare_set, decide
+from training.improve_pairs import clean, pairs_from_feedback, read_pair_file, split_heldout
+
+
+def _rate(store, cid, route, question, answer, rating, correction=None, owner="alice"):
+    store.record_exchange(cid, f"t-{cid}", "m", question, answer, route, owner, 1 if route.startswith("spec") else None)
+    return store.add(cid, rating, owner=owner, correction=correction)
+
+
+def test_only_the_specialists_own_route_counts_and_the_newest_rating_wins(tmp_path):
+    store = FeedbackStore(tmp_path / "feedback.sqlite")
+    try:
+        _rate(store, "a", "specialist:hx", "What torque for the HX-65 impeller nut?", "45 N·m", "down", "80 N·m")
+        _rate(store, "b", "specialist:valves", "What torque for the VA-200 flange?", "9 N·m", "down", "12 N·m")
+        _rate(store, "c", "search", "What is NPSH?", "passages", "down", "Net positive suction head.")
+        _rate(store, "d", "specialist:hx", "Oil grade of the bearing frame?", "ISO VG 46", "down", "ISO VG 68")
+        changed = store.add("d", "up", owner="alice")  # the user changed their mind: the newest rating counts
+        rows = store.for_route("specialist:hx")
+        assert [(r["completion_id"], r["rating"]) for r in rows] == [("a", "down"), ("d", "up")]
+        assert rows[-1]["id"] == changed and rows[0]["specialist_version"] == 1 and rows[0]["owner"] == "alice"
+        assert store.for_route("specialist:hx", since="2999-01-01") == []
+        with pytest.raises(ValueError, match="rating 'down'"):
+            store.add("a", "up", owner="alice", correction="80 N·m")
+    finally:
+        store.close()
+    pairs, dropped = pairs_from_feedback(rows, search=lambda q, k: [])
+    assert [(p.kind, p.chosen, p.rejected) for p in pairs] == [("correction", "80 N·m", "45 N·m"),
+                                                              ("approved", "ISO VG 46", "")]
+    assert not dropped
+
+
+def test_a_thumbs_down_without_correction_gets_a_grounded_answer_from_the_passages():
+    rows = [{"id": 7, "rating": "down", "correction": None, "question": "What torque for the HX-65 impeller nut?",
+             "answer": "Tighten it by hand."}]
+    passages = ["The pump ships on a pallet. Torque the HX-65 impeller nut to 80 N·m with a calibrated wrench."]
+    [pair], _ = pairs_from_feedback(rows, search=lambda q, k: passages)
+    assert pair.kind == "grounded" and "80 N·m" in pair.chosen and pair.source == "feedback:7"
+    none, dropped = pairs_from_feedback(rows, search=lambda q, k: [])
+    assert none == [] and dropped == Counter({"feedback.down_without_correction_or_index": 1})
+
+
+LONG = ("What torque does the HX-100 coupling hub bolt take when the coupling is refitted after the alignment "
+        "check on the baseplate of the pump?")
+
+
+def test_pairs_are_filtered_deduplicated_and_kept_off_the_exam(tmp_path):
+    bounds = DataConfig().bounds()
+    rows = [{"id": i, "rating": "down", "correction": c, "question": q, "answer": a} for i, (q, c, a) in enumerate([
+        ("What torque do I put on the impeller nut of an HX-65?", "80 N·m", "45 N·m"),  # an exam question, verbatim
+        (LONG, "95 N·m", "60 N·m"),
+        (LONG + " ", "95 N·m.", "70 N·m"),  # the same prompt and chosen answer, up to spacing and punctuation
+        (LONG, "95 N·m exactly", "70 N·m"),  # near duplicate
+        ("Which oil goes into the bearing frame of the HX-65?", "ISO VG 68", "ISO VG 68"),  # rejected == chosen
+    ])]
+    pairs, _ = pairs_from_feedback(rows, search=lambda q, k: [])
+    rejected = Counter()
+    exam = ["What torque do I put on the impeller nut of an HX-65?"]
+    kept = clean(pairs, bounds, exam, rejected)
+    assert [p.source for p in kept] == ["feedback:1"]
+    assert rejected == Counter({"dpo.duplicate": 1, "dpo.near_duplicate": 1, "dpo.rejected_equals_chosen": 1,
+                                "exam.overlaps_heldout": 1})
+    many = [p for p in pairs_from_feedback([r | {"id": i, "question": f"Question number {i} about pumps?"}
+                                            for i, r in enumerate(rows * 4)], lambda q, k: [])[0]]
+    train, held = split_heldout(many, 0.25, seed=0)
+    assert len(held) == 5 and len(train) == 15 and not set(map(id, train)) & set(map(id, held))
+    assert split_heldout(many[:4], 0.25, seed=0) == (many[:4], [])  # too few to hold any out
+
+
+def test_pair_files_in_trl_format_are_validated_with_line_numbers(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "What torque for the HX-65 nut?", "chosen": "80 N·m", "rejected": "45 N·m"})
+                    + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "Oil of the HX-65 frame?"}],
+                                           "chosen": [{"role": "assistant", "content": "ISO VG 68"}],
+                                           "rejected": [{"role": "assistant", "content": "ISO VG 32"}]}) + "\n",
+                    encoding="utf-8")
+    pairs = read_pair_file(good)
+    assert [(p.question, p.chosen, p.source) for p in pairs] == [
+        ("What torque for the HX-65 nut?", "80 N·m", "file:good.jsonl:1"),
+        ("Oil of the HX-65 frame?", "ISO VG 68", "file:good.jsonl:3")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([json.dumps({"prompt": "q?", "chosen": "a"}), json.dumps([1, 2]),
+                              json.dumps({"prompt": "q?", "chosen": "", "rejected": "b"})]) + "\n", encoding="utf-8")
+    with pytest.raises(AtelierError) as error:
+        read_pair_file(bad)
+    message = str(error.value)
+    assert "bad.jsonl:1: no rejected" in message and "bad.jsonl:2: not a JSON object" in message
+    assert 'bad.jsonl:3: "chosen" must be a non-empty string' in message
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "q?"\n', encoding="utf-8")
+    with pytest.raises(AtelierError, match="broken.jsonl:1 is not valid JSON"):
+        read_pair_file(broken)
+    with pytest.raises(AtelierError, match="not found"):
+        read_pair_file(tmp_path / "missing.jsonl")
+
+
+def test_the_gate_refuses_a_real_drop_accepts_noise_and_lists_flips():
+    gate = GateConfig(bootstrap_samples=500)
+    right, ids = [1] * 30 + [0] * 10, [f"q{i}" for i in range(40)]
+    worse = [0] * 12 + [1] * 18 + [0] * 10  # 12 right -> wrong: significant and beyond the tolerance
+    dropped = compare_set("exam", {"mcq_accuracy": right}, {"mcq_accuracy": worse}, gate, 0.05, {"mcq_accuracy": ids})
+    assert dropped.regressed and dropped.flips_to_wrong == {"mcq_accuracy": ids[:12]}
+    assert dropped.flips_to_right == {"mcq_accuracy": []}
+    noisy = [0] * 3 + [1] * 27 + [1] + [0] * 9  # 3 flips away, 1 back: 0.05 down, not significant
+    wobble = compare_set("exam", {"mcq_accuracy": right}, {"mcq_accuracy": noisy}, gate, 0.02, {"mcq_accuracy": ids})
+    assert not wobble.regressed and wobble.warnings and wobble.flips_to_right == {"mcq_accuracy": ["q30"]}
+    ppl = [(100.0, 20)] * 30
+    shifted = compare_set("heldout", {"perplexity": ppl}, {"perplexity": [(100.5, 20)] * 30}, gate, 0.05)
+    assert shifted.tests["perplexity"].outcome == "worse" and not shifted.regressed  # 2.5% up: real, but within 5%
+    blown = compare_set("heldout", {"perplexity": ppl}, {"perplexity": [(130.0, 20)] * 30}, gate, 0.05)
+    assert blown.regressed
+    learned = compare_set("feedback", {"mcq_accuracy": [0] * 20}, {"mcq_accuracy": [1] * 8 + [0] * 12}, gate, 0.05)
+    assert decide({"exam": wobble, "feedback": learned}, 0.05).accepted
+    assert not decide({"exam": dropped, "feedback": learned}, 0.05).accepted
+    same = compare_set("feedback", {"mcq_accuracy": [0] * 20}, {"mcq_accuracy": [0] * 20}, gate, 0.05)
+    refused = decide({"exam": wobble, "feedback": same}, 0.05)
+    assert not refused.accepted and refused.reasons[0].startswith("not better on the feedback items")
+
+
+def test_an_old_feedback_database_is_migrated_forward_and_keeps_its_rows(tmp_path):
+    from atelier.feedback import MIGRATIONS
+
+    path = tmp_path / "feedback.sqlite"
+    db = sqlite3.connect(path)
+    for number, script in enumerate(MIGRATIONS[:2], start=1):
+        db.executescript(f"BEGIN; {script} PRAGMA user_version={number}; COMMIT;")
+    db.execute("INSERT INTO exchanges VALUES ('c1', 't', 'm', 'q?', 'a', 'specialist:hx', '2026-11-30T10:00:00+00:00', "
+               "'alice')")
+    db.execute("INSERT INTO feedback (completion_id, rating, comment, created_at) VALUES ('c1', 'down', 'no', "
+               "'2026-11-30T10:01:00+00:00')")
+    db.commit()
+    db.close()
+    store = FeedbackStore(path)
+    try:
+        [row] = store.for_route("specialist:hx")
+        assert (row["rating"], row["comment"], row["correction"], row["specialist_version"]) == ("down", "no", None,
+                                                                                                  None)
+        assert [r["id"] for r in store.for_route("specialist:hx", since="2026-11-30")] == [row["id"]]
+        assert store.for_route("specialist:hx", since="2026-12-01") == []
+    finally:
+        store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
