@@ -403,6 +403,18 @@ class Registry:
             raise
         return version
 
+    def activate(self, name: str, version: int, *, force: bool = False) -> SpecialistRecord:
+        """Make `version` the active one; a candidate (refused by the improvement gate) only with `force`."""
+        folder = self._folder(name)
+        with _locked(folder):
+            record = self.get(name, version)  # a version that is missing or unreadable says so here
+            if record.candidate and not force:
+                reasons = "; ".join(record.candidate_reasons) or "no reasons recorded"
+                raise AtelierError(f"{name} v{version} is a candidate the regression gate refused ({reasons}); "
+                                   "pass --force to make it active anyway")
+            atomic_write_text(folder / "current", f"{version}\n")
+        return record
+
     def rollback(self, name: str) -> SpecialistRecord:
         """Make the newest version older than the active one active (candidates skipped); the newer one stays."""
         folder = self._folder(name)
