@@ -145,10 +145,3 @@ def private_server(gguf: str | Path, *, n_ctx: int = 512, threads: int = 1, exac
         yield server
     finally:
         server.stop()
-
-
-def stop_all() -> None:
-    with _lock:
-        for server in _servers.values():
-            server.stop()
-        _servers.clear()

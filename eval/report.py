@@ -20,7 +20,6 @@ from atelier.home import atomic_write_bytes, atomic_write_text
 from atelier.reports import METRICS, EvalReport
 from eval.gate import GateConfig, paired_test, verdict
 
-REQUIRED = ("perplexity", "mcq_accuracy")  # GateConfig.required's default
 OUTCOMES = "outcomes"  # the per-item key of a metrics dict; never stored in EvalReport.stages
 COUNTS = ("perplexity_tokens", "perplexity_windows", "mcq_items", "generation_items", "preference_items")
 ARROWS = {"lower": "↓", "higher": "↑", None: ""}
@@ -161,8 +160,3 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["md"], render_markdown(report))
     atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
     return paths
-
-
-def load_report(path: Path) -> EvalReport:
-    """Read an eval.json back (the registry stores the same dict in the record)."""
-    return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug left 40 bytes
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_FILES = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 _ARTIFACT_FIELDS = ("adapter_path", "adapter_sha256", "model_path", "model_sha256")
