@@ -116,8 +116,8 @@ def render_markdown(report: EvalReport) -> str:
 
 
 def _test_row(test: dict) -> str:
-    num = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-    ci = lambda v: "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
+    num = lambda v: "—" if v is None else f"{v:.4g}"
+    ci = lambda v: "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"
     return (f"| {test['metric']} | {num(test.get('base'))}{ci(test.get('base_ci'))} | "
             f"{num(test.get('specialist'))}{ci(test.get('specialist_ci'))} | {num(test.get('delta'))}"
             f"{ci(test.get('delta_ci'))} | {num(test.get('p_value'))} | {test.get('test') or '—'} | "
