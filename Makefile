@@ -18,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-slow bench configs venv clean
+.PHONY: demo test test-slow lint bench configs venv clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) bench/retrieval_bench.py

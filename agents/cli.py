@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,7 @@ from atelier.config import config_file_option, config_option
 CONFIG_FILE = config_file_option(OrchestratorConfig, "orchestrator")
 
 
-def _orchestrator(config_file: Optional[Path], model: Optional[str], index: Optional[str]):
+def _orchestrator(config_file: Path | None, model: str | None, index: str | None):
     import logging
 
     from agents.orchestrator import Orchestrator
@@ -46,11 +45,11 @@ def _sources(console, sources: list[dict]) -> None:
 def ask(
     question: str = typer.Argument(..., help="The question."),
     as_json: bool = typer.Option(False, "--json", help="Print answer, route, confidence and sources as JSON."),
-    thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation (memory across calls); "
+    thread: str | None = typer.Option(None, "--thread", help="Continue this conversation (memory across calls); "
                                          "default: a new conversation for each question."),
-    model: Optional[str] = config_option(OrchestratorConfig, "model.name", "--model"),
-    index: Optional[str] = config_option(OrchestratorConfig, "retrieval.index", "--index"),
-    config_file: Optional[Path] = CONFIG_FILE,
+    model: str | None = config_option(OrchestratorConfig, "model.name", "--model"),
+    index: str | None = config_option(OrchestratorConfig, "retrieval.index", "--index"),
+    config_file: Path | None = CONFIG_FILE,
 ) -> None:
     """Ask one question: routed to a specialist, the documents, a tool, or the orchestrator model."""
     from rich.console import Console
@@ -72,11 +71,11 @@ def ask(
 
 
 def chat(
-    thread: Optional[str] = typer.Option(None, "--thread", help="Continue this conversation; default: a new one "
+    thread: str | None = typer.Option(None, "--thread", help="Continue this conversation; default: a new one "
                                          "(its id is shown at the start)."),
-    model: Optional[str] = config_option(OrchestratorConfig, "model.name", "--model"),
-    index: Optional[str] = config_option(OrchestratorConfig, "retrieval.index", "--index"),
-    config_file: Optional[Path] = CONFIG_FILE,
+    model: str | None = config_option(OrchestratorConfig, "model.name", "--model"),
+    index: str | None = config_option(OrchestratorConfig, "retrieval.index", "--index"),
+    config_file: Path | None = CONFIG_FILE,
 ) -> None:
     """Chat in the terminal. Each answer shows which route answered and its sources. /reset, /exit."""
     from rich.console import Console

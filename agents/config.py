@@ -3,7 +3,6 @@ read their fields (help, defaults, types) without loading the graph or the web s
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,25 +11,13 @@ from pydantic import Field, field_validator, model_validator
 from agents.auth import check_plain_key
 from agents.llm import ModelConfig
 from agents.routes import RoutesConfig
-from atelier.config import StrictModel
+from atelier.config import StrictModel, retire_key
 from atelier.errors import AtelierError
 from retrieval.config import RetrievalConfig
 from specialists.generation import GenerationParams
 from specialists.runtime import RuntimeConfig
 
-log = logging.getLogger(__name__)
-
-
-def move_into_runtime(data: Any, key: str, old_place: str) -> Any:
-    """`key` of an older config (from before the runtime had its own section) carried into `runtime`, with a warning.
-    An explicit `runtime.KEY` wins over the old place."""
-    if not isinstance(data, dict) or key not in data:
-        return data
-    log.warning("%s has moved to orchestrator.runtime.%s: this config still works, but move the key there",
-                old_place, key)
-    data = dict(data)
-    value = data.pop(key)
-    return {**data, "runtime": {key: value, **dict(data.get("runtime") or {})}}
+MOVED = "{old} has moved to orchestrator.runtime.{key}: this config still works, but move the key there"
 
 
 class OrchestratorConfig(StrictModel):
@@ -54,7 +41,7 @@ class OrchestratorConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _older_runtime_keys(cls, data: Any) -> Any:
-        return move_into_runtime(data, "max_bases", "orchestrator.max_bases")
+        return retire_key(data, "max_bases", MOVED.format(old="orchestrator.max_bases", key="max_bases"), "runtime")
 
 
 class ServeConfig(StrictModel):
@@ -95,8 +82,8 @@ class ServeConfig(StrictModel):
         if not isinstance(data, dict) or "max_tokens_cap" not in data:
             return data
         orchestrator = {"max_tokens_cap": data["max_tokens_cap"], **dict(data.get("orchestrator") or {})}
-        return {**{k: v for k, v in data.items() if k != "max_tokens_cap"},
-                "orchestrator": move_into_runtime(orchestrator, "max_tokens_cap", "max_tokens_cap (serve)")}
+        return {**{k: v for k, v in data.items() if k != "max_tokens_cap"}, "orchestrator": retire_key(
+            orchestrator, "max_tokens_cap", MOVED.format(old="max_tokens_cap (serve)", key="max_tokens_cap"), "runtime")}
 
     @field_validator("api_keys")
     @classmethod

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 
 _SENTENCE = re.compile(r"(?<=[.!?;])\s+(?=[A-Z0-9(\"'])|\n\s*\n|\n(?=\s*(?:[-*•|#]|\d+[.)]))")
 _TERM = re.compile(r"[\w·/.-]+", re.UNICODE)
-_STOP = frozenset("a an the of for to in on at is are was be what which how who when where why do does did i "
-                  "it its this that with and or by from as can should".split())
+_STOP = frozenset(["a", "an", "the", "of", "for", "to", "in", "on", "at", "is", "are", "was", "be", "what", "which", "how", "who", "when", "where", "why", "do", "does", "did", "i", "it", "its", "this", "that", "with", "and", "or", "by", "from", "as", "can", "should"])
 
 
 @dataclass(frozen=True)

@@ -357,7 +357,7 @@ def choose_route(services: Services, question: str, fallback: str) -> str:
     try:
         with tracing.model_call(services.model_name or "orchestrator"):
             choice = services.model.with_structured_output(schema, method="json_schema").invoke(prompt)
-    except Exception as exc:  # noqa: BLE001 - a weak or odd model must never crash routing
+    except Exception as exc:
         log.info("constrained route choice failed (%s: %s); using %s", type(exc).__name__, exc, fallback)
         return fallback
     route = choice.get("route") if isinstance(choice, dict) else None

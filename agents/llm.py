@@ -122,7 +122,7 @@ def bounded_stream(chunks: Iterable[Any], *, time_limit_s: float, clock: Callabl
                 break
     except AtelierError:
         raise
-    except Exception as exc:  # noqa: BLE001 - a server failing mid-answer must not lose the route's output
+    except Exception as exc:
         log.warning("the orchestrator model failed mid-answer (%s: %s); keeping what it wrote",
                     type(exc).__name__, exc)
         finish = "error"

@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from pydantic import Field, model_validator
 
 from agents.router import RouteDecision, RouterConfig, SemanticRouter
-from atelier.config import StrictModel
+from atelier.config import StrictModel, retire_key
 from atelier.errors import AtelierError
 from atelier.home import atelier_home
 from retrieval.types import IndexSummary, SearchBackend
@@ -82,11 +82,8 @@ class RoutesConfig(StrictModel):
     @classmethod
     def _drop_index(cls, data: Any) -> Any:
         """`routes.index` (older configs) never took effect: the orchestrator always replaced it with its own index."""
-        if isinstance(data, dict) and "index" in data:
-            log.warning("routes.index is ignored and can be deleted: the search route describes the index that "
-                        "retrieval.backend and retrieval.index name")
-            data = {key: value for key, value in data.items() if key != "index"}
-        return data
+        return retire_key(data, "index", "routes.index is ignored and can be deleted: the search route describes "
+                          "the index that retrieval.backend and retrieval.index name")
 
 
 # ----------------------------------------------------------------------------- exemplars

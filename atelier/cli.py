@@ -43,16 +43,15 @@ def _root(
 def _assemble() -> None:
     from agents.cli import register as register_agents
     from agents.serve import register_serve
+    from atelier.config_cli import config_app
+    from atelier.doctor import doctor
+    from atelier.trace_view import register as register_traces
     from eval.cli import eval_app
     from retrieval.cli import register as register_retrieval
     from specialists.cli import specialist_app
     from specialists.export.cli import register_export
     from training.cli import register as register_training
     from training.improve_cli import register as register_improve
-
-    from atelier.config_cli import config_app
-    from atelier.doctor import doctor
-    from atelier.trace_view import register as register_traces
 
     app.command("doctor")(doctor)
     register_traces(app)

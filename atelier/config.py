@@ -7,6 +7,7 @@ given as dotted keys (`fusion.alpha=0.3`), so there is one source of defaults.
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -24,6 +25,16 @@ class StrictModel(BaseModel):
     """Base for configs: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def retire_key(data: Any, key: str, why: str, into: str | None = None) -> Any:
+    """An older config's `key`, for a `mode="before"` validator: dropped with a warning saying `why`, or with
+    `into` moved into that section (where a value already set there wins). Configs that lack it pass unchanged."""
+    if not isinstance(data, dict) or key not in data:
+        return data
+    logging.getLogger(__name__).warning(why)
+    rest = {k: v for k, v in data.items() if k != key}
+    return rest if into is None else {**rest, into: {key: data[key], **dict(data.get(into) or {})}}
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -113,7 +113,7 @@ def _start(gguf: Path, n_ctx: int, adapters: tuple[Path, ...], threads: int, exa
     log.info("starting llama.cpp on 127.0.0.1 serving %s (n_ctx %d, %d adapters)", gguf, n_ctx, len(adapters))
     try:
         raw = xllamacpp.Server(params)
-    except Exception as exc:  # noqa: BLE001 - llama.cpp reports load failures as plain exceptions
+    except Exception as exc:
         raise AtelierError(f"llama.cpp could not load {gguf} ({exc}); check that it is a GGUF model llama.cpp "
                            "supports (see the server log above)") from None
     address = raw.listening_address.rstrip("/")
@@ -145,10 +145,3 @@ def private_server(gguf: str | Path, *, n_ctx: int = 512, threads: int = 1, exac
         yield server
     finally:
         server.stop()
-
-
-def stop_all() -> None:
-    with _lock:
-        for server in _servers.values():
-            server.stop()
-        _servers.clear()

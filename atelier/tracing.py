@@ -236,7 +236,7 @@ def _shutdown_locked() -> None:
     if provider is not None:
         try:
             provider.shutdown()  # flushes what is still queued
-        except Exception as exc:  # noqa: BLE001 - never let tracing fail the caller
+        except Exception as exc:
             log.warning("trace export failed at shutdown: %s", exc)
 
 

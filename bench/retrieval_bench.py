@@ -20,26 +20,26 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: stabl
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from eval.beir import load_beir  # noqa: E402
-from eval.metrics import percentile, retrieval_metrics  # noqa: E402
-from eval.retrieval import doc_run  # noqa: E402
-from retrieval.chunking import chunk_document  # noqa: E402
-from retrieval.config import RetrievalConfig, Searcher  # noqa: E402
-from retrieval.embedded import EmbeddedIndex  # noqa: E402
-from retrieval.embeddings import get_encoder  # noqa: E402
-from retrieval.fusion import convex, rrf  # noqa: E402
-from retrieval.indexer import index_documents  # noqa: E402
-from retrieval.types import Mode  # noqa: E402
+from eval.beir import load_beir
+from eval.metrics import percentile, retrieval_metrics
+from eval.retrieval import doc_run
+from retrieval.chunking import chunk_document
+from retrieval.config import RetrievalConfig, Searcher
+from retrieval.embedded import EmbeddedIndex
+from retrieval.embeddings import get_encoder
+from retrieval.fusion import convex, rrf
+from retrieval.indexer import index_documents
+from retrieval.types import Mode
 
 
 def bm25s_reference(data) -> tuple[dict, list[float]]:

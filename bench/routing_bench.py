@@ -32,21 +32,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: stabl
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agents.router import RouterConfig, SemanticRouter  # noqa: E402
-from eval.metrics import percentile  # noqa: E402
-from retrieval.embeddings import get_encoder  # noqa: E402
+from agents.router import RouterConfig, SemanticRouter
+from eval.metrics import percentile
+from retrieval.embeddings import get_encoder
 
 DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "bench" / ".cache" / "routing"
@@ -217,7 +217,7 @@ def latency(router: SemanticRouter, texts: list[str]) -> dict:
     vectors = encoder.encode(texts[:200])
     for vector in vectors:
         decision.append(router.route_vector(vector).latency_ms)
-    stat = lambda v: {"p50": round(percentile(v, 50), 3), "p95": round(percentile(v, 95), 3)}  # noqa: E731
+    stat = lambda v: {"p50": round(percentile(v, 50), 3), "p95": round(percentile(v, 95), 3)}
     return {"queries": len(texts), "embedding": stat(bare), "route": stat(routed), "decision_only": stat(decision)}
 
 

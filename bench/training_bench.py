@@ -18,22 +18,22 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from retrieval.documents import load_folder  # noqa: E402
-from specialists.loading import load_tokenizer  # noqa: E402
-from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt  # noqa: E402
-from training.lora import LoraSettings, trainable_model, trainable_share  # noqa: E402
-from training.models import resolve_base  # noqa: E402
+from retrieval.documents import load_folder
+from specialists.loading import load_tokenizer
+from training.dapt import DaptConfig, PadCollator, to_blocks, train_dapt
+from training.lora import LoraSettings, trainable_model, trainable_share
+from training.models import resolve_base
 
 DOCS = ROOT / "examples" / "docs"
 RESULTS = ROOT / "bench" / "results" / "training.json"

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 _CHARS = {"·": " ", "⋅": " ", "×": " x ", "−": "-", "–": "-", "—": "-", "‑": "-", "Ω": "ohm", "ω": "ohm",
           "µ": "u", "μ": "u", "°": " deg", "º": " deg", "%": " pct ", "³": "3", "²": "2", "’": "'"}
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve".split())}
+    ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"])}
 # unit spellings after a number -> one canonical token; pairs first ("n m" -> "nm")
 _UNIT_PAIRS = {("n", "m"): "nm", ("deg", "c"): "degc", ("degree", "c"): "degc", ("degrees", "c"): "degc",
                ("newton", "metre"): "nm", ("newton", "metres"): "nm", ("newton", "meter"): "nm",

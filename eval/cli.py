@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -24,10 +23,10 @@ def retrieval(
     split: str = typer.Option("test", "--split", help="Which qrels/SPLIT.tsv to score."),
     mode: list[str] = typer.Option([], "--mode", "-m", help="hybrid, bm25, dense (repeatable; default all three)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    index_name: Optional[str] = typer.Option(None, "--index", help="Index to build/reuse (default: beir-<folder name>)."),
-    backend: Optional[str] = config_option(RetrievalConfig, "backend", "--backend", "-b"),
-    config_file: Optional[Path] = config_file_option(RetrievalConfig, "index"),  # noqa: B008
-    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, help="Score only the first N queries."),
+    index_name: str | None = typer.Option(None, "--index", help="Index to build/reuse (default: beir-<folder name>)."),
+    backend: str | None = config_option(RetrievalConfig, "backend", "--backend", "-b"),
+    config_file: Path | None = config_file_option(RetrievalConfig, "index"),
+    max_queries: int | None = typer.Option(None, "--max-queries", min=1, help="Score only the first N queries."),
 ) -> None:
     """nDCG@10, Recall@100, MRR@10 and latency p50/p95 for each search mode."""
     from atelier.config import load_config
@@ -83,7 +82,7 @@ def routing(
     routes: Path = typer.Option(..., "--routes", help="JSONL of {\"text\", \"label\"}: exemplars of each route."),
     queries: Path = typer.Option(..., "--queries", help="JSONL of {\"text\", \"label\"}; label null = out of scope."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-    config_file: Optional[Path] = config_file_option(RouterConfig),
+    config_file: Path | None = config_file_option(RouterConfig),
 ) -> None:
     """In-scope accuracy, out-of-scope recall and routing latency p50/p95 of the semantic router."""
     from rich.console import Console
@@ -105,7 +104,7 @@ def routing(
                         f"{result['n_routes']} routes, {result['n_exemplars']} exemplars")
     for column in ("accuracy", "with fallback", "drop", "OOS recall", "p50 ms", "p95 ms", "embedding p50 ms", "fit s"):
         table.add_column(column, justify="right")
-    show = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    show = lambda v: "-" if v is None else f"{v:.4f}"
     table.add_row(show(result["accuracy"]), show(result["accuracy_with_fallback"]), show(result["accuracy_drop"]),
                   show(result["oos_recall"]),
                   f"{result['latency_ms_p50']:.2f}", f"{result['latency_ms_p95']:.2f}",
@@ -116,20 +115,20 @@ def routing(
 @eval_app.command("specialist")
 def specialist(
     name: str = typer.Argument(..., help="A registered specialist."),
-    exam: Optional[Path] = typer.Option(None, "--exam", help="JSONL exam: question, answer, aliases?, options?, "
+    exam: Path | None = typer.Option(None, "--exam", help="JSONL exam: question, answer, aliases?, options?, "
                                         "correct? (0-based), kind?, id?. Default: the specialist's held-out split."),
     against: list[str] = typer.Option([], "--against", help="Another model on the same items (repeatable): a base "
                                       "name (gemma3-270m), a Hugging Face folder or id, a .gguf file, or a served "
                                       "ollama:/openai:/llamacpp: model (open questions only)."),
     rag: bool = typer.Option(False, "--rag", help="Add `search` (the retrieved passages as the answer) and "
                              "`specialist+search` (the passages in the specialist's prompt)."),
-    docs: Optional[Path] = typer.Option(None, "--docs", help="With --rag: index this folder (into eval-<folder>) "
+    docs: Path | None = typer.Option(None, "--docs", help="With --rag: index this folder (into eval-<folder>) "
                                         "and search it; default: the existing search index."),
-    general: Optional[Path] = typer.Option(None, "--general", help="Text or JSONL file of general text: "
+    general: Path | None = typer.Option(None, "--general", help="Text or JSONL file of general text: "
                                            "perplexity of every local model on it, to show forgetting."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write exam.json, exam.md, exam.png and items.jsonl here."),
-    config_file: Optional[Path] = config_file_option(SpecialistEvalConfig),
+    out: Path | None = typer.Option(None, "--out", help="Write exam.json, exam.md, exam.png and items.jsonl here."),
+    config_file: Path | None = config_file_option(SpecialistEvalConfig),
 ) -> None:
     """A specialist on an exam, side by side with its base and other models, with 95% intervals,
     a paired test against the base and the questions that flipped."""

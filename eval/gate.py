@@ -65,8 +65,8 @@ class MetricTest(BaseModel):
     def sentence(self) -> str:
         if self.outcome == "missing":
             return f"{self.metric}: not measured on both sides (no held-out data or no items)"
-        show = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-        interval = lambda ci: "" if not ci else f" [{ci[0]:.3g}, {ci[1]:.3g}]"  # noqa: E731
+        show = lambda v: "—" if v is None else f"{v:.4g}"
+        interval = lambda ci: "" if not ci else f" [{ci[0]:.3g}, {ci[1]:.3g}]"
         words = {"better": "significantly better", "worse": "significantly worse",
                  "not_significant": "not significantly different", "untested": "not tested (no per-item outcomes)"}
         test = f", p = {self.p_value:.3g} ({self.test}, n = {self.n})" if self.p_value is not None else ""
@@ -114,7 +114,7 @@ def paired_test(metric: str, direction: Literal["higher", "lower"], base: Any, s
     n = len(base)
     if metric == "perplexity":
         result = paired_log_ratio(base, specialist, **boot)
-        value = lambda w: math.exp(sum(x for x, _ in w) / max(sum(t for _, t in w), 1))  # noqa: E731
+        value = lambda w: math.exp(sum(x for x, _ in w) / max(sum(t for _, t in w), 1))
         fields = dict(base=value(base), specialist=value(specialist), test="paired-bootstrap-log-ppl")
     else:
         a, b = [float(x) for x in base], [float(x) for x in specialist]

@@ -18,7 +18,7 @@ def retrieval_metrics(qrels: dict[str, dict[str, int]], run: Run) -> dict[str, f
     full = {q: run.get(q, {}) for q in qrels}
     deep = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100"}).evaluate(full)
     shallow = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(_top(full, 10))
-    mean = lambda values: float(statistics.fmean(values)) if values else 0.0  # noqa: E731
+    mean = lambda values: float(statistics.fmean(values)) if values else 0.0
     return {
         "ndcg@10": mean([deep[q]["ndcg_cut_10"] for q in qrels]),
         "recall@100": mean([deep[q]["recall_100"] for q in qrels]),

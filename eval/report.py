@@ -20,7 +20,6 @@ from atelier.home import atomic_write_bytes, atomic_write_text
 from atelier.reports import METRICS, EvalReport
 from eval.gate import GateConfig, paired_test, verdict
 
-REQUIRED = ("perplexity", "mcq_accuracy")  # GateConfig.required's default
 OUTCOMES = "outcomes"  # the per-item key of a metrics dict; never stored in EvalReport.stages
 COUNTS = ("perplexity_tokens", "perplexity_windows", "mcq_items", "generation_items", "preference_items")
 ARROWS = {"lower": "↓", "higher": "↑", None: ""}
@@ -117,8 +116,8 @@ def render_markdown(report: EvalReport) -> str:
 
 
 def _test_row(test: dict) -> str:
-    num = lambda v: "—" if v is None else f"{v:.4g}"  # noqa: E731
-    ci = lambda v: "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"  # noqa: E731
+    num = lambda v: "—" if v is None else f"{v:.4g}"
+    ci = lambda v: "" if not v else f" [{v[0]:.3g}, {v[1]:.3g}]"
     return (f"| {test['metric']} | {num(test.get('base'))}{ci(test.get('base_ci'))} | "
             f"{num(test.get('specialist'))}{ci(test.get('specialist_ci'))} | {num(test.get('delta'))}"
             f"{ci(test.get('delta_ci'))} | {num(test.get('p_value'))} | {test.get('test') or '—'} | "
@@ -161,8 +160,3 @@ def write_report(report: EvalReport, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["md"], render_markdown(report))
     atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
     return paths
-
-
-def load_report(path: Path) -> EvalReport:
-    """Read an eval.json back (the registry stores the same dict in the record)."""
-    return EvalReport.model_validate_json(Path(path).read_text(encoding="utf-8"))

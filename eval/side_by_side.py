@@ -66,10 +66,9 @@ def evaluate_specialist(name: str, *, exam: Path | None = None, against: Sequenc
     from atelier.home import atelier_home
     from eval.exam import exam_from_heldout, read_exam
     from eval.exam_eval import item_rows, run_system, summarise
+    from eval.specialist import SpecialistEvalConfig
     from eval.systems import SERVED_PREFIXES, LocalModel, SearchSystem, ServedModel, open_passages, resolve_local
     from specialists.registry import Registry
-
-    from eval.specialist import SpecialistEvalConfig
 
     config = config or SpecialistEvalConfig()
     started = time.perf_counter()

@@ -68,7 +68,7 @@ def paired_log_ratio(first: Sequence[tuple[float, int]], second: Sequence[tuple[
         raise ValueError(f"paired perplexity needs the same windows ({len(a)} vs {len(b)})")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a), size=(samples, len(a)))
-    log_ppl = lambda w, i: w[i, 0].sum(axis=-1) / w[i, 1].sum(axis=-1)  # noqa: E731
+    log_ppl = lambda w, i: w[i, 0].sum(axis=-1) / w[i, 1].sum(axis=-1)
     deltas = log_ppl(b, idx) - log_ppl(a, idx)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(deltas, [tail, 100 - tail])

@@ -82,7 +82,7 @@ def table(pdf: SpecPDF, rows: list[list[str]], widths: tuple[int, ...] | None = 
 
 def build() -> None:
     pdf = SpecPDF(format="A4")
-    pdf.set_creation_date(_dt.datetime(2025, 1, 15, tzinfo=_dt.timezone.utc))
+    pdf.set_creation_date(_dt.datetime(2025, 1, 15, tzinfo=_dt.UTC))
     pdf.set_title("Vantor HX-Series End-Suction Pumps: Technical Specifications")
     pdf.set_author("Vantor Pumpworks (fictional)")
     pdf.set_auto_page_break(auto=True, margin=18)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -33,7 +32,7 @@ def _config(config_file: Path | None, command: str, embedding_model: str | None,
 
 
 def index(
-    folder: Optional[Path] = typer.Argument(None, help="Folder of .txt, .md, .html, .pdf and .jsonl documents."),
+    folder: Path | None = typer.Argument(None, help="Folder of .txt, .md, .html, .pdf and .jsonl documents."),
     backend: str | None = config_option(RetrievalConfig, "backend", "--backend", "-b"),
     index_name: str | None = config_option(RetrievalConfig, "index", "--index"),
     embedding_model: str | None = config_option(RetrievalConfig, "embedding.model", "--embedding-model"),

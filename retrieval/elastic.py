@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from atelier.errors import AtelierError
-from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from atelier.redact import redact_url
 from retrieval.elastic_config import _MAX_CANDIDATES, ElasticsearchConfig, connect
+from retrieval.fusion import FusionConfig, FusionMethod, fuse
 from retrieval.types import DocumentEntry, Hit, IndexSummary, Mode
 
 __all__ = ["BulkReport", "ElasticsearchConfig", "ElasticsearchIndex", "connect"]
@@ -133,8 +133,15 @@ class ElasticsearchIndex:
     @contextmanager
     def _cluster(self, action: str) -> Iterator[None]:
         """Turn client failures into one-line AtelierErrors that name what to check."""
-        from elasticsearch import (ApiError, AuthenticationException, AuthorizationException, ConnectionTimeout,
-                                   SSLError, TransportError, UnsupportedProductError)
+        from elasticsearch import (
+            ApiError,
+            AuthenticationException,
+            AuthorizationException,
+            ConnectionTimeout,
+            SSLError,
+            TransportError,
+            UnsupportedProductError,
+        )
         from elasticsearch import ConnectionError as ESConnectionError
 
         where = f"Elasticsearch at {self.url}"

@@ -1,4 +1,4 @@
-"""`atelier specialist ...`: list, show, roll back and remove registered specialists.
+"""`atelier specialist ...`: list, show, activate, roll back and remove registered specialists.
 
 Only the registry (pydantic + JSON files) is imported here: torch stays out of `atelier --help`.
 The root CLI mounts `specialist_app` under the name `specialist`.
@@ -11,7 +11,8 @@ from typing import Any
 
 import typer
 
-specialist_app = typer.Typer(help="Specialist models: add, list, show, roll back, remove.", no_args_is_help=True)
+specialist_app = typer.Typer(help="Specialist models: add, improve, list, show, activate, roll back, remove.",
+                             no_args_is_help=True)
 
 
 def _registry():
@@ -138,6 +139,19 @@ def rollback(name: str = typer.Argument(..., help="Specialist whose previous ver
     before = registry.current_version(name)
     record = registry.rollback(name)
     typer.echo(f"{name}: active version v{before} -> v{record.version}")
+
+
+@specialist_app.command("activate")
+def activate(
+    name: str = typer.Argument(..., help="Specialist to switch."),
+    version: int = typer.Argument(..., min=1, help="The version to make active (`specialist show NAME` lists them)."),
+    force: bool = typer.Option(False, "--force", help="Activate a candidate the regression gate refused."),
+) -> None:
+    """Make one version active: a newer one after a rollback, or a refused candidate with --force."""
+    registry = _registry()
+    before = registry.current_version(name)
+    record = registry.activate(name, version, force=force)
+    typer.echo(f"{name}: active version v{before} -> v{record.version}" + (" (a refused candidate)" if record.candidate else ""))
 
 
 def register(app: typer.Typer) -> None:

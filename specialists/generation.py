@@ -135,7 +135,7 @@ class TokenStream(Iterator[str]):
             try:
                 finish, usage = producer(out.put, cancelled)
                 out.put((_END, finish, usage))
-            except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
+            except BaseException as exc:
                 out.put((_END, exc, None))
 
         self._label = (specialist, version)

@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIN_WEIGHTS_BYTES = 1024  # a real adapter is kilobytes at least; the ZeRO-3 bug left 40 bytes
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SKIPPED_FILES = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin"}
 _ARTIFACT_FIELDS = ("adapter_path", "adapter_sha256", "model_path", "model_sha256")
@@ -402,6 +401,18 @@ class Registry:
                 shutil.rmtree(folder, ignore_errors=True)  # a first registration that failed leaves nothing
             raise
         return version
+
+    def activate(self, name: str, version: int, *, force: bool = False) -> SpecialistRecord:
+        """Make `version` the active one; a candidate (refused by the improvement gate) only with `force`."""
+        folder = self._folder(name)
+        with _locked(folder):
+            record = self.get(name, version)  # a version that is missing or unreadable says so here
+            if record.candidate and not force:
+                reasons = "; ".join(record.candidate_reasons) or "no reasons recorded"
+                raise AtelierError(f"{name} v{version} is a candidate the regression gate refused ({reasons}); "
+                                   "pass --force to make it active anyway")
+            atomic_write_text(folder / "current", f"{version}\n")
+        return record
 
     def rollback(self, name: str) -> SpecialistRecord:
         """Make the newest version older than the active one active (candidates skipped); the newer one stays."""

@@ -137,7 +137,7 @@ class OllamaBackend(_Contract):
         if self._model_window is None:
             try:
                 self._model_window = _model_context_window(self._client.show(self.model)) or 0
-            except Exception as exc:  # noqa: BLE001 - any failure here leaves the chat call to report it
+            except Exception as exc:
                 log.debug("could not read the context window of %s from %s: %s", self.model, self.url, exc)
                 return self.num_ctx
         return min(self.num_ctx, self._model_window) if self._model_window else self.num_ctx

@@ -40,7 +40,7 @@ def allowed_address(address, allowed_hosts: frozenset[str] | set[str] = frozense
     if host in allowed_hosts or host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        return ipaddress.ip_address(host.split("%", maxsplit=1)[0]).is_loopback
     except ValueError:
         return False
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -26,7 +25,7 @@ def add(
     evaluate_stages: bool | None = config_option(SpecialistConfig, "evaluate_stages",
                                                     "--evaluate-stages/--no-evaluate-stages"),
     seed: int | None = config_option(SpecialistConfig, "seed", "--seed"),
-    exam: Optional[Path] = typer.Option(None, "--exam", help="Your own exam (JSONL of question and answer, optionally options and correct): base and specialist are scored on it too, and the gate applies to it."),
+    exam: Path | None = typer.Option(None, "--exam", help="Your own exam (JSONL of question and answer, optionally options and correct): base and specialist are scored on it too, and the gate applies to it."),
     force: bool = typer.Option(False, "--force", help="Register even if the specialist does not beat its base."),
     new_run: bool = typer.Option(False, "--new-run", help="Start a fresh run instead of continuing/reusing the last one."),
 ) -> None:

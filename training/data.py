@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, computed_field, model_validator
 
-from atelier.config import StrictModel
+from atelier.config import StrictModel, retire_key
 from atelier.errors import AtelierError
 from atelier.home import atomic_write_text
 from retrieval.chunking import ChunkConfig, chunk_document
@@ -82,10 +82,8 @@ class DataConfig(StrictModel):
     @classmethod
     def _drop_self_play(cls, data: Any) -> Any:
         """`self_play_fraction` (older configs and manifests) never took effect: no run gave the data step a base model."""
-        if isinstance(data, dict) and "self_play_fraction" in data:
-            log.warning("data.self_play_fraction is ignored and can be deleted: it never took effect")
-            data = {key: value for key, value in data.items() if key != "self_play_fraction"}
-        return data
+        return retire_key(data, "self_play_fraction",
+                          "data.self_play_fraction is ignored and can be deleted: it never took effect")
 
     def bounds(self) -> filters.Bounds:
         return filters.Bounds(**{f: getattr(self, f) for f in filters.Bounds.__dataclass_fields__})

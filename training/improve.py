@@ -219,19 +219,6 @@ def _feedback_items(pairs: list) -> list:
     return [QAItem([{"role": "user", "content": p.question}], p.chosen, p.kind) for p in pairs]
 
 
-def _feedback_ids(pairs: list, eval_config) -> dict[str, list[str]]:
-    """Item names of the feedback outcomes, in the order `mcq_accuracy` and `preference_accuracy` give them."""
-    from eval.specialist import build_mcq
-
-    items = _feedback_items(pairs)
-    mcq = [
-        p.source
-        for i, p in enumerate(pairs)
-        if len(build_mcq(items, i, eval_config.mcq_options, eval_config.seed)) >= 2
-    ]
-    return {"mcq_accuracy": mcq, "preference_accuracy": [p.source for p in pairs]}
-
-
 def _side(model_dir: Path, adapters: list[Path], data_dir: Path, pairs: PairSet, exam, eval_config) -> dict:
     """Per-item outcomes of one version on every gate set."""
     from eval.specialist import evaluate_loaded, load_for_eval, mcq_accuracy, preference_accuracy

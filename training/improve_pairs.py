@@ -116,7 +116,7 @@ def read_pair_file(path: Path) -> list[PreferencePair]:
     for line, row in iter_jsonl(path, fix=fix):
         try:
             if not isinstance(row, dict):
-                raise ValueError("not a JSON object")  # noqa: TRY004 (reported as a bad line, not raised)
+                raise ValueError("not a JSON object")
             missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
             if missing:
                 raise ValueError(f"no {', '.join(missing)}")

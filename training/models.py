@@ -260,7 +260,7 @@ def _check_causal_lm(path: Path, name: str) -> None:
                            "a .gguf file, smollm2-135m or scratch:tiny")
     try:
         config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any unreadable config is the same user error
+    except Exception as exc:
         raise AtelierError(f"base {name}: cannot read its config.json ({exc})") from None
     heads = config.architectures or []
     generative = not heads or any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in heads)
@@ -278,7 +278,7 @@ def _with_chat_template(path: Path, name: str, work_dir: Path) -> Path:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as exc:  # noqa: BLE001 - any unloadable tokenizer is the same user error
+    except Exception as exc:
         raise AtelierError(f"base {name}: cannot load its tokenizer ({exc})") from None
     if tokenizer.chat_template:
         return path

@@ -26,7 +26,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,10 @@ def choose_run(name: str, *, new_run: bool = False) -> Path:
     existing = sorted(p for p in runs.glob("*") if p.is_dir() and not p.name.startswith("."))
     if existing and not new_run:
         return existing[-1]
-    run_dir = runs / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    run_dir = runs / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     while run_dir.exists():
         time.sleep(1)
-        run_dir = runs / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        run_dir = runs / datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True)
     return run_dir
 
@@ -352,7 +352,7 @@ def check_run(base: Path, data_dir: Path, config: SpecialistConfig) -> None:
 
     try:
         tokenizer = load_tokenizer(base)
-    except Exception as exc:  # noqa: BLE001 - any unloadable tokenizer is the same user error
+    except Exception as exc:
         raise AtelierError(f"the base in {base} has no loadable tokenizer ({exc}); pass another --base") from None
     if "sft" in config.stages or "dpo" in config.stages:
         check_chat_template(tokenizer, base)

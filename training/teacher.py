@@ -30,6 +30,7 @@ What is asked, and how answers are checked, lives in `training.prompts`.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import logging
@@ -46,6 +47,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from pydantic import Field
 
+from atelier import tracing
 from atelier.config import StrictModel
 from atelier.errors import AtelierError
 from atelier.redact import redact_url
@@ -140,12 +142,16 @@ class OpenAIBackend:
         extra: dict[str, Any] = {}
         if schema is not None:  # llama.cpp turns the schema into a grammar; OpenAI and vLLM honour it too
             extra["response_format"] = {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema}}
-        try:
-            reply = self._client.chat.completions.create(model=self.model, messages=messages, stream=False,
-                                                         temperature=self.config.temperature,
-                                                         max_tokens=self.config.max_tokens, **extra)
-        except openai.OpenAIError as exc:
-            raise _openai_errors(exc) from None
+        with tracing.model_call(self.label, attributes={tracing.AGENT: "teacher"}) as call:
+            try:
+                reply = self._client.chat.completions.create(model=self.model, messages=messages, stream=False,
+                                                             temperature=self.config.temperature,
+                                                             max_tokens=self.config.max_tokens, **extra)
+            except openai.OpenAIError as exc:
+                raise _openai_errors(exc) from None
+            usage = getattr(reply, "usage", None)
+            call.usage(getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0),
+                       getattr(reply, "model", None))
         try:
             return str(reply.choices[0].message.content or "")
         except (AttributeError, IndexError, TypeError):
@@ -183,14 +189,16 @@ class OllamaBackend:
 
         options = {"num_ctx": self.config.num_ctx, "temperature": self.config.temperature,
                    "num_predict": self.config.max_tokens}
-        try:
-            reply = self._client.chat(self.model, messages=messages, stream=False, options=options, format=schema)
-        except (ConnectionError, httpx.TransportError) as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from None
-        except ResponseError as exc:
-            raise _status_error(exc.status_code) from None
-        except (ValueError, KeyError, TypeError):
-            raise RequestFailed("bad_response") from None
+        with tracing.model_call(f"ollama:{self.model}", attributes={tracing.AGENT: "teacher"}) as call:
+            try:
+                reply = self._client.chat(self.model, messages=messages, stream=False, options=options, format=schema)
+            except (ConnectionError, httpx.TransportError) as exc:
+                raise TransientError(f"{type(exc).__name__}: {exc}") from None
+            except ResponseError as exc:
+                raise _status_error(exc.status_code) from None
+            except (ValueError, KeyError, TypeError):
+                raise RequestFailed("bad_response") from None
+            call.usage(reply.prompt_eval_count, reply.eval_count, reply.model)
         return str(reply.message.content or "")
 
     def probe(self) -> None:
@@ -349,9 +357,14 @@ class Teacher:
         """
         batch: TeacherBatch[T] = TeacherBatch(results=[None] * len(prompts))
         done = 0
-        with ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="teacher") as pool:
+        tracing.setup()  # a batch is one trace (ATELIER_HOME's store, OTLP when configured): a span per model call
+        with (tracing.span("invoke_agent teacher", attributes={tracing.OPERATION: "invoke_agent", tracing.AGENT:
+                           "teacher", tracing.REQUEST_MODEL: self.name, "atelier.teacher.prompts": len(prompts)}),
+              ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="teacher") as pool):
             schema = getattr(parse, "json_schema", None)  # a parser may ask for structured output
-            futures = {pool.submit(self.complete, p, schema): i for i, p in enumerate(prompts)}
+            # each call runs in a copy of this context, so its span is a child of the batch's
+            futures = {pool.submit(contextvars.copy_context().run, self.complete, p, schema): i
+                       for i, p in enumerate(prompts)}
             for future in as_completed(futures):
                 i = futures[future]
                 try:

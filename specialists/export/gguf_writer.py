@@ -262,7 +262,7 @@ def check_tokenizer(path: Path, encoded: dict[str, list[int]]) -> None:
 
     try:
         rebuilt = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to rebuild it means the vocabulary is unusable
+    except Exception as exc:
         raise AtelierError(f"the vocabulary in {path.name} cannot be read back ({exc}): {CONVERT_HINT}") from None
     for text, ids in encoded.items():
         got = rebuilt(text, add_special_tokens=False)["input_ids"]

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tinymodels import build_adapter, build_base, build_tokenizer  # noqa: E402
+from tinymodels import build_adapter, build_base, build_tokenizer
 
 EXAM = Path(__file__).resolve().parents[2] / "bench" / "exams" / "hx-pumps.jsonl"
 

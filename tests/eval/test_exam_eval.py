@@ -89,7 +89,7 @@ def test_paired_comparison_flips_and_kinds():
     exam = _small_exam()
     base_right = {i.id for k, i in enumerate(exam.items) if k < 10}
     spec_right = {i.id for k, i in enumerate(exam.items) if 5 <= k < 35}  # loses q00-q04, gains q10-q34
-    wrong = lambda i: (i.correct + 1) % 4  # noqa: E731
+    wrong = lambda i: (i.correct + 1) % 4
     base = Scripted("base", lambda i: i.correct if i.id in base_right else wrong(i),
                     lambda i: i.answer if i.id in base_right else "no idea")
     spec = Scripted("specialist", lambda i: i.correct if i.id in spec_right else wrong(i),

@@ -1,7 +1,7 @@
 import pytest
 
-from atelier.errors import AtelierError
 from atelier.config import load_config
+from atelier.errors import AtelierError
 from retrieval.chunking import ChunkConfig, chunk_document
 from retrieval.documents import Document
 

@@ -76,8 +76,8 @@ def test_update_and_delete_by_id(index, encoder):
 
 
 def test_failed_batch_leaves_nothing_half_written(index, encoder):
-    from retrieval.types import DocumentEntry
     from retrieval.chunking import chunk_document
+    from retrieval.types import DocumentEntry
 
     good = Document("new.md", "New", "A new document about impellers.", "new.md")
     chunks = chunk_document(good)

@@ -14,7 +14,6 @@ from specialists import registry as registry_module
 from specialists.registry import MIN_WEIGHTS_BYTES, Registry, sha256_file
 
 
-
 def _metrics(ppl: float, right: int, n: int = 40) -> dict:
     """Metrics with per-item outcomes (the first `right` MCQ items right), as the evaluation writes them."""
     import math

@@ -118,6 +118,14 @@ def test_a_candidate_that_regresses_is_kept_but_never_activated(tiny_specialist,
     assert shown.exit_code == 0 and "v2 (candidate, from v1" in shown.output and "heldout" in shown.output
     with pytest.raises(AtelierError, match="no version before v1"):
         registry.rollback("hx")
+    refused = CliRunner().invoke(specialist_app, ["activate", "hx", "2"])
+    assert refused.exit_code != 0 and "regression gate refused" in str(refused.exception)
+    assert registry.current_version("hx") == 1
+    forced = CliRunner().invoke(specialist_app, ["activate", "hx", "2", "--force"])
+    assert forced.exit_code == 0 and "v1 -> v2 (a refused candidate)" in forced.output
+    assert registry.current_version("hx") == 2 and registry.activate("hx", 1).version == 1
+    with pytest.raises(AtelierError, match="no version 7"):
+        registry.activate("hx", 7)
 
 
 @pytest.mark.slow

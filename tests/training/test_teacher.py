@@ -68,11 +68,14 @@ class ChatServer:
                         server.in_flight -= 1
                 if status == 200 and self.path == "/api/chat":
                     body = {"model": request["model"], "message": {"role": "assistant", "content": body},
-                            "done": True, "done_reason": "stop"}
+                            "done": True, "done_reason": "stop", "prompt_eval_count": len(prompt_of(request)),
+                            "eval_count": len(body)}
                 elif status == 200 and isinstance(body, str) and not body.startswith("<"):
                     body = {"id": "x", "object": "chat.completion", "model": request["model"],
                             "choices": [{"index": 0, "message": {"role": "assistant", "content": body},
-                                         "finish_reason": "stop"}]}
+                                         "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": len(prompt_of(request)), "completion_tokens": len(body),
+                                      "total_tokens": len(prompt_of(request)) + len(body)}}
                 self._send(status, body)
 
         return Handler
@@ -217,6 +220,35 @@ def test_ollama_model_not_pulled_names_the_pull_command(serve, tmp_path):
     teacher = Teacher(TeacherConfig(name="ollama:gemma2:27b", base_url=server.url, cache_path=tmp_path / "c.sqlite"))
     with pytest.raises(AtelierError, match="ollama pull gemma2:27b"):
         teacher.check()
+
+
+@pytest.mark.parametrize("provider", ["openai", "ollama"])
+def test_a_batch_is_one_trace_with_a_span_per_teacher_call_and_its_token_usage(serve, tmp_path, provider):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from atelier import tracing
+
+    server = serve(lambda request: (200, "ok " + prompt_of(request)), models=("test-model",))
+    teacher = (openai_teacher(server, tmp_path) if provider == "openai" else
+               Teacher(TeacherConfig(name="ollama:test-model", base_url=server.url, cache_path=tmp_path / "c.sqlite")))
+    exporter = InMemorySpanExporter()
+    tracing.use([exporter])
+    try:
+        batch = teacher.complete_many(["one", "two", "three"], str, concurrency=2)
+    finally:
+        tracing.shutdown()
+    assert batch.accepted == ["ok one", "ok two", "ok three"]
+    spans = exporter.get_finished_spans()
+    root = next(s for s in spans if s.name == "invoke_agent teacher")
+    calls = [s for s in spans if s.name == f"chat {provider}:test-model"]
+    assert len(spans) == 4 and len(calls) == 3 and root.attributes["atelier.teacher.prompts"] == 3
+    assert {c.parent.span_id for c in calls} == {root.context.span_id}  # the worker threads' calls join the batch
+    assert {c.context.trace_id for c in calls} == {root.context.trace_id}
+    usage = sorted((c.attributes["gen_ai.usage.input_tokens"], c.attributes["gen_ai.usage.output_tokens"])
+                   for c in calls)
+    assert usage == sorted((len(p), len("ok " + p)) for p in ("one", "two", "three"))
+    assert all(c.attributes["gen_ai.agent.name"] == "teacher" and c.attributes["gen_ai.provider.name"] == provider
+               for c in calls)
 
 
 def test_prompts_render_with_strict_undefined():
