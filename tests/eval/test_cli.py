@@ -132,12 +132,18 @@ def test_exam_gate_is_what_the_registry_checks(tiny, tmp_path, atelier_home):
 
 
 def test_rag_adds_search_and_the_specialist_with_passages(registered, tmp_path, encoder):
+    import shutil
+
     from eval.side_by_side import evaluate_specialist
     from eval.specialist import SpecialistEvalConfig
 
-    docs = Path(__file__).resolve().parents[2] / "examples" / "docs"
+    exam = _exam(tmp_path, n=6)
+    docs = tmp_path / "docs"  # the manuals these six items come from: indexing all ten costs seconds for nothing
+    docs.mkdir()
+    for line in exam.read_text(encoding="utf-8").splitlines()[:6]:
+        shutil.copy(EXAM.parents[2] / "examples" / "docs" / json.loads(line)["source"], docs)
     config = SpecialistEvalConfig(exam_max_new_tokens=4, rag_passages=2, rag_passage_chars=300)
-    result, rows = evaluate_specialist("pumps", exam=_exam(tmp_path, n=6), rag=True, docs=docs, config=config)
+    result, rows = evaluate_specialist("pumps", exam=exam, rag=True, docs=docs, config=config)
     assert list(result["systems"]) == ["base", "specialist", "specialist+search", "search"]
     search = result["systems"]["search"]
     assert search["mcq_accuracy"] is None and search["open_n"] == 6

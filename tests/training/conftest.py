@@ -120,6 +120,18 @@ def tiny_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """The data step with its defaults over the sample manuals, built once: (folder, manifest, progress events)."""
+    from retrieval.documents import load_folder
+    from training.data import DataConfig, build_datasets
+
+    out = tmp_path_factory.mktemp("sample-data")
+    seen: list[tuple[str, int, int]] = []
+    manifest = build_datasets(load_folder(DOCS).documents, out, DataConfig(), progress=lambda *event: seen.append(event))
+    return out, manifest, seen
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory) -> Path:
     """A small data dir: 120 DAPT paragraphs, 64 SFT and 40 DPO rows, keeps tests fast."""
     return make_data_dir(tmp_path_factory.mktemp("data"), n_dapt=120, n_sft=64, n_dpo=40)

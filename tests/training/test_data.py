@@ -30,11 +30,8 @@ def docs() -> list[Document]:
 
 
 @pytest.fixture(scope="module")
-def built(docs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data")
-    seen: list[tuple[str, int, int]] = []
-    manifest = build_datasets(docs, out, DataConfig(), progress=lambda *event: seen.append(event))
-    return out, manifest, seen
+def built(sample_data):
+    return sample_data
 
 
 def test_files_are_trl_standard_formats(built):

@@ -61,10 +61,10 @@ def test_coverage_counts_value_next_to_topic():
     assert seen["facts"] == 1 and seen["seen_share"] == 1.0 and seen["mean_times"] == 2.0
 
 
-def test_fact_questions_raise_how_often_training_data_states_each_fact(tmp_path):
+def test_fact_questions_raise_how_often_training_data_states_each_fact(tmp_path, sample_data):
     docs = load_folder(DOCS).documents
     plain = build_datasets(docs, tmp_path / "plain", DataConfig(fact_questions=0, fact_restatements=0))
-    varied = build_datasets(docs, tmp_path / "varied", DataConfig())
+    _, varied, _ = sample_data  # the defaults: fact questions and restatements on
     assert varied.coverage["facts"] == plain.coverage["facts"] > 100
     assert varied.coverage["seen_3x_share"] > plain.coverage["seen_3x_share"] + 0.15
     assert varied.kinds["dpo/train.jsonl"].get("fact_quantity/changed_number", 0) > 100  # wrong-fact rejections

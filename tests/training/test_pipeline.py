@@ -21,11 +21,13 @@ ATELIER = [sys.executable, "-m", "atelier.cli"]
 EXAM = Path(__file__).resolve().parents[2] / "bench" / "exams" / "hx-pumps.jsonl"
 SMALL = """
 base: scratch:tiny
-dapt: {max_steps: 40, save_steps: 20, logging_steps: 10}
-sft: {max_steps: 20, save_steps: 10, logging_steps: 5, eval_heldout: false}
+dapt: {max_steps: 30, save_steps: 15, logging_steps: 10}
+sft: {max_steps: 10, save_steps: 5, logging_steps: 5, eval_heldout: false}
 dpo: {max_steps: 8, save_steps: 4, logging_steps: 4, eval_heldout: false}
 eval: {max_perplexity_texts: 20, max_mcq_items: 30, max_generation_items: 4, max_preference_items: 20, max_new_tokens: 8}
 """
+# the kill-and-resume test needs an SFT long enough to be killed between two checkpoints
+KILLABLE = SMALL.replace("sft: {max_steps: 10, save_steps: 5", "sft: {max_steps: 20, save_steps: 10")
 
 
 def _run(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -72,7 +74,9 @@ def test_add_builds_evaluates_and_registers_then_reuses_everything(tmp_path, ate
 
 
 @pytest.mark.slow  # ~70 s; the stage-level SIGKILL test (test_sft.py) covers resuming in the default suite
-def test_killed_during_sft_resumes_from_its_checkpoint(tmp_path, atelier_home, small_config):
+def test_killed_during_sft_resumes_from_its_checkpoint(tmp_path, atelier_home):
+    small_config = tmp_path / "killable.yaml"
+    small_config.write_text(KILLABLE)
     env = {**os.environ, "ATELIER_HOME": str(atelier_home), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([*ATELIER, "specialist", "add", "pumps", "--docs", str(DOCS), "--config",
                              str(small_config), "--force"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
