@@ -36,13 +36,15 @@ def _value(value: Any) -> Any:
 
 
 class SqliteSpanExporter:
-    """Writes finished spans to SQLite and trims the store to the newest `keep` traces (roots)."""
+    """Writes finished spans to SQLite and trims the store to the newest `keep` traces (roots). It trims after
+    every keep/20 new traces, not every batch, so the store holds at most 5% more than `keep` for a while."""
 
     def __init__(self, path: Path, keep: int = 10_000):
         self.path, self.keep = Path(path), keep
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._warned = False
+        self._roots_since_trim = keep  # the first batch trims what an earlier process left
 
     def export(self, spans: Sequence[Any]):
         from opentelemetry.sdk.trace.export import SpanExportResult
@@ -67,8 +69,10 @@ class SqliteSpanExporter:
                     self._db = connect(self.path, what="trace store", fix=FIX, migrations=MIGRATIONS, autocommit=False)
                 with self._db:
                     self._db.executemany("INSERT OR REPLACE INTO spans VALUES (?,?,?,?,?,?,?,?,?)", rows)
-                    if any(r[2] is None for r in rows):
+                    self._roots_since_trim += sum(r[2] is None for r in rows)
+                    if self._roots_since_trim >= max(1, self.keep // 20):  # trim in steps: the scan is the cost
                         self._trim()
+                        self._roots_since_trim = 0
         except (sqlite3.Error, OSError, AtelierError) as exc:
             if not self._warned:  # one warning, then quiet: a broken store costs traces, never requests
                 self._warned = True
