@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -101,6 +102,21 @@ def sample_index(tmp_path_factory, encoder):
               delete=[],
               follow_symlinks=None, max_file_mb=None, quiet=True)
     return home
+
+
+@contextmanager
+def orchestrator_on(home):
+    """The default Orchestrator built on `home` (ATELIER_HOME points there while it is built), closed after."""
+    from agents.config import OrchestratorConfig
+    from agents.orchestrator import Orchestrator
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATELIER_HOME", str(home))
+        orchestrator = Orchestrator(OrchestratorConfig())
+        try:
+            yield orchestrator
+        finally:
+            orchestrator.close()
 
 
 def home_with_index(sample_index, target):

@@ -21,6 +21,7 @@ from agents.config import OrchestratorConfig, ServeConfig
 from agents.orchestrator import Orchestrator
 from atelier.errors import AtelierError
 from specialists.registry import Registry
+from tests.conftest import orchestrator_on
 from tests.tinymodels import build_adapter, build_base, build_tokenizer
 
 DOCS = Path(__file__).resolve().parents[2] / "examples" / "docs"
@@ -53,11 +54,8 @@ def _module_home(home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def orchestrator(home):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_HOME", str(home))
-        orchestrator = Orchestrator(OrchestratorConfig())
+    with orchestrator_on(home) as orchestrator:
         yield orchestrator
-    orchestrator.close()
 
 
 @contextmanager

@@ -18,8 +18,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
 from agents.api import create_app
-from agents.config import OrchestratorConfig, ServeConfig
-from agents.orchestrator import Orchestrator
+from agents.config import ServeConfig
+from tests.conftest import orchestrator_on
 
 FUZZ = settings(max_examples=30, deadline=None, database=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
@@ -37,11 +37,8 @@ def _module_home(home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def app(home):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_HOME", str(home))
-        orchestrator = Orchestrator(OrchestratorConfig())
+    with orchestrator_on(home) as orchestrator:
         yield create_app(ServeConfig(max_concurrency=64), orchestrator=orchestrator)
-    orchestrator.close()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from agents.config import OrchestratorConfig, ServeConfig
 from agents.orchestrator import Orchestrator
 from atelier import tracing
 from tests.agents.test_api import running
+from tests.conftest import orchestrator_on
 
 KEY = "test-key-0123456789"
 
@@ -40,11 +41,8 @@ def _home(home, monkeypatch):
 
 @pytest.fixture(scope="module")
 def orchestrator(home):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("ATELIER_HOME", str(home))
-        orchestrator = Orchestrator(OrchestratorConfig())
+    with orchestrator_on(home) as orchestrator:
         yield orchestrator
-    orchestrator.close()
 
 
 def sse_chunks(url: str, question: str) -> list[dict]:
