@@ -176,11 +176,20 @@ def convert_gguf(gguf: Path, name: str) -> Path:
     template (the file's own, or `PLAIN_CHAT_TEMPLATE` for a pretrained model that has none),
     and is written to a temporary sibling first: a killed conversion never looks complete.
     """
+    from filelock import FileLock
+
     from atelier.home import atelier_home
 
     digest = sha256_file(gguf)
     target = atelier_home() / "bases" / f"gguf-{digest[:16]}"
     fingerprint = _hash_json({"gguf": digest, "version": _GGUF_CONVERSION_VERSION})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # two runs converting the same base at once: the second waits and reuses the first's folder
+    with FileLock(target.parent / f".{target.name}.lock"):
+        return _convert_locked(gguf, name, target, digest, fingerprint)
+
+
+def _convert_locked(gguf: Path, name: str, target: Path, digest: str, fingerprint: str) -> Path:
     if _marker_matches(target, fingerprint):
         log.debug("reusing converted base %s in %s", name, target)
         return target
