@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rates", type=float, nargs="*", default=[5e-5, 2e-4, 5e-4, 1e-3])
+    parser.add_argument("--heldout-rows", type=int, default=80,
+                        help="SFT held-out conversations scored (seeded sample; each is scored before and after)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="lr-sweep-"))
@@ -48,6 +50,12 @@ def main() -> None:
     docs = load_folder(ROOT / "examples" / "docs").documents
     data = work / "data"
     build_datasets(docs, data, DataConfig())
+    heldout = data / "sft" / "heldout.jsonl"
+    lines = heldout.read_text(encoding="utf-8").splitlines()
+    if len(lines) > args.heldout_rows:
+        import random
+
+        atomic_write_text(heldout, "\n".join(random.Random(0).sample(lines, args.heldout_rows)) + "\n")
     rows = []
     for stage in ("dapt", "sft"):
         for rate in args.rates:
@@ -55,13 +63,13 @@ def main() -> None:
             out = work / f"{stage}-{rate:g}"
             if stage == "dapt":
                 config = DaptConfig(max_steps=args.steps, learning_rate=rate, batch_size=2, grad_accumulation=2,
-                                    warmup_steps=1, save_steps=10_000)
+                                    warmup_steps=1, save_steps=10_000, eval_heldout=True)
                 result = train_dapt(base, data, out, config, LoraSettings())
                 score = {"before": result.metrics.get("heldout_perplexity_before"),
                          "after": result.metrics.get("heldout_perplexity"), "metric": "heldout_perplexity"}
             else:
                 config = SftConfig(max_steps=args.steps, learning_rate=rate, batch_size=2, grad_accumulation=2,
-                                   warmup_steps=1, save_steps=10_000)
+                                   warmup_steps=1, save_steps=10_000, eval_heldout=True)
                 result = train_sft(base, data, out, config, LoraSettings())
                 score = {"before": result.metrics.get("heldout_loss_before"),
                          "after": result.metrics.get("heldout_loss"), "metric": "heldout_answer_loss"}
@@ -71,7 +79,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     best = {stage: min((r for r in rows if r["stage"] == stage), key=lambda r: r["after"])["learning_rate"]
             for stage in ("dapt", "sft")}
-    out = {"base": args.base, "steps": args.steps, "effective_batch": 4, "seq_len": 256, "rows": rows, "best": best}
+    out = {"base": args.base, "steps": args.steps, "sft_heldout_rows": min(len(lines), args.heldout_rows), "effective_batch": 4, "seq_len": 256, "rows": rows, "best": best}
     atomic_write_text(ROOT / "bench" / "results" / "lr-sweep.json", json.dumps(out, indent=2) + "\n")
     print(json.dumps({"best": best}))
 

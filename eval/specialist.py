@@ -27,7 +27,8 @@ from eval.gate import GateConfig
 from eval.scoring import left_pad, score_continuations, score_options
 from specialists.loading import load_model, load_tokenizer, pick_device
 
-MCQNorm = Literal["bytes", "tokens", "none"]
+MCQNorm = Literal["bytes", "tokens", "none", "pmi"]
+NEUTRAL_PROMPT = [{"role": "user", "content": "Answer:"}]  # the premise of `pmi` scoring
 
 
 class SpecialistEvalConfig(StrictModel):
@@ -42,7 +43,11 @@ class SpecialistEvalConfig(StrictModel):
     mcq_normalization: MCQNorm = Field("bytes", description="How an option's log-likelihood is length-normalised "
                                        "before the options are compared: bytes (sum of log p over the option's "
                                        "UTF-8 length, lm-evaluation-harness's acc_norm, comparable across "
-                                       "tokenizers), tokens (mean per token) or none (plain sum).")
+                                       "tokenizers), tokens (mean per token), none (plain sum), or pmi (log p of "
+                                       "the option after the question minus after a neutral 'Answer:' prompt: "
+                                       "an option that is likely anywhere, such as a value the domain repeats, "
+                                       "gains nothing; Holtzman et al. 2021, one more short pass per distinct "
+                                       "option).")
     mcq_options: int = Field(4, ge=2, le=10, description="Options per multiple-choice question: the reference "
                              "answer plus this many minus one distractors taken from other held-out answers.")
     max_generation_items: int = Field(40, ge=0, description="At most this many held-out SFT questions answered by "
@@ -200,12 +205,32 @@ def build_mcq(items: list[QAItem], index: int, options: int, seed: int) -> list[
 
 
 def option_score(logprob: float, tokens: int, text: str, normalization: MCQNorm) -> float:
-    """An option's log-likelihood, length-normalised as configured (see `mcq_normalization`)."""
+    """An option's log-likelihood, length-normalised as configured (see `mcq_normalization`; pmi: none here)."""
     if normalization == "bytes":
         return logprob / max(len(text.encode("utf-8")), 1)
     if normalization == "tokens":
         return logprob / max(tokens, 1)
     return logprob
+
+
+def choice_scores(model, tokenizer, prompts: list[list[dict[str, str]]], options: list[list[str]],
+                  config: SpecialistEvalConfig) -> list[list[float]]:
+    """Every option's score after its prompt (conversations), normalised as `config.mcq_normalization` says."""
+    scores = score_options(model, [chat_ids(tokenizer, p) for p in prompts],
+                           [[text_ids(tokenizer, o) for o in opts] for opts in options], config.batch_size,
+                           tokenizer.pad_token_id, context_size(model, config))
+    normed = [[option_score(lp, n, text, config.mcq_normalization) for (lp, n), text in zip(row, opts)]
+              for row, opts in zip(scores, options)]
+    if config.mcq_normalization != "pmi":
+        return normed
+    distinct = sorted({o for opts in options for o in opts})
+    step = max(1, config.batch_size) * 4  # options per neutral prompt row (short rows: cheap)
+    chunks = [distinct[i:i + step] for i in range(0, len(distinct), step)]
+    neutral_ids = chat_ids(tokenizer, NEUTRAL_PROMPT)
+    prior = score_options(model, [neutral_ids] * len(chunks), [[text_ids(tokenizer, o) for o in c] for c in chunks],
+                          1, tokenizer.pad_token_id, context_size(model, config))
+    unconditional = {o: lp for chunk, row in zip(chunks, prior) for o, (lp, _) in zip(chunk, row)}
+    return [[score - unconditional[o] for score, o in zip(row, opts)] for row, opts in zip(normed, options)]
 
 
 def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalConfig) -> dict[str, float]:
@@ -220,14 +245,9 @@ def mcq_accuracy(model, tokenizer, items: list[QAItem], config: SpecialistEvalCo
     questions = [(i, opts) for i, opts in questions if len(opts) >= 2]
     if not questions:
         return {}
-    prompts = [chat_ids(tokenizer, items[i].prompt) for i, _ in questions]
-    options = [[text_ids(tokenizer, o) for o in opts] for _, opts in questions]
-    scores = score_options(model, prompts, options, config.batch_size, tokenizer.pad_token_id,
-                           context_size(model, config))
-    outcomes = []
-    for (_, opts), per_option in zip(questions, scores):
-        normed = [option_score(lp, n, text, config.mcq_normalization) for (lp, n), text in zip(per_option, opts)]
-        outcomes.append(int(max(range(len(opts)), key=lambda o: normed[o]) == 0))
+    scores = choice_scores(model, tokenizer, [items[i].prompt for i, _ in questions], [o for _, o in questions],
+                           config)
+    outcomes = [int(max(range(len(row)), key=row.__getitem__) == 0) for row in scores]
     chance = sum(1 / len(opts) for _, opts in questions) / len(questions)
     return {"mcq_accuracy": sum(outcomes) / len(questions), "mcq_chance": chance, "mcq_items": len(questions),
             "outcomes": {"mcq_accuracy": outcomes}}

@@ -54,16 +54,11 @@ class LocalModel:
         return item.messages(self.passages(item) if self.passages else None)
 
     def choose(self, items: list[ExamItem]) -> list[list[float]]:
-        from eval.scoring import score_options
-        from eval.specialist import chat_ids, context_size, option_score, text_ids
+        from eval.specialist import choice_scores
 
         model, tokenizer = self._model()
-        prompts = [chat_ids(tokenizer, self._messages(i)) for i in items]
-        options = [[text_ids(tokenizer, o) for o in i.options] for i in items]
-        scores = score_options(model, prompts, options, self.config.batch_size, tokenizer.pad_token_id,
-                               context_size(model, self.config))
-        return [[option_score(lp, n, text, self.config.mcq_normalization) for (lp, n), text in zip(row, i.options)]
-                for row, i in zip(scores, items)]
+        return choice_scores(model, tokenizer, [self._messages(i) for i in items], [i.options for i in items],
+                             self.config)
 
     def answer(self, items: list[ExamItem]) -> list[str]:
         from eval.specialist import generate_answers

@@ -19,6 +19,7 @@ specialist's base model.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
@@ -35,6 +36,7 @@ from atelier.home import atelier_home, atomic_dir, atomic_write_text
 from atelier.reports import EvalReport
 from retrieval.documents import Document, DocumentsConfig, load_folder
 from training.config import SpecialistConfig
+from training.recipe import MIN_STEPS
 
 DONE_FILE = "summary.json"
 
@@ -133,16 +135,31 @@ def generate_data(docs: list[Document], data_dir: Path, config: SpecialistConfig
 
 def evaluate_cached(label: str, model: Path, adapter: Path | None, data_dir: Path, manifest_hash: str,
                     config: SpecialistConfig, eval_dir: Path, stage_stamp: str = "") -> dict[str, float]:
-    """Held-out metrics of model (+ adapter), cached under eval_dir/<label>.json by their inputs."""
+    """Held-out metrics of model (+ adapter), cached under eval_dir/<label>.json by their inputs.
+
+    A bare model (the base) is also cached in ATELIER_HOME/cache/eval by its contents, the data's and
+    the evaluation settings: another run on the same documents and base (a new budget, other LoRA
+    settings, `--new-run`) reuses its score, minutes on a real base, instead of paying them again.
+    """
     from eval.specialist import evaluate_model
 
     key = _digest(str(model), str(adapter), manifest_hash, config.eval.model_dump(mode="json"), stage_stamp)
     cached = eval_dir / f"{label}.json"
-    if cached.exists():
-        saved = json.loads(cached.read_text())
-        if saved.get("key") == key:
-            return saved["metrics"]
-    metrics = evaluate_model(model, adapter, data_dir, config.eval)
+    shared = None
+    if adapter is None:
+        shared_key = _digest(model_identity(model), manifest_hash, config.eval.model_dump(mode="json"))
+        shared = atelier_home() / "cache" / "eval" / f"{shared_key[:32]}.json"
+    for path in (cached, shared):
+        if path is not None and path.is_file():
+            with contextlib.suppress(ValueError, KeyError):
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                if path == shared or saved.get("key") == key:
+                    metrics = saved["metrics"]
+                    break
+    else:
+        metrics = evaluate_model(model, adapter, data_dir, config.eval)
+        if shared is not None:
+            atomic_write_text(shared, json.dumps({"model": str(model), "metrics": metrics}, indent=2) + "\n")
     atomic_write_text(cached, json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
     return metrics
 
@@ -261,12 +278,16 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
         hooks.step("plan", f"stages for the {config.budget_minutes:g} min budget")
         plans = plan_stages(base, data_dir, run_dir, config, throughput, spent_s=time.perf_counter() - run_started,
                             final_eval_s=result.timings["eval:base"])
+        left_out = [s for s in config.stages if s not in plans]
         hooks.done("plan", 0.0, ", ".join(
-            f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values()))
+            f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values())
+            + (f"; {', '.join(left_out)} left out: the budget gives it fewer than {MIN_STEPS} steps"
+               if left_out else ""))
         # a budgeted stage never scores the held-out split itself (minutes on a real base):
         # the run's evaluation of base and specialist is what the budget pays for
-        config = config.model_copy(update={s: getattr(config, s).model_copy(
-            update={"max_steps": p.max_steps, "eval_heldout": False}) for s, p in plans.items()})
+        config = config.model_copy(update={"stages": [s for s in config.stages if s in plans], **{
+            s: getattr(config, s).model_copy(update={"max_steps": p.max_steps, "eval_heldout": False})
+            for s, p in plans.items()}})
 
     if exam is not None:
         from eval.exam import read_exam

@@ -17,8 +17,9 @@ recipe choose; any value set in YAML or on the command line wins.
 * **Budget.** With `budget_minutes`, the pipeline measures the training throughput on the
   real model (`measure_throughput`: two optimizer steps on real blocks), subtracts what it
   has spent and what the final evaluation will cost, and gives each stage the same share of
-  an epoch (`plan_budget`). A time limit on every stage keeps the run inside the budget
-  even when the machine slows down.
+  an epoch (`plan_budget`); a budget too tight for every stage leaves DPO, then DAPT, out
+  rather than train each for a step or two. A time limit on every stage keeps the run inside
+  the budget even when the machine slows down.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from atelier.errors import AtelierError
@@ -194,25 +195,47 @@ class StagePlan:
     seconds: float  # time allotted
 
 
+MIN_STEPS = 4  # a stage given fewer optimizer steps than this teaches too little to pay its own overhead
+# Under a budget too tight for every stage, stages are left out in this order: DPO costs the most per
+# step and only refines answers SFT taught; DAPT's text lowers perplexity, but SFT's answers (domain
+# text too) move both numbers the gate requires. SFT, when asked for, always stays.
+DROP_ORDER = ("dpo", "dapt")
+
+
 def plan_budget(seconds_left: float, tokens_per_epoch: dict[str, int], rows_per_epoch: dict[str, int],
                 tokens_per_s: float, effective_batch: dict[str, int], max_epochs: dict[str, float],
                 overhead_s: float = 20.0) -> dict[str, StagePlan]:
-    """Steps for each stage so that all of them end within `seconds_left`.
+    """Steps for each stage so that all of them end within `seconds_left`; left-out stages are absent.
 
     Every stage gets the same share of an epoch (capped at its `max_epochs`), since each
-    teaches something the others do not (text, answers, preferences); at least 2 steps.
+    teaches something the others do not (text, answers, preferences). When that share gives a
+    stage fewer than MIN_STEPS steps, stages are left out in DROP_ORDER (their time goes to the
+    rest) until every stage kept has MIN_STEPS, or only one is left (it gets at least 2).
     """
     stages = list(tokens_per_epoch)
+    while True:
+        plans = _equal_share(stages, seconds_left, tokens_per_epoch, rows_per_epoch, tokens_per_s, effective_batch,
+                             max_epochs, overhead_s)
+        droppable = [s for s in DROP_ORDER if s in stages and len(stages) > 1]
+        if plans is not None and (all(p.max_steps >= MIN_STEPS for p in plans.values()) or not droppable):
+            return {s: replace(p, max_steps=max(2, p.max_steps)) for s, p in plans.items()}
+        if not droppable:
+            raise AtelierError(f"the time budget leaves {max(seconds_left, 0) / 60:.1f} min for training after "
+                               "data and evaluation; give a larger --budget, or set eval.max_mcq_items lower")
+        stages = [s for s in stages if s != droppable[0]]
+
+
+def _equal_share(stages, seconds_left, tokens_per_epoch, rows_per_epoch, tokens_per_s, effective_batch, max_epochs,
+                 overhead_s) -> dict[str, StagePlan] | None:
+    """Plans giving every stage the same share of an epoch; None when no training time is left."""
     train_s = seconds_left - overhead_s * len(stages)
     if train_s <= 0 or tokens_per_s <= 0:
-        raise AtelierError(f"the time budget leaves {max(seconds_left, 0) / 60:.1f} min for {len(stages)} training "
-                           "stages after data and evaluation; give a larger --budget, fewer --stages, or set "
-                           "eval.max_generation_items lower")
+        return None
     epoch_s = {s: tokens_per_epoch[s] * STAGE_COST[s] / tokens_per_s for s in stages}
     share = train_s / sum(epoch_s.values())
     plans = {}
     for stage in stages:
         epochs = min(share, max_epochs[stage])
-        steps = max(2, math.floor(epochs * rows_per_epoch[stage] / effective_batch[stage]))
+        steps = math.floor(epochs * rows_per_epoch[stage] / effective_batch[stage])
         plans[stage] = StagePlan(stage, steps, round(epochs, 3), epoch_s[stage] * epochs)
     return plans

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 import warnings
@@ -60,7 +61,8 @@ class StageConfig(StrictModel):
                                    "(effective batch = batch_size x this).")
     seq_len: int = Field(256, ge=16, description="Tokens per training sequence; longer rows are truncated.")
     warmup_steps: float = Field(0.05, ge=0, description="Linear warmup: a step count, or a fraction of all "
-                                "steps if < 1.")
+                                "steps if < 1 (under max_steps rounded down, so a short budgeted run does not spend its "
+                                "first step at learning rate 0).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps "
                             "(the last 2 are kept).")
@@ -193,11 +195,14 @@ def training_kwargs(config: StageConfig, out_dir: Path, progress: ProgressFn | N
     if config.learning_rate is None or config.batch_size is None or (config.max_steps is None and config.epochs is None):
         raise AtelierError("stage config not resolved: call resolve_stage_config() before training")  # a bug, not a user error
     steps = {"max_steps": config.max_steps} if config.max_steps else {"num_train_epochs": config.epochs}
+    warmup = config.warmup_steps
+    if warmup < 1 and config.max_steps:  # transformers rounds a fraction up: 1 of 2 budgeted steps at lr 0
+        warmup = math.floor(warmup * config.max_steps)
     return dict(
         output_dir=str(out_dir / "checkpoints"), **steps,
         per_device_train_batch_size=config.batch_size, per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accumulation, learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine", warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        lr_scheduler_type="cosine", warmup_steps=warmup, weight_decay=config.weight_decay,
         logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=2,
         seed=config.seed, data_seed=config.seed, report_to=config.report_to,

@@ -94,6 +94,26 @@ def test_prompt_sharing_gives_the_same_scores_as_one_sequence_per_option(tiny):
     assert len({round(lp, 3) for row in shared for lp, _ in row}) > 6, "the options really score differently"
 
 
+def test_pmi_scoring_subtracts_what_each_option_scores_after_a_neutral_prompt(tiny):
+    from eval.scoring import score_continuations
+    from eval.specialist import NEUTRAL_PROMPT, SpecialistEvalConfig, chat_ids, choice_scores, load_for_eval, text_ids
+
+    model, tokenizer = load_for_eval(tiny / "base")
+    prompts = [[{"role": "user", "content": q}] for q in ("Impeller nut torque on the HX-65?", "E14?")]
+    options = [["80 N·m", "65 N·m", "150 N·m"], ["Dry-run protection", "80 N·m", "Earth fault"]]
+    config = SpecialistEvalConfig(batch_size=1)  # 4 options per neutral row: three rows over five distinct options
+    pmi = choice_scores(model, tokenizer, prompts, options, config.model_copy(update={"mcq_normalization": "pmi"}))
+    raw = choice_scores(model, tokenizer, prompts, options, config.model_copy(update={"mcq_normalization": "none"}))
+    neutral = chat_ids(tokenizer, NEUTRAL_PROMPT)
+    for pmi_row, raw_row, opts in zip(pmi, raw, options):
+        prior = score_continuations(model, [(neutral, text_ids(tokenizer, o)) for o in opts], 4,
+                                    tokenizer.pad_token_id, 256)
+        for p, r, (lp, _) in zip(pmi_row, raw_row, prior):
+            assert p == pytest.approx(r - lp, abs=1e-3)
+    # the same option after the same neutral prior: PMI moves it by the same amount in both questions
+    assert pmi[0][0] - raw[0][0] == pytest.approx(pmi[1][1] - raw[1][1], abs=1e-4) and pmi[0][0] != raw[0][0]
+
+
 @pytest.mark.parametrize("args, message", [
     (["eval", "specialist", "nobody"], "no specialist named 'nobody'"),
     (["eval", "specialist", "pumps", "--exam", "/no/such.jsonl"], "cannot read the exam"),

@@ -122,6 +122,31 @@ def test_cpu_precision_is_fp32_even_for_trl_configs(tmp_path):
         assert (args.bf16, args.fp16, args.use_cpu, args.activation_checkpointing) == (False, False, True, False)
 
 
+def test_a_short_run_spends_no_step_at_learning_rate_zero(tmp_path):
+    """transformers rounds a warmup fraction up: 1 warmup step of 2 is a step at lr 0. Fractions round down here."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    from training.sft import SftConfig
+    from training.trainer_common import training_kwargs
+
+    def first_rates(max_steps: int, warmup: float) -> list[float]:
+        config = SftConfig(max_steps=max_steps, learning_rate=1e-3, batch_size=2, warmup_steps=warmup)
+        args = TrainingArguments(**training_kwargs(config, tmp_path, None))
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, args.get_warmup_steps(max_steps), max_steps)
+        rates = []
+        for _ in range(2):
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return rates
+
+    assert first_rates(2, 0.05)[0] == pytest.approx(1e-3)  # no warmup under 20 steps
+    assert first_rates(100, 0.05) == [0.0, pytest.approx(1e-3 / 5)]  # 5 warmup steps of 100
+    assert first_rates(2, 1)[0] == 0.0  # an explicit step count is kept as given
+
+
 def test_adapter_without_weights_is_refused(tmp_path, tiny_base):
     from safetensors.torch import save_file
 

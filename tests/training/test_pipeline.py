@@ -148,3 +148,26 @@ def test_config_typos_are_rejected(tmp_path, atelier_home):
     assert result.returncode == 1 and "sft.max_step" in result.stderr
     result = _run(atelier_home, "specialist", "add", "x", "--docs", str(DOCS), "--stages", "sft,dapt", check=False)
     assert result.returncode == 1 and "order" in result.stderr
+
+
+def test_the_base_evaluation_is_reused_by_another_run_on_the_same_data_and_settings(tiny_base, small_data, tmp_path,
+                                                                                   monkeypatch):
+    import eval.specialist
+    from training.config import SpecialistConfig
+    from training.pipeline import evaluate_cached
+
+    config = SpecialistConfig(eval={"max_perplexity_texts": 4, "max_mcq_items": 6, "max_generation_items": 0,
+                                    "max_preference_items": 4})
+    first = evaluate_cached("base", tiny_base, None, small_data, "data-v1", config, tmp_path / "run1" / "eval")
+    assert first["mcq_items"] == 6 and "outcomes" in first
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated again")
+
+    monkeypatch.setattr(eval.specialist, "evaluate_model", no_evaluation)
+    again = evaluate_cached("base", tiny_base, None, small_data, "data-v1", config, tmp_path / "run2" / "eval")
+    assert again == first and json.loads((tmp_path / "run2/eval/base.json").read_text())["metrics"] == first
+    for other_data, other_config in (("data-v2", config), ("data-v1", config.model_copy(update={
+            "eval": config.eval.model_copy(update={"max_mcq_items": 5})}))):
+        with pytest.raises(AssertionError, match="evaluated again"):  # other data or settings: scored anew
+            evaluate_cached("base", tiny_base, None, small_data, other_data, other_config, tmp_path / "run3" / "eval")

@@ -9,6 +9,7 @@ from training.dapt import DaptConfig
 from training.dpo import DpoConfig
 from training.recipe import (
     EFFECTIVE_BATCH,
+    MIN_STEPS,
     ModelShape,
     bytes_per_sequence,
     micro_batch,
@@ -62,6 +63,20 @@ def test_budget_gives_each_stage_the_same_share_of_an_epoch():
     assert plans["sft"].max_steps == int(shares["sft"] * 400 / 8)
     roomy = plan_budget(10_000, tokens, rows, 100, {s: 8 for s in tokens}, {s: 1.0 for s in tokens})
     assert all(p.epochs == 1.0 for p in roomy.values())  # never more than the recipe's epochs
+
+
+def test_a_budget_too_tight_for_every_stage_leaves_dpo_then_dapt_out():
+    tokens = {"dapt": 40_000, "sft": 100_000, "dpo": 60_000}
+    rows = {"dapt": 160, "sft": 400, "dpo": 500}
+    batches, epochs = {s: 8 for s in tokens}, {s: 1.0 for s in tokens}
+    every = plan_budget(60 + 1200, tokens, rows, 100, batches, epochs)
+    assert set(every) == {"dapt", "sft", "dpo"} and min(p.max_steps for p in every.values()) >= MIN_STEPS
+    two = plan_budget(360, tokens, rows, 100, batches, epochs)  # equal shares would give dapt 2 steps
+    assert list(two) == ["dapt", "sft"] and all(p.max_steps >= MIN_STEPS for p in two.values())
+    assert sum(p.seconds for p in two.values()) == pytest.approx(360 - 2 * 20, rel=0.01)  # dpo's time goes to them
+    one = plan_budget(150, tokens, rows, 100, batches, epochs)
+    assert list(one) == ["sft"] and one["sft"].max_steps >= 2
+    assert list(plan_budget(45, {"dpo": 60_000}, {"dpo": 500}, 100, {"dpo": 8}, {"dpo": 1.0})) == ["dpo"]
 
 
 def test_a_budget_that_leaves_no_training_time_is_a_clear_error():
