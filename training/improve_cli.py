@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from atelier.config import config_option
+from training.improve import ImproveConfig
+
 
 def improve(
     name: Annotated[str, typer.Argument(help="Specialist to improve (its active version is the starting point).")],
@@ -33,6 +36,15 @@ def improve(
     min_pairs: Annotated[
         int | None, typer.Option("--min-pairs", help="Fewest training pairs a round runs on (default 8).")
     ] = None,
+    teacher: str | None = config_option(ImproveConfig, "teacher.name", "--teacher"),
+    no_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--no-teacher",
+            help="No teacher this round, not even the specialist's own or --config's: a thumbs-down without a "
+            "correction gets the best-grounded passage sentence as its chosen answer.",
+        ),
+    ] = False,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="YAML file with an ImproveConfig (flags override it).")
     ] = None,
@@ -43,7 +55,6 @@ def improve(
     from atelier.config import load_config
     from atelier.errors import AtelierError
     from training.cli import Display
-    from training.improve import ImproveConfig
     from training.improve import improve as run_round
 
     if since is not None:
@@ -51,8 +62,12 @@ def improve(
             date.fromisoformat(since[:10])
         except ValueError:
             raise AtelierError(f"--since {since!r} is not a date; use YYYY-MM-DD (e.g. 2026-11-30)") from None
-    overrides = {"dpo.preference": preference, "min_pairs": min_pairs}
+    if teacher is not None and no_teacher:
+        raise AtelierError("--teacher and --no-teacher contradict each other; pass one of them")
+    overrides = {"dpo.preference": preference, "min_pairs": min_pairs, "teacher.name": teacher}
     config = load_config(ImproveConfig, config_file, overrides)
+    if no_teacher:
+        config = config.model_copy(update={"teacher": None, "teacher_from_specialist": False})
     with Display() as display:
         result = run_round(
             name,
@@ -85,6 +100,8 @@ def _print_pairs(pairs) -> None:
             )
     console = Console()
     console.print(table)
+    if pairs.teacher:
+        console.print(f"chosen answers of thumbs-down without a correction: teacher {pairs.teacher}")
     if pairs.rejected:
         console.print("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(pairs.rejected.items())))
 
