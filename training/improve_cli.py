@@ -7,9 +7,6 @@ from typing import Annotated
 
 import typer
 
-from atelier.config import config_option
-from training.improve import ImproveConfig
-
 
 def improve(
     name: Annotated[str, typer.Argument(help="Specialist to improve (its active version is the starting point).")],
@@ -36,7 +33,15 @@ def improve(
     min_pairs: Annotated[
         int | None, typer.Option("--min-pairs", help="Fewest training pairs a round runs on (default 8).")
     ] = None,
-    teacher: str | None = config_option(ImproveConfig, "teacher.name", "--teacher"),
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help="Teacher (provider:model, as for `specialist add`) that writes the chosen answer of a "
+            "thumbs-down without a correction from the retrieved passages. Default: --config's, else the "
+            "teacher the specialist was built with.",
+        ),
+    ] = None,
     no_teacher: Annotated[
         bool,
         typer.Option(
@@ -55,6 +60,7 @@ def improve(
     from atelier.config import load_config
     from atelier.errors import AtelierError
     from training.cli import Display
+    from training.improve import ImproveConfig
     from training.improve import improve as run_round
 
     if since is not None:
