@@ -3,9 +3,11 @@ version, and a regression gate decides whether it replaces the current one.
 
 The round, top to bottom:
 
-1. pairs: from the feedback on this specialist's own route (training/improve_pairs.py) and from
-   `--pairs` files; filtered and deduplicated as the pipeline does; exam questions excluded; a
-   seeded share of the feedback pairs held out; refused below `min_pairs`. `--dry-run` stops here.
+1. pairs: from the feedback on this specialist's own route (training/improve_pairs.py; the round's
+   teacher, when it has one, writes the chosen answers of thumbs-down without a correction from the
+   retrieved passages) and from `--pairs` files; filtered and deduplicated as the pipeline does; exam
+   questions excluded; a seeded share of the feedback pairs held out; refused below `min_pairs`.
+   `--dry-run` stops here.
 2. train: one preference round (dpo, or simpo / orpo / kto) continuing the current adapter; the
    current version is the reference model (training/dpo.py explains why that is TRL's default).
 3. gate: current and candidate on the held-out split, the held-out feedback pairs, the exam, and
@@ -44,6 +46,7 @@ from training.improve_pairs import (
     with_rejected,
 )
 from training.pipeline import PipelineHooks
+from training.teacher import Teacher, TeacherConfig
 
 
 class ImproveConfig(StrictModel):
@@ -73,9 +76,20 @@ class ImproveConfig(StrictModel):
         ge=1,
         le=20,
         description="Passages retrieved for a thumbs-down without a correction "
-        "(its chosen answer is the best-grounded sentence of them).",
+        "(the teacher answers from them; without a teacher its chosen answer is their best-grounded sentence).",
     )
     index: str | None = Field(None, description="Search index for grounded answers; unset: the default index.")
+    teacher: TeacherConfig | None = Field(
+        None,
+        description="Teacher that writes the chosen answer of a thumbs-down without a correction, from the "
+        "retrieved passages only (kept when the grounding filter finds it in them); unset: the teacher the "
+        "specialist was built with, if any (see teacher_from_specialist).",
+    )
+    teacher_from_specialist: bool = Field(
+        True,
+        description="With `teacher` unset, use the teacher the specialist was built with (its record's config; "
+        "checked before the round starts). false: without `teacher`, chosen answers are passage sentences.",
+    )
     seed: int = Field(0, description="Seed of the held-out split of the feedback pairs.")
     eval: SpecialistEvalConfig | None = Field(
         None,
@@ -141,8 +155,10 @@ def collect_pairs(
     since: str | None,
     home: Path,
     base_answers,
+    progress=None,
 ) -> PairSet:
-    """Every pair of the round, cleaned and split; `base_answers(prompts)` writes the base's answers."""
+    """Every pair of the round, cleaned and split; `base_answers(prompts)` writes the base's answers and
+    `progress(what, done, total)` follows the teacher's answers."""
     from atelier.feedback import FeedbackStore
 
     found = PairSet()
@@ -164,7 +180,20 @@ def collect_pairs(
                 f"no feedback on specialist {record.name!r}{f' since {since}' if since else ''}: "
                 "only ratings of its own answers count; rate some, or pass --pairs FILE"
             )
-        pairs, dropped = pairs_from_feedback(rows, _searcher(config), config.search_k)
+        teacher = open_teacher(record, config)  # before the search encoder or any model loads
+        found.teacher = teacher.name if teacher else None
+        try:
+            pairs, dropped = pairs_from_feedback(
+                rows,
+                _searcher(config),
+                config.search_k,
+                teacher=teacher,
+                concurrency=_specialist_config(record).data.teacher_concurrency,
+                progress=progress,
+            )
+        finally:
+            if teacher is not None:
+                teacher.close()
         found.rejected.update(dropped)
         raw += pairs
     for path in pair_files:
@@ -180,6 +209,34 @@ def collect_pairs(
     found.train, found.heldout = split_heldout(kept, config.heldout_fraction, config.seed)
     found.feedback_ids = sorted(i for p in kept if (i := feedback_id(p)) is not None)
     return found
+
+
+def open_teacher(record, config: ImproveConfig) -> Teacher | None:
+    """The round's teacher, reached once: `config.teacher`, else the one the specialist was built with (when
+    `teacher_from_specialist`), else None. One that does not answer is a one-line error naming the way out.
+
+    Falling back to the specialist's own teacher keeps a round's chosen answers as good as the data it
+    was built from, at the same operator's chosen cost; note that it sends the users' questions, not
+    only the documents, to that teacher. `--no-teacher` (teacher_from_specialist false) opts out."""
+    settings = config.teacher
+    if settings is None and config.teacher_from_specialist:
+        settings = _specialist_config(record).teacher
+    if settings is None:
+        return None
+    teacher = None
+    try:
+        teacher = Teacher(settings)
+        teacher.check()
+    except AtelierError as exc:
+        if teacher is not None:
+            teacher.close()
+        if config.teacher is not None:
+            raise
+        raise AtelierError(
+            f"{exc} ({record.name!r} was built with teacher {settings.name}, which a round uses by default; "
+            "pass --teacher provider:model for another, or --no-teacher to take passage sentences)"
+        ) from None
+    return teacher
 
 
 def _searcher(config: ImproveConfig):
@@ -318,6 +375,7 @@ def improve(
         since=since,
         home=home,
         base_answers=lambda prompts: _base_answers(model_dir, record, prompts, spec.eval),
+        progress=hooks.data_progress,
     )
     result.timings["pairs"] = time.perf_counter() - started
     hooks.done(
@@ -368,6 +426,7 @@ def improve(
         "parent_version": record.version,
         "feedback_ids": pairs.feedback_ids,
         "pair_files": pairs.files,
+        "teacher": pairs.teacher,
         "pairs": {"train": len(pairs.train), "heldout": len(pairs.heldout), "dropped": dict(pairs.rejected)},
         "data_sha256": {
             f"dpo/{s}.jsonl": sha256_of(run_dir / "data" / "dpo" / f"{s}.jsonl") for s in ("train", "heldout")

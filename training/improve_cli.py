@@ -33,6 +33,23 @@ def improve(
     min_pairs: Annotated[
         int | None, typer.Option("--min-pairs", help="Fewest training pairs a round runs on (default 8).")
     ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(
+            "--teacher",
+            help="Teacher (provider:model, as for `specialist add`) that writes the chosen answer of a "
+            "thumbs-down without a correction from the retrieved passages. Default: --config's, else the "
+            "teacher the specialist was built with.",
+        ),
+    ] = None,
+    no_teacher: Annotated[
+        bool,
+        typer.Option(
+            "--no-teacher",
+            help="No teacher this round, not even the specialist's own or --config's: a thumbs-down without a "
+            "correction gets the best-grounded passage sentence as its chosen answer.",
+        ),
+    ] = False,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="YAML file with an ImproveConfig (flags override it).")
     ] = None,
@@ -51,8 +68,12 @@ def improve(
             date.fromisoformat(since[:10])
         except ValueError:
             raise AtelierError(f"--since {since!r} is not a date; use YYYY-MM-DD (e.g. 2026-11-30)") from None
-    overrides = {"dpo.preference": preference, "min_pairs": min_pairs}
+    if teacher is not None and no_teacher:
+        raise AtelierError("--teacher and --no-teacher contradict each other; pass one of them")
+    overrides = {"dpo.preference": preference, "min_pairs": min_pairs, "teacher.name": teacher}
     config = load_config(ImproveConfig, config_file, overrides)
+    if no_teacher:
+        config = config.model_copy(update={"teacher": None, "teacher_from_specialist": False})
     with Display() as display:
         result = run_round(
             name,
@@ -85,6 +106,8 @@ def _print_pairs(pairs) -> None:
             )
     console = Console()
     console.print(table)
+    if pairs.teacher:
+        console.print(f"chosen answers of thumbs-down without a correction: teacher {pairs.teacher}")
     if pairs.rejected:
         console.print("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(pairs.rejected.items())))
 

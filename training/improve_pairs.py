@@ -3,9 +3,12 @@
 What becomes a pair (prompt, chosen, rejected):
 
 * a thumbs-down with a correction: chosen = the correction, rejected = the specialist's answer;
-* a thumbs-down without one: chosen = a grounded answer, the sentence of the passages retrieved
-  from the search index for the question that covers the most of its content words, rejected =
-  the specialist's answer (skipped when there is no index);
+* a thumbs-down without one: chosen = a grounded answer from the passages the search index returns
+  for the question (skipped when there is no index): the teacher's, when the round has one (asked to
+  answer from those passages only, or UNKNOWN; `training/prompts/answer.j2`), else the passage
+  sentence that covers the most of the question's content words; rejected = the specialist's answer.
+  Either way the passages are the pair's context, so the grounding filter below keeps the chosen
+  answer only when it is drawn from them;
 * a thumbs-up: chosen = the approved answer, rejected = the base model's answer to the same
   prompt (written later by the round, which holds the base; `needs_base_answer`);
 * `--pairs FILE`: rows in TRL's {"prompt", "chosen", "rejected"} format, strings or conversations.
@@ -21,13 +24,15 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from atelier.errors import AtelierError
 from atelier.jsonl import iter_jsonl
 from training.filters import Bounds, PreferencePair, drop_overlap, filter_dpo, grounding
+from training.prompts import answers_from_passages
+from training.teacher import Teacher
 
 APPROVED = "approved"  # kind of a thumbs-up pair until the base's answer fills `rejected`
 
@@ -41,6 +46,7 @@ class PairSet:
     feedback_ids: list[int] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)  # pair file -> sha256
     rejected: Counter[str] = field(default_factory=Counter)
+    teacher: str | None = None  # the round's teacher (provider:model), if it had one
 
     @property
     def feedback(self) -> list[PreferencePair]:
@@ -71,9 +77,21 @@ def grounded_answer(question: str, passages: Sequence[str]) -> tuple[str, str] |
     return (best, context) if grounding(question, best) > 0 else None
 
 
-def pairs_from_feedback(rows: list[dict], search, k: int = 3) -> tuple[list[PreferencePair], Counter[str]]:
-    """Pairs from `FeedbackStore.for_route` rows; `search(question, k)` gives passages ([] without an index)."""
-    pairs, dropped = [], Counter()
+def pairs_from_feedback(
+    rows: list[dict],
+    search,
+    k: int = 3,
+    *,
+    teacher: Teacher | None = None,
+    concurrency: int = 2,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> tuple[list[PreferencePair], Counter[str]]:
+    """Pairs from `FeedbackStore.for_route` rows, in row order; `search(question, k)` gives passages ([] without
+    an index). With a `teacher`, it writes the chosen answers of the thumbs-down without a correction, in one
+    batch (`progress(what, done, total)` follows it); without one, the best-grounded passage sentence does."""
+    pairs: list[PreferencePair | None] = []
+    dropped: Counter[str] = Counter()
+    asks: list[tuple[int, list[str]]] = []  # (slot in pairs, passages): chosen answers the teacher writes
     for row in rows:
         source, question, answer = f"feedback:{row['id']}", row["question"], row["answer"]
         if row["rating"] == "up":
@@ -82,11 +100,21 @@ def pairs_from_feedback(rows: list[dict], search, k: int = 3) -> tuple[list[Pref
             pairs.append(PreferencePair(question, row["correction"], answer, source, "correction", row["correction"]))
         elif not (passages := search(question, k)):
             dropped["feedback.down_without_correction_or_index"] += 1
+        elif teacher is not None:  # the passages are the context: the grounding filter checks the teacher
+            asks.append((len(pairs), passages))
+            pairs.append(PreferencePair(question, "", answer, source, "teacher", "\n".join(passages)))
         elif (found := grounded_answer(question, passages)) is None:
             dropped["feedback.no_grounded_answer"] += 1
         else:
             pairs.append(PreferencePair(question, found[0], answer, source, "grounded", found[1]))
-    return pairs, dropped
+    if asks:
+        questions = [(pairs[slot].question, passages) for slot, passages in asks]
+        answers = answers_from_passages(
+            teacher, questions, concurrency=concurrency, rejected=dropped, progress=progress
+        )
+        for (slot, _), chosen in zip(asks, answers):  # UNKNOWN or unusable: counted as teacher.answer.<reason>
+            pairs[slot] = replace(pairs[slot], chosen=chosen) if chosen is not None else None
+    return [p for p in pairs if p is not None], dropped
 
 
 # ----------------------------------------------------------------------------- pair files

@@ -1,5 +1,6 @@
-"""Pairs and gate of `specialist improve`, without a model: the real feedback store (SQLite), the
-pipeline's real filters, the paired tests on hand-made per-item outcomes."""
+"""Pairs and gate of `specialist improve`: the real feedback store (SQLite), the pipeline's real filters,
+the paired tests on hand-made per-item outcomes, and the teacher writing chosen answers from passages (a
+scripted OpenAI-compatible server on 127.0.0.1 for the wiring, SmolLM2 on llama.cpp for the real thing)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from atelier.errors import AtelierError
 from atelier.feedback import FeedbackStore
 from eval.gate import GateConfig
+from tests.specialists.test_served import free_port
+from tests.training.test_teacher import openai_teacher, prompt_of, serve  # noqa: F401 - the serve fixture
 from training.data import DataConfig
 from training.improve_gate import compare_set, decide
 from training.improve_pairs import clean, pairs_from_feedback, read_pair_file, split_heldout
@@ -154,3 +157,135 @@ def test_an_old_feedback_database_is_migrated_forward_and_keeps_its_rows(tmp_pat
     finally:
         store.close()
     assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+
+
+# ----------------------------------------------------------------------------- the teacher writes chosen answers
+
+PASSAGES = {  # question -> the passages the search index returned for it
+    "What torque does the HX-65 impeller nut take?": [
+        "With immediate effect, the tightening torque for the HX-65 impeller nut is 80 N·m.",
+        "Always fit a new tab washer and apply one drop of medium-strength thread locker to the thread."],
+    "Which coolant does the HX-65 motor use?": ["The HX-65 motor is air-cooled by its shaft-mounted fan."],
+    "How often is the HX-65 bearing frame oil changed?": ["Change the bearing frame oil every 4000 hours of running."],
+    "What is the HX-65 seal flush pressure?": ["The seal flush must be 1 bar above the stuffing box pressure."],
+}
+REPLIES = {  # what the scripted teacher answers, by question
+    "What torque does the HX-65 impeller nut take?": '{"answer": "80 N·m, with a new tab washer."}',
+    "Which coolant does the HX-65 motor use?": '{"answer": "UNKNOWN"}',
+    "How often is the HX-65 bearing frame oil changed?": '{"answer": "Every 500 hours with synthetic ISO VG 220."}',
+    "What is the HX-65 seal flush pressure?": "Sure! The seal flush runs at 1 bar over the box.",  # no JSON
+}
+
+
+def _down(i: int, question: str, correction: str | None = None) -> dict:
+    return {"id": i, "rating": "down", "correction": correction, "question": question, "answer": "Hand-tight."}
+
+
+def _scripted(request: dict) -> tuple[int, str]:
+    asked = prompt_of(request)
+    return 200, next(reply for question, reply in REPLIES.items() if f'"""\n{question}\n"""' in asked)
+
+
+def test_the_teacher_answers_from_the_passages_and_only_grounded_answers_are_kept(serve, tmp_path):  # noqa: F811
+    server = serve(_scripted)
+    teacher = openai_teacher(server, tmp_path)
+    rows = [_down(i, q) for i, q in enumerate(PASSAGES, start=1)] + [_down(9, "Oil grade?", "ISO VG 68")]
+    seen = []
+    try:
+        pairs, dropped = pairs_from_feedback(rows, lambda q, k: PASSAGES[q][:k], k=3, teacher=teacher,
+                                             progress=lambda *event: seen.append(event))
+    finally:
+        teacher.close()
+    assert [(p.source, p.kind) for p in pairs] == [("feedback:1", "teacher"), ("feedback:3", "teacher"),
+                                                   ("feedback:9", "correction")]  # the rows' order
+    assert pairs[0].chosen == "80 N·m, with a new tab washer." and pairs[0].rejected == "Hand-tight."
+    assert pairs[0].context == "\n".join(PASSAGES["What torque does the HX-65 impeller nut take?"])
+    assert dropped == Counter({"teacher.answer.unknown": 1, "teacher.answer.malformed_json": 1})
+    rejected = Counter()
+    kept = clean(pairs, DataConfig().bounds(), [], rejected)
+    assert [p.source for p in kept] == ["feedback:1", "feedback:9"]  # "every 500 hours, synthetic": not in them
+    assert rejected == Counter({"dpo.ungrounded": 1})
+    assert len(server.requests) == 4 and seen[-1] == ("teacher.answer", 4, 4)
+    prompt = prompt_of(server.requests[0])
+    for passage in PASSAGES["What torque does the HX-65 impeller nut take?"]:
+        assert f'"""\n{passage}\n"""' in prompt  # fenced as data, as the data step's prompts fence chunks
+    assert 'Question:\n"""\nWhat torque does the HX-65 impeller nut take?\n"""' in prompt and "UNKNOWN" in prompt
+    assert server.requests[0]["response_format"]["json_schema"]["schema"]["required"] == ["answer"]
+    again, _ = pairs_from_feedback(rows[:1], lambda q, k: PASSAGES[q], teacher=openai_teacher(server, tmp_path))
+    assert again[0].chosen == pairs[0].chosen and len(server.requests) == 4  # asked once: the teacher's cache
+    sentence, _ = pairs_from_feedback(rows[:1], lambda q, k: PASSAGES[q])  # without a teacher, as before
+    assert sentence[0].kind == "grounded" and sentence[0].chosen == PASSAGES[rows[0]["question"]][0]
+
+
+def _record(teacher: dict | None = None):
+    """A registry record as collect_pairs reads it (name and the config it was built with)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name="hx", config={"teacher": teacher} if teacher else {})
+
+
+def _collect(home, record, config):
+    from training.improve import collect_pairs
+
+    return collect_pairs(record, config, from_feedback=True, pair_files=[], exam_questions=[], since=None,
+                         home=home, base_answers=lambda prompts: [])
+
+
+def test_a_round_uses_the_specialists_own_teacher_and_a_gone_one_is_a_clear_error(serve, tmp_path, atelier_home):  # noqa: F811
+    from training.improve import ImproveConfig
+
+    store = FeedbackStore(atelier_home / "feedback.sqlite")
+    try:
+        _rate(store, "a", "specialist:hx", "What torque does the HX-65 impeller nut take?", "Hand-tight.", "down")
+    finally:
+        store.close()
+    gone = {"name": "openai:test-model", "base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout_s": 2}
+    with pytest.raises(AtelierError, match=r"not reachable at .*'hx' was built with teacher openai:test-model.*"
+                                           r"--no-teacher"):
+        _collect(atelier_home, _record(gone), ImproveConfig())
+    without = _collect(atelier_home, _record(gone), ImproveConfig(teacher_from_specialist=False))
+    assert without.teacher is None and without.rejected == Counter({"feedback.down_without_correction_or_index": 1})
+    server = serve(_scripted, models=("test-model",))
+    own = {"name": "openai:test-model", "base_url": f"{server.url}/v1", "cache_path": str(tmp_path / "c.sqlite")}
+    assert _collect(atelier_home, _record(own), ImproveConfig()).teacher == "openai:test-model"
+    explicit = ImproveConfig(teacher=gone | {"name": "openai:other"})  # the round's own teacher wins, unwrapped
+    with pytest.raises(AtelierError, match=r"teacher openai:other not reachable") as error:
+        _collect(atelier_home, _record(own), explicit)
+    assert "was built with" not in str(error.value)
+
+
+def test_a_real_teacher_on_llamacpp_writes_grounded_chosen_answers_from_the_sample_docs(smollm2, encoder, tmp_path):
+    """SmolLM2 on the embedded llama.cpp answers real feedback questions from the passages a real index of
+    examples/docs' service bulletins returns: the round keeps at least one teacher answer, and only grounded ones."""
+    import shutil
+
+    from retrieval.cli import index
+    from tests.training.conftest import DOCS
+    from training.filters import grounding
+    from training.improve import ImproveConfig
+    from training.teacher import TeacherConfig
+
+    docs, home = tmp_path / "docs", tmp_path / "home"
+    docs.mkdir()
+    shutil.copy(DOCS / "service-bulletins.jsonl", docs)  # the manual the questions are about: seconds, not all ten
+    questions = ["What torque does the HX-65 impeller nut take?", "What is the capital of France?"]
+    store = FeedbackStore(home / "feedback.sqlite")
+    try:
+        for i, question in enumerate(questions):
+            _rate(store, f"c{i}", "specialist:hx", question, "Hand-tight, then a quarter turn.", "down")
+    finally:
+        store.close()
+    teacher = TeacherConfig(name="llamacpp:smollm2-135m", num_ctx=4096, max_tokens=64, temperature=0.0,
+                            cache_path=tmp_path / "teacher.sqlite")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ATELIER_HOME", str(home))
+        index(docs, backend=None, index_name=None, embedding_model=None, model=None, config_file=None, prune=True,
+              delete=[], follow_symlinks=None, max_file_mb=None, quiet=True)
+        found = _collect(home, _record(), ImproveConfig(teacher=teacher, search_k=1, heldout_fraction=0))
+    bounds = DataConfig().bounds()
+    kept = [p for p in found.train if p.kind == "teacher"]
+    print(f"\nkept {[(p.question, p.chosen) for p in kept]}; dropped {dict(found.rejected)}")
+    assert found.teacher == "llamacpp:smollm2-135m" and kept, found.rejected
+    assert all(grounding(p.chosen, p.context) >= bounds.grounding_threshold and "HX-65" in p.context for p in kept)
+    assert len(found.train) + sum(n for reason, n in found.rejected.items() if reason.startswith(("teacher.", "dpo.")))\
+        == len(questions)  # each question kept, or dropped with its reason

@@ -8,7 +8,9 @@ Each request is guided by the chunk's own domain keywords (from `retrieval.keywo
                 for continued pretraining;
 * `qa.j2`       asks for question/answer pairs grounded in the chunk, as JSON;
 * `rejected.j2` asks for a plausible but flawed answer to a grounded question: the
-                rejected side of a preference pair.
+                rejected side of a preference pair;
+* `answer.j2`   asks for a short answer to a user's question from retrieved passages only,
+                or UNKNOWN: the chosen side of an improvement round's pair (training/improve_pairs.py).
 
 A parser turns each answer into data or raises `Rejected(reason)`; the teacher counts
 those reasons. The filters (`training.filters`) then check grounding, lengths and
@@ -174,3 +176,31 @@ def guided_generation(teacher: Teacher, tasks: Sequence[ChunkTask], *, pairs_per
                                                   "teacher/teacher_rejected", pair.context, pair.chunk))
     out.rejected = +out.rejected  # drop zero counts
     return out
+
+
+UNKNOWN = "UNKNOWN"  # what the teacher answers when the passages do not say
+
+
+def parse_answer(answer: str) -> str:
+    """The teacher's answer from passages; UNKNOWN (the passages do not say) is a rejection, not an answer."""
+    data = _json_in(answer)
+    if not isinstance(data, dict) or not isinstance(data.get("answer"), str):
+        raise Rejected("wrong_schema")
+    text = _clean_text(data["answer"])
+    if text.strip(" .\"'").upper() == UNKNOWN:
+        raise Rejected("unknown")
+    return text
+
+
+parse_answer.json_schema = {  # type: ignore[attr-defined]
+    "type": "object", "required": ["answer"], "additionalProperties": False,
+    "properties": {"answer": {"type": "string", "minLength": 1, "maxLength": 400}}}  # bounded: a small model loops
+
+
+def answers_from_passages(teacher: Teacher, asks: Sequence[tuple[str, Sequence[str]]], *, concurrency: int,
+                          rejected: Counter[str], progress: Callable[[str, int, int], None] | None = None
+                          ) -> list[str | None]:
+    """The teacher's short answer to each (question, passages) from those passages only, in order; None where
+    it said UNKNOWN or its reply was unusable (counted in `rejected` as `teacher.answer.<reason>`)."""
+    prompts = [render_prompt("answer", question=q, passages=list(p), unknown=UNKNOWN) for q, p in asks]
+    return _batch(teacher, "teacher.answer", prompts, parse_answer, concurrency, rejected, progress)
