@@ -104,7 +104,7 @@ def phase_train(args) -> None:
         "base": args.base, "docs": args.docs, "budget_minutes": args.budget, "wall_s": round(wall, 1),
         "within_budget": (wall <= args.budget * 60 * 1.1) if args.budget else None,
         "run_dir": str(result.run_dir), "registered": f"{args.name} v{result.record.version}",
-        "forced": result.record.forced, "gate": result.report, "timings": result.timings, "steps": marks,
+        "forced": result.record.forced, "gate": result.report.to_dict(), "timings": result.timings, "steps": marks,
         "stages": {s: {k: v for k, v in r.items() if k in ("steps", "tokens_per_s", "runtime_s", "train_loss_first",
                                                             "train_loss_last", "metrics")}
                    for s, r in result.stages.items()},
@@ -114,15 +114,20 @@ def phase_train(args) -> None:
 def phase_evaluate(args) -> None:
     """`atelier eval specialist` from Python, on the exam (or the held-out split without one)."""
     from eval.side_by_side import evaluate_specialist
+    from eval.specialist import SpecialistEvalConfig
 
     trained = _load(args.label).get("train") or {}
     started = time.perf_counter()
+    config = SpecialistEvalConfig(mcq_normalization=args.mcq_normalization)
     summary, _rows = evaluate_specialist(args.name, exam=Path(args.exam) if args.exam else None,
                                          against=args.against, rag=args.rag,
-                                         docs=ROOT / "examples" / "docs" if args.rag else None, general=GENERAL)
+                                         docs=ROOT / "examples" / "docs" if args.rag else None,
+                                         general=GENERAL if args.general else None, config=config)
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     summary["registered"] = trained.get("registered")
-    _save(args.label, f"evaluate:{Path(args.exam).stem if args.exam else 'heldout'}", summary)
+    summary["mcq_normalization"] = args.mcq_normalization
+    part = f"evaluate:{Path(args.exam).stem if args.exam else 'heldout'}"
+    _save(args.label, part + ("" if args.mcq_normalization == "bytes" else f":{args.mcq_normalization}"), summary)
 
 
 def phase_throughput(args) -> None:
@@ -192,6 +197,10 @@ def main() -> None:
     parser.add_argument("--against", nargs="*", default=["gemma3-270m"])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rag", action="store_true", help="evaluate: also search and specialist+search")
+    parser.add_argument("--mcq-normalization", default="bytes", choices=["bytes", "tokens", "none", "pmi"],
+                        help="evaluate: how options are scored (eval.specialist.SpecialistEvalConfig)")
+    parser.add_argument("--no-general", dest="general", action="store_false",
+                        help="evaluate: skip the general-English perplexity (forgetting)")
     args = parser.parse_args()
     {"train": phase_train, "evaluate": phase_evaluate, "throughput": phase_throughput}[args.phase](args)
 

@@ -83,12 +83,14 @@ class ImproveConfig(StrictModel):
         None,
         description="Teacher that writes the chosen answer of a thumbs-down without a correction, from the "
         "retrieved passages only (kept when the grounding filter finds it in them); unset: the teacher the "
-        "specialist was built with, if any (see teacher_from_specialist).",
+        "specialist was built with when teacher_from_specialist is true.",
     )
     teacher_from_specialist: bool = Field(
-        True,
+        False,
         description="With `teacher` unset, use the teacher the specialist was built with (its record's config; "
-        "checked before the round starts). false: without `teacher`, chosen answers are passage sentences.",
+        "checked before the round starts). Off by default: a round sends the users' chat questions to the "
+        "teacher, not only the documents `specialist add` sent; without a teacher, chosen answers are passage "
+        "sentences.",
     )
     seed: int = Field(0, description="Seed of the held-out split of the feedback pairs.")
     eval: SpecialistEvalConfig | None = Field(
@@ -216,8 +218,8 @@ def open_teacher(record, config: ImproveConfig) -> Teacher | None:
     `teacher_from_specialist`), else None. One that does not answer is a one-line error naming the way out.
 
     Falling back to the specialist's own teacher keeps a round's chosen answers as good as the data it
-    was built from, at the same operator's chosen cost; note that it sends the users' questions, not
-    only the documents, to that teacher. `--no-teacher` (teacher_from_specialist false) opts out."""
+    was built from; it is opt-in because it sends the users' questions, not only the documents, to
+    that teacher (which may be a hosted API the operator approved for documents only)."""
     settings = config.teacher
     if settings is None and config.teacher_from_specialist:
         settings = _specialist_config(record).teacher

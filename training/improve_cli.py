@@ -38,8 +38,8 @@ def improve(
         typer.Option(
             "--teacher",
             help="Teacher (provider:model, as for `specialist add`) that writes the chosen answer of a "
-            "thumbs-down without a correction from the retrieved passages. Default: --config's, else the "
-            "teacher the specialist was built with.",
+            "thumbs-down without a correction from the retrieved passages. Default: --config's (teacher, or "
+            "teacher_from_specialist: true for the one the specialist was built with); none: passage sentences.",
         ),
     ] = None,
     no_teacher: Annotated[

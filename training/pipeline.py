@@ -281,7 +281,8 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
         left_out = [s for s in config.stages if s not in plans]
         hooks.done("plan", 0.0, ", ".join(
             f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values())
-            + (f"; {', '.join(left_out)} left out: the budget gives it fewer than {MIN_STEPS} steps"
+            + (f"; left out: {', '.join(left_out)} (the budget gives {'each' if len(left_out) > 1 else 'it'} "
+               f"fewer than {MIN_STEPS} steps)"
                if left_out else ""))
         # a budgeted stage never scores the held-out split itself (minutes on a real base):
         # the run's evaluation of base and specialist is what the budget pays for

@@ -206,11 +206,14 @@ def test_the_teacher_answers_from_the_passages_and_only_grounded_answers_are_kep
     assert [p.source for p in kept] == ["feedback:1", "feedback:9"]  # "every 500 hours, synthetic": not in them
     assert rejected == Counter({"dpo.ungrounded": 1})
     assert len(server.requests) == 4 and seen[-1] == ("teacher.answer", 4, 4)
-    prompt = prompt_of(server.requests[0])
+    question = "What torque does the HX-65 impeller nut take?"
+    asked = [r for r in server.requests if question in prompt_of(r)]  # two requests run at once: any order
+    assert len(asked) == 1
+    prompt = prompt_of(asked[0])
     for passage in PASSAGES["What torque does the HX-65 impeller nut take?"]:
         assert f'"""\n{passage}\n"""' in prompt  # fenced as data, as the data step's prompts fence chunks
     assert 'Question:\n"""\nWhat torque does the HX-65 impeller nut take?\n"""' in prompt and "UNKNOWN" in prompt
-    assert server.requests[0]["response_format"]["json_schema"]["schema"]["required"] == ["answer"]
+    assert asked[0]["response_format"]["json_schema"]["schema"]["required"] == ["answer"]
     again, _ = pairs_from_feedback(rows[:1], lambda q, k: PASSAGES[q], teacher=openai_teacher(server, tmp_path))
     assert again[0].chosen == pairs[0].chosen and len(server.requests) == 4  # asked once: the teacher's cache
     sentence, _ = pairs_from_feedback(rows[:1], lambda q, k: PASSAGES[q])  # without a teacher, as before
@@ -240,14 +243,16 @@ def test_a_round_uses_the_specialists_own_teacher_and_a_gone_one_is_a_clear_erro
     finally:
         store.close()
     gone = {"name": "openai:test-model", "base_url": f"http://127.0.0.1:{free_port()}/v1", "timeout_s": 2}
+    fallback = ImproveConfig(teacher_from_specialist=True)
     with pytest.raises(AtelierError, match=r"not reachable at .*'hx' was built with teacher openai:test-model.*"
                                            r"--no-teacher"):
-        _collect(atelier_home, _record(gone), ImproveConfig())
-    without = _collect(atelier_home, _record(gone), ImproveConfig(teacher_from_specialist=False))
+        _collect(atelier_home, _record(gone), fallback)
+    without = _collect(atelier_home, _record(gone), ImproveConfig())  # by default users' questions stay here
     assert without.teacher is None and without.rejected == Counter({"feedback.down_without_correction_or_index": 1})
     server = serve(_scripted, models=("test-model",))
     own = {"name": "openai:test-model", "base_url": f"{server.url}/v1", "cache_path": str(tmp_path / "c.sqlite")}
-    assert _collect(atelier_home, _record(own), ImproveConfig()).teacher == "openai:test-model"
+    assert _collect(atelier_home, _record(own), fallback).teacher == "openai:test-model"
+    assert _collect(atelier_home, _record(own), ImproveConfig()).teacher is None
     explicit = ImproveConfig(teacher=gone | {"name": "openai:other"})  # the round's own teacher wins, unwrapped
     with pytest.raises(AtelierError, match=r"teacher openai:other not reachable") as error:
         _collect(atelier_home, _record(own), explicit)
