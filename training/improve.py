@@ -92,7 +92,15 @@ class ImproveConfig(StrictModel):
         "teacher, not only the documents `specialist add` sent; without a teacher, chosen answers are passage "
         "sentences.",
     )
-    seed: int = Field(0, description="Seed of the held-out split of the feedback pairs.")
+    replay: float = Field(
+        0.0,
+        ge=0,
+        le=10,
+        description="Rehearsal: pairs drawn from the specialist's own DPO training data and mixed into the round, "
+        "per pair of feedback trained on (1: as many; 0: none). The round keeps practising what the specialist "
+        "already knew, which limits what it forgets; each epoch costs that much more.",
+    )
+    seed: int = Field(0, description="Seed of the held-out split of the feedback pairs and of the replayed pairs.")
     eval: SpecialistEvalConfig | None = Field(
         None,
         description="How the gate scores both versions (caps, batch sizes, the paired test's alpha); "
@@ -391,7 +399,8 @@ def improve(
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = result.run_dir = home / "runs" / name / f"improve-v{record.version}-{stamp}"
-    write_pairs(run_dir / "data", pairs)
+    replayed = replay_rows(data_dir, round(config.replay * len(pairs.train)), config.seed)
+    write_pairs(run_dir / "data", pairs, replayed)
     hooks.step("dpo", f"{config.dpo.preference} on {len(pairs.train)} pairs, from v{record.version}")
     started = time.perf_counter()
     from training.dpo import train_dpo
@@ -429,7 +438,8 @@ def improve(
         "feedback_ids": pairs.feedback_ids,
         "pair_files": pairs.files,
         "teacher": pairs.teacher,
-        "pairs": {"train": len(pairs.train), "heldout": len(pairs.heldout), "dropped": dict(pairs.rejected)},
+        "pairs": {"train": len(pairs.train), "heldout": len(pairs.heldout), "replay": len(replayed),
+                  "dropped": dict(pairs.rejected)},
         "data_sha256": {
             f"dpo/{s}.jsonl": sha256_of(run_dir / "data" / "dpo" / f"{s}.jsonl") for s in ("train", "heldout")
         },
@@ -451,10 +461,27 @@ def improve(
     return result
 
 
-def write_pairs(data_dir: Path, pairs: PairSet) -> None:
-    """dpo/train.jsonl and dpo/heldout.jsonl of the round (atomic writes)."""
-    for split, rows in (("train", pairs.train), ("heldout", pairs.heldout)):
-        atomic_write_text(data_dir / "dpo" / f"{split}.jsonl", "".join(json.dumps(trl_row(p)) + "\n" for p in rows))
+def write_pairs(data_dir: Path, pairs: PairSet, replayed: list[dict] | None = None) -> None:
+    """dpo/train.jsonl (the round's pairs, then the replayed rows) and dpo/heldout.jsonl (atomic writes)."""
+    for split, rows in (("train", [trl_row(p) for p in pairs.train] + list(replayed or [])),
+                        ("heldout", [trl_row(p) for p in pairs.heldout])):
+        atomic_write_text(data_dir / "dpo" / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def replay_rows(data_dir: Path, count: int, seed: int) -> list[dict]:
+    """A seeded sample of `count` rows of the specialist's own DPO training data (its build's data_dir)."""
+    if count <= 0:
+        return []
+    import random
+
+    path = data_dir / "dpo" / "train.jsonl"
+    if not path.is_file():
+        raise AtelierError(f"replay needs the specialist's DPO training data ({path}), which is not there (built "
+                           "without the dpo stage?); set replay: 0, or rebuild it with dpo in --stages")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    picked = random.Random(seed).sample(rows, min(count, len(rows)))
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "source": "replay",
+             "kind": r.get("kind", "replay")} for r in picked]
 
 
 def _base_answers(model_dir: Path, record, prompts: list[str], eval_config) -> list[str]:

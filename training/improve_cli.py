@@ -50,6 +50,11 @@ def improve(
             "correction gets the best-grounded passage sentence as its chosen answer.",
         ),
     ] = False,
+    replay: Annotated[
+        float | None,
+        typer.Option("--replay", help="Pairs from the specialist's own DPO data mixed in per feedback pair "
+                     "(rehearsal against forgetting; default 0)."),
+    ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="YAML file with an ImproveConfig (flags override it).")
     ] = None,
@@ -70,7 +75,7 @@ def improve(
             raise AtelierError(f"--since {since!r} is not a date; use YYYY-MM-DD (e.g. 2026-11-30)") from None
     if teacher is not None and no_teacher:
         raise AtelierError("--teacher and --no-teacher contradict each other; pass one of them")
-    overrides = {"dpo.preference": preference, "min_pairs": min_pairs, "teacher.name": teacher}
+    overrides = {"dpo.preference": preference, "min_pairs": min_pairs, "teacher.name": teacher, "replay": replay}
     config = load_config(ImproveConfig, config_file, overrides)
     if no_teacher:
         config = config.model_copy(update={"teacher": None, "teacher_from_specialist": False})

@@ -99,8 +99,15 @@ def test_a_candidate_that_regresses_is_kept_but_never_activated(tiny_specialist,
     rows = [{"prompt": f"What torque does bolt B-{i} need?", "chosen": f"{i} N·m", "rejected": f"{i + 7} N·m"}
             for i in range(12)]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    wrecking = ImproveConfig(dpo=DpoConfig(max_steps=15, learning_rate=0.3, eval_heldout=False))  # forced regression
-    result = improve("hx", wrecking, from_feedback=False, pair_files=[pairs], home=atelier_home)
+    wrecking = ImproveConfig(replay=0.5, dpo=DpoConfig(max_steps=15, learning_rate=0.3, eval_heldout=False))  # forced
+    result = improve("hx", wrecking, from_feedback=False, pair_files=[pairs], home=atelier_home)  # regression
+    trained = [json.loads(line) for line in Path(result.run_dir, "data/dpo/train.jsonl").read_text().splitlines()]
+    triple = lambda row: json.dumps([row["prompt"], row["chosen"], row["rejected"]])
+    own = {triple(json.loads(line)) for line in Path(tiny_specialist.run_dir, "data/dpo/train.jsonl").read_text(
+        encoding="utf-8").splitlines()}
+    replayed = [r for r in trained if r["source"] == "replay"]
+    assert len(trained) == 18 and len(replayed) == 6 == result.record.lineage["pairs"]["replay"]
+    assert all(triple(r) in own for r in replayed)  # rehearsal: the specialist's own training pairs
     registry = Registry(atelier_home)
     assert not result.activated and registry.current_version("hx") == 1
     assert registry.candidates("hx") == [2]
