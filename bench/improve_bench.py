@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--mcq-items", type=int, default=100, help="Held-out MCQ items the gate scores.")
     parser.add_argument("--sft-weight", type=float, default=1.0, help="Weight of the chosen answer's NLL beside DPO.")
     parser.add_argument("--min-pairs", type=int, default=8)
+    parser.add_argument("--replay", type=float, default=0.0,
+                        help="Rehearsal pairs from the specialist's own DPO data per feedback pair (ImproveConfig).")
     parser.add_argument("--limit", type=int, default=None, help="Smoke test: only this many items per exam half.")
     args = parser.parse_args()
 
@@ -136,6 +138,7 @@ def main() -> None:
     )
     config = ImproveConfig(
         min_pairs=args.min_pairs,
+        replay=args.replay,
         eval=gate_eval,
         dpo=DpoConfig(
             epochs=args.epochs,

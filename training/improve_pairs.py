@@ -10,7 +10,7 @@ What becomes a pair (prompt, chosen, rejected):
   Either way the passages are the pair's context, so the grounding filter below keeps the chosen
   answer only when it is drawn from them;
 * a thumbs-up: chosen = the approved answer, rejected = the base model's answer to the same
-  prompt (written later by the round, which holds the base; `needs_base_answer`);
+  prompt (written later by the round, which holds the base: `with_rejected`);
 * `--pairs FILE`: rows in TRL's {"prompt", "chosen", "rejected"} format, strings or conversations.
 
 Every pair then goes through the pipeline's own filters (training/filters.py): length bounds,
