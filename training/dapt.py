@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 class DaptConfig(StageConfig):
     """DAPT settings. Unset steps, learning rate and batch follow the base (training/recipe.py):
-    300 steps at 3e-3 for a scratch base, one epoch at 2e-4 for a LoRA adapter on a pretrained one."""
+    300 steps at 3e-3 for a scratch base, one epoch at 2e-3 for a LoRA adapter on a pretrained one."""
 
     seq_len: int = Field(256, ge=16, description="Tokens per training block.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")

@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 class SftConfig(StageConfig):
     """SFT settings. Unset steps, learning rate and batch follow the base (training/recipe.py):
-    150 steps at 2e-3 for scratch bases, one epoch at 2e-4 for a LoRA adapter on a pretrained one."""
+    150 steps at 2e-3 for scratch bases, one epoch at 1e-3 for a LoRA adapter on a pretrained one."""
 
     seq_len: int = Field(256, ge=16, description="Tokens per packed row; a longer conversation is cut at the end.")
     packing: bool = Field(True, description="Pack conversations padding-free into seq_len rows (best-fit "

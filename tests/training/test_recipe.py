@@ -25,10 +25,10 @@ def test_scratch_bases_keep_step_counts_and_pretrained_ones_train_epochs():
     scratch = resolve_stage("sft", SftConfig(), scratch=True, full=False)
     assert (scratch.max_steps, scratch.learning_rate, scratch.batch_size) == (150, 2e-3, 8)
     pretrained = resolve_stage("sft", SftConfig(batch_size=2), scratch=False, full=False)
-    assert pretrained.max_steps is None and pretrained.epochs == 1.0 and pretrained.learning_rate == 2e-4
+    assert pretrained.max_steps is None and pretrained.epochs == 1.0 and pretrained.learning_rate == 1e-3
     assert (scratch.logging_steps, pretrained.logging_steps) == (10, 1)  # a real base's step is slow: log each
     assert resolve_stage("dpo", DpoConfig(batch_size=2), scratch=False, full=False).learning_rate == 5e-5
-    assert resolve_stage("dapt", DaptConfig(batch_size=2), scratch=False, full=True).learning_rate == pytest.approx(5e-5)
+    assert resolve_stage("dapt", DaptConfig(batch_size=2), scratch=False, full=True).learning_rate == pytest.approx(5e-4)
 
 
 def test_what_the_user_sets_wins():
