@@ -17,7 +17,7 @@ def test_sft_then_dpo_on_smollm2(smollm2_base, small_data, tmp_path):
     sft = train_sft(smollm2_base, small_data, tmp_path / "sft", config, LoraSettings(r=4))
     assert sft.steps == 2 and math.isfinite(sft.train_loss_last)
     plan = json.loads((tmp_path / "sft" / "plan.json").read_text())
-    assert plan["learning_rate"] == 2e-4  # the pretrained-LoRA default, not scratch's 2e-3
+    assert plan["learning_rate"] == 1e-3  # the pretrained-LoRA default for SFT, not scratch's 2e-3
     dpo = train_dpo(smollm2_base, small_data, tmp_path / "dpo", DpoConfig(max_steps=1, batch_size=1, seq_len=96,
                                                                         eval_heldout=False),
                     LoraSettings(r=4), adapter=sft.adapter_path)
