@@ -128,7 +128,7 @@ def main() -> None:
     console = Console()
     console.rule("[bold]1. Index the sample manuals (hybrid search: BM25 + dense vectors)")
     index_docs(console)
-    console.rule("[bold]2. The demo specialist: documents -> data -> DAPT -> SFT -> DPO -> eval -> registry")
+    console.rule("[bold]2. The demo specialist: documents -> data -> training (the stages the budget fits) -> eval -> registry")
     build_specialist(console)
     side_by_side(console)
     console.rule("[bold]3. The orchestrator routes each question")
