@@ -60,6 +60,7 @@ def main() -> None:
         import random
 
         atomic_write_text(heldout, "\n".join(random.Random(0).sample(lines, args.heldout_rows)) + "\n")
+
     def general_perplexity(adapter: Path | None) -> float | None:
         """Perplexity on general English (training/resources/general_en.txt): what a learning rate forgets."""
         if not args.general:
@@ -96,7 +97,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     best = {stage: min((r for r in rows if r["stage"] == stage), key=lambda r: r["after"])["learning_rate"]
             for stage in ("dapt", "sft")}
-    out = {"base": args.base, "steps": args.steps, "sft_heldout_rows": min(len(lines), args.heldout_rows), "effective_batch": 4, "seq_len": 256, "rows": rows, "best": best}
+    out = {"base": args.base, "steps": args.steps, "sft_heldout_rows": min(len(lines), args.heldout_rows),
+           "effective_batch": 4, "seq_len": 256, "rows": rows, "best": best}
     atomic_write_text(ROOT / "bench" / "results" / f"{args.out}.json", json.dumps(out, indent=2) + "\n")
     print(json.dumps({"best": best}))
 

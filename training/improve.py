@@ -133,9 +133,8 @@ def _specialist_config(record):
     return SpecialistConfig.model_validate(record.config) if record.config else SpecialistConfig()
 
 
-def _artifacts(record) -> tuple[Path, Path | None, Any]:
+def _artifacts(record, spec) -> tuple[Path, Path | None, Any]:
     """(model folder, adapter or None, LoraSettings) of a registered version, as training continues it."""
-    spec = _specialist_config(record)
     if record.full_model:
         return Path(record.model_path), None, spec.lora.model_copy(update={"method": "full"})
     return Path(record.base_model), Path(record.adapter_path), spec.lora
@@ -166,11 +165,13 @@ def collect_pairs(
     home: Path,
     base_answers,
     progress=None,
+    spec=None,
 ) -> PairSet:
     """Every pair of the round, cleaned and split; `base_answers(prompts)` writes the base's answers and
-    `progress(what, done, total)` follows the teacher's answers."""
+    `progress(what, done, total)` follows the teacher's answers; `spec` is the record's SpecialistConfig."""
     from atelier.feedback import FeedbackStore
 
+    spec = spec or _specialist_config(record)
     found = PairSet()
     raw = []
     if from_feedback:
@@ -190,7 +191,7 @@ def collect_pairs(
                 f"no feedback on specialist {record.name!r}{f' since {since}' if since else ''}: "
                 "only ratings of its own answers count; rate some, or pass --pairs FILE"
             )
-        teacher = open_teacher(record, config)  # before the search encoder or any model loads
+        teacher = open_teacher(record.name, spec, config)  # before the search encoder or any model loads
         found.teacher = teacher.name if teacher else None
         try:
             pairs, dropped = pairs_from_feedback(
@@ -198,7 +199,7 @@ def collect_pairs(
                 _searcher(config),
                 config.search_k,
                 teacher=teacher,
-                concurrency=_specialist_config(record).data.teacher_concurrency,
+                concurrency=spec.data.teacher_concurrency,
                 progress=progress,
             )
         finally:
@@ -214,14 +215,14 @@ def collect_pairs(
         answers = base_answers([p.question for p in approved])
         by_id = {id(p): a for p, a in zip(approved, answers)}
         raw = [with_rejected(p, by_id[id(p)]) if id(p) in by_id else p for p in raw]
-    bounds = _specialist_config(record).data.bounds()
+    bounds = spec.data.bounds()
     kept = clean(raw, bounds, exam_questions, found.rejected)
     found.train, found.heldout = split_heldout(kept, config.heldout_fraction, config.seed)
     found.feedback_ids = sorted(i for p in kept if (i := feedback_id(p)) is not None)
     return found
 
 
-def open_teacher(record, config: ImproveConfig) -> Teacher | None:
+def open_teacher(name: str, spec, config: ImproveConfig) -> Teacher | None:
     """The round's teacher, reached once: `config.teacher`, else the one the specialist was built with (when
     `teacher_from_specialist`), else None. One that does not answer is a one-line error naming the way out.
 
@@ -230,7 +231,7 @@ def open_teacher(record, config: ImproveConfig) -> Teacher | None:
     that teacher (which may be a hosted API the operator approved for documents only)."""
     settings = config.teacher
     if settings is None and config.teacher_from_specialist:
-        settings = _specialist_config(record).teacher
+        settings = spec.teacher
     if settings is None:
         return None
     teacher = None
@@ -243,8 +244,8 @@ def open_teacher(record, config: ImproveConfig) -> Teacher | None:
         if config.teacher is not None:
             raise
         raise AtelierError(
-            f"{exc} ({record.name!r} was built with teacher {settings.name}, which a round uses by default; "
-            "pass --teacher provider:model for another, or --no-teacher to take passage sentences)"
+            f"{exc} ({name!r} was built with teacher {settings.name}, which teacher_from_specialist makes the "
+            "round use; pass --teacher provider:model for another, or --no-teacher to take passage sentences)"
         ) from None
     return teacher
 
@@ -369,7 +370,7 @@ def improve(
     spec = _specialist_config(record)
     if config.eval is not None:
         spec = spec.model_copy(update={"eval": config.eval})
-    model_dir, adapter, lora = _artifacts(record)
+    model_dir, adapter, lora = _artifacts(record, spec)
     data_dir = heldout_dir(record)
     the_exam = read_exam(exam) if exam is not None else None
     result = ImproveResult(name=name, parent_version=record.version, pairs=PairSet())
@@ -386,6 +387,7 @@ def improve(
         home=home,
         base_answers=lambda prompts: _base_answers(model_dir, record, prompts, spec.eval),
         progress=hooks.data_progress,
+        spec=spec,
     )
     result.timings["pairs"] = time.perf_counter() - started
     hooks.done(

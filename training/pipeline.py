@@ -145,23 +145,29 @@ def evaluate_cached(label: str, model: Path, adapter: Path | None, data_dir: Pat
 
     key = _digest(str(model), str(adapter), manifest_hash, config.eval.model_dump(mode="json"), stage_stamp)
     cached = eval_dir / f"{label}.json"
+    if (metrics := _saved_metrics(cached, key)) is not None:
+        return metrics
     shared = None
     if adapter is None:
         shared_key = _digest(model_identity(model), manifest_hash, config.eval.model_dump(mode="json"))
         shared = atelier_home() / "cache" / "eval" / f"{shared_key[:32]}.json"
-    for path in (cached, shared):
-        if path is not None and path.is_file():
-            with contextlib.suppress(ValueError, KeyError):
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                if path == shared or saved.get("key") == key:
-                    metrics = saved["metrics"]
-                    break
-    else:
+        metrics = _saved_metrics(shared, shared_key)
+    if metrics is None:
         metrics = evaluate_model(model, adapter, data_dir, config.eval)
         if shared is not None:
-            atomic_write_text(shared, json.dumps({"model": str(model), "metrics": metrics}, indent=2) + "\n")
+            atomic_write_text(shared, json.dumps({"key": shared_key, "model": str(model), "metrics": metrics},
+                                                 indent=2) + "\n")
     atomic_write_text(cached, json.dumps({"key": key, "metrics": metrics}, indent=2) + "\n")
     return metrics
+
+
+def _saved_metrics(path: Path, key: str) -> dict | None:
+    """The metrics a cache file holds for `key`; None when it is absent, damaged or for other inputs."""
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(saved, dict) and saved.get("key") == key:
+            return saved.get("metrics")
+    return None
 
 
 def train_stage(stage: str, model: Path, adapter: Path | None, data_dir: Path, manifest_hash: str, run_dir: Path,
@@ -283,9 +289,7 @@ def run_pipeline(name: str, docs_dir: Path, config: SpecialistConfig, *, force: 
         left_out = [s for s in config.stages if s not in plans]
         hooks.done("plan", 0.0, ", ".join(
             f"{p.stage} {p.max_steps} steps ({p.epochs:g} epoch, {p.seconds / 60:.1f} min)" for p in plans.values())
-            + (f"; left out: {', '.join(left_out)} (the budget gives {'each' if len(left_out) > 1 else 'it'} "
-               f"fewer than {MIN_STEPS} steps)"
-               if left_out else ""))
+            + (f"; left out (fewer than {MIN_STEPS} steps each): {', '.join(left_out)}" if left_out else ""))
         # a budgeted stage never scores the held-out split itself (minutes on a real base):
         # the run's evaluation of base and specialist is what the budget pays for
         config = config.model_copy(update={"stages": [s for s in config.stages if s in plans], **{

@@ -220,13 +220,13 @@ def plan_budget(seconds_left: float, tokens_per_epoch: dict[str, int], rows_per_
     while True:
         plans = _equal_share(stages, seconds_left, tokens_per_epoch, rows_per_epoch, tokens_per_s, effective_batch,
                              max_epochs, overhead_s)
-        droppable = [s for s in DROP_ORDER if s in stages and len(stages) > 1]
-        if plans is not None and (all(p.max_steps >= MIN_STEPS for p in plans.values()) or not droppable):
+        droppable = [s for s in DROP_ORDER if s in stages] if len(stages) > 1 else []
+        if plans is not None and (not droppable or min(p.max_steps for p in plans.values()) >= MIN_STEPS):
             return {s: replace(p, max_steps=max(2, p.max_steps)) for s, p in plans.items()}
         if not droppable:
             raise AtelierError(f"the time budget leaves {max(seconds_left, 0) / 60:.1f} min for training after "
                                "data and evaluation; give a larger --budget, or set eval.max_mcq_items lower")
-        stages = [s for s in stages if s != droppable[0]]
+        stages.remove(droppable[0])
 
 
 def _equal_share(stages, seconds_left, tokens_per_epoch, rows_per_epoch, tokens_per_s, effective_batch, max_epochs,
